@@ -1,0 +1,74 @@
+"""Build the example checkpoints under examples/checkpoints/ (random weights, random BN stats).
+
+    python examples/build.py            # ~5 MB in all, a few seconds
+
+| file                      | what it is                                  | load it with |
+|---------------------------|---------------------------------------------|--------------|
+| resnet.pt                 | full pickled ResNet-style module            | --trust-pickle --code-path examples |
+| caffenet.pt               | full module, Conv -> BN(affine=False) -> Scale | --trust-pickle --code-path examples |
+| mobilenetv2.pt            | plain state_dict of a MobileNetV2 layout    | --arch zoo.mobilenetv2:mobilenet_v2 --code-path examples |
+| mobilenetv2.safetensors   | the same weights as safetensors             | --arch zoo.mobilenetv2:mobilenet_v2 --code-path examples |
+| yolov5s-focus.pt          | YOLOv5-style dict: fp16 model + ema, optimizer, epoch | --trust-pickle --code-path examples/yolo |
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE / "yolo")]
+
+import torch  # noqa: E402
+
+from zoo import randomize  # noqa: E402
+from zoo.caffe import caffenet  # noqa: E402
+from zoo.mobilenetv2 import mobilenet_v2  # noqa: E402
+from zoo.resnet import resnet  # noqa: E402
+
+
+def build(out: Path) -> list[Path]:
+    from safetensors.torch import save_file
+
+    from models.yolo import Model
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    written = []
+
+    def save(obj, name):
+        p = out / name
+        torch.save(obj, p)
+        written.append(p)
+
+    save(randomize(resnet(), 1).eval(), "resnet.pt")
+    save(randomize(caffenet(), 2).eval(), "caffenet.pt")
+    mb = randomize(mobilenet_v2(), 3).eval()
+    save(mb.state_dict(), "mobilenetv2.pt")
+    save_file({k: v.contiguous() for k, v in mb.state_dict().items()}, str(out / "mobilenetv2.safetensors"))
+    written.append(out / "mobilenetv2.safetensors")
+
+    model = randomize(Model(nc=3, width=0.25, focus=True), 4)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    save({"epoch": 299, "best_fitness": 0.51, "model": copy.deepcopy(model).half(),
+          "ema": ema.half(), "updates": 12000, "optimizer": opt.state_dict(),
+          "opt": {"img_size": [64, 64], "batch_size": 16}, "date": "2026-11-29"}, "yolov5s-focus.pt")
+    return written
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=HERE / "checkpoints")
+    args = ap.parse_args()
+    for p in build(args.out):
+        print(f"{p}  {p.stat().st_size / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""modelsurgeon: exact, verified surgery on trained PyTorch checkpoints and ONNX files.
+
+    from modelsurgeon import load, fold_bn, verify, save
+
+The pipeline (and the folders it lives in): load → capture → match → rewrite → verify → save.
+Attributes are imported lazily so that ``import modelsurgeon`` (and the CLI) start fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._version import __version__
+from .errors import BadInput, ParityError, SurgeryError, UnsafeCheckpoint
+
+_API = {"load_checkpoint", "fold_bn", "apply_passes", "run", "Options"}
+_STAGES = {"load", "verify", "save"}  # callable stage packages (see _callable.py)
+
+__all__ = ["__version__", "BadInput", "ParityError", "SurgeryError", "UnsafeCheckpoint",
+           *sorted(_API | _STAGES)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _STAGES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'modelsurgeon' has no attribute {name!r}")

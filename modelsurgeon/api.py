@@ -1,0 +1,119 @@
+"""The Python API: the same passes and checks as the CLI, on an ``nn.Module`` in memory.
+
+    import modelsurgeon as ms
+    model = ms.load("resnet.pt", trust_pickle=True)
+    report = ms.fold_bn(model, input_shape=(1, 3, 224, 224))   # in place, verified
+    ms.save(model, "resnet-folded.pt")
+
+The model is rewritten in place (one copy in memory); if parity fails, :class:`ParityError` is
+raised with the report attached -- the model is then already modified, so keep a copy if you
+need the original afterwards. Whole checkpoint files (YOLO dicts, state_dicts...) are best
+handled by :func:`run`, which is what the CLI calls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import BadInput, ParityError
+from .load import load, load_checkpoint  # noqa: F401  (re-exported)
+from .pipeline import Options, run  # noqa: F401  (re-exported)
+
+Shape = Sequence[int]
+
+
+def _shape_args(input_shape: Shape | Sequence[Shape] | None) -> list[str]:
+    if input_shape is None:
+        return []
+    shapes = [input_shape] if input_shape and isinstance(input_shape[0], int) else list(input_shape)
+    return [",".join(str(int(d)) for d in s) for s in shapes]
+
+
+def apply_passes(model: Any, passes: Sequence[str], input_shape: Shape | Sequence[Shape] | None = None, *,
+                 trials: int = 1, seed: int = 0, atol: float | None = None, rtol: float | None = None,
+                 verify: bool = True, repeat: bool = False, pass_options: dict | None = None,
+                 command: str | None = None):
+    """Run passes on ``model`` in place and verify; returns the :class:`~modelsurgeon.report.Report`."""
+    from .load.prepare import prepare
+    from .passes.base import PassReport
+    from .pipeline import _worst, operate
+    from .report import Report
+    from .rewrite.recipe import Recipe
+    from .verify.compare import ParityReport
+    from .verify.inputs import InputSpec
+
+    opts = Options(input=Path("<module>"), input_shapes=_shape_args(input_shape), trials=trials,
+                   seed=seed, atol=atol, rtol=rtol, verify=verify, repeat=repeat,
+                   pass_options=pass_options or {})
+    spec = InputSpec.parse(opts.input_shapes, "float32", seed)
+    report = Report(command=command or "+".join(passes), input=type(model).__name__)
+    report.passes = [PassReport(n) for n in passes]
+    report.parity = ParityReport(trials=trials, checked=verify)
+    storage = prepare(model)
+    try:
+        operate(model, storage, passes, opts, spec, report, Recipe())
+    finally:
+        storage.restore(model)
+    report.inputs = list(spec.shapes)
+    if verify and not report.parity.passed:
+        raise ParityError(f"parity failed ({_worst(report.parity)})", report)
+    return report
+
+
+def fold_bn(model: Any, input_shape: Shape | Sequence[Shape] | None = None, **kwargs: Any):
+    """Fold every BatchNorm / per-channel affine layer into the layer before it, in place."""
+    return apply_passes(model, ["fold-bn"], input_shape, command="fold-bn", **kwargs)
+
+
+def verify(model: Any, reference: Any, input_shape: Shape | Sequence[Shape], *, trials: int = 1,
+           seed: int = 0, atol: float | None = None, rtol: float | None = None):
+    """Compare two models on the same random inputs; returns a ParityReport (does not raise)."""
+    import torch
+
+    from .verify.compare import Tolerance, compare_outputs, summarise
+    from .verify.inputs import InputSpec
+    from .verify.torch import run as run_model
+
+    spec = InputSpec.parse(_shape_args(input_shape), "float32", seed)
+    dtype = next((p.dtype for p in reference.parameters() if p.is_floating_point()), torch.float32)
+    tol = Tolerance.default(dtype, atol, rtol)
+    model.eval()
+    reference.eval()
+    diffs = []
+    for t in range(trials):
+        x = spec.make(t, dtype)
+        diffs.append(compare_outputs(run_model(reference, x), run_model(model, x), tol))
+    return summarise(diffs, tol)
+
+
+def save(model: Any, path: str | Path, input_shape: Shape | Sequence[Shape] | None = None, opset: int = 17) -> Path:
+    """Write a module: ``.pt`` (pickled module), ``.safetensors`` (state_dict) or ``.onnx``
+    (needs ``input_shape``). Atomic."""
+    import torch
+
+    from .save import output_format
+    from .save.atomic import atomic_file, atomic_path, check_output_path
+
+    path = Path(path)
+    fmt = output_format(path)
+    check_output_path(path)
+    if fmt == "pt":
+        with atomic_file(path) as f:
+            torch.save(model, f)
+    elif fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        with atomic_path(path) as tmp:
+            save_file(sd, str(tmp))
+    else:
+        from .save.onnx_export import export
+        from .verify.inputs import InputSpec
+
+        if input_shape is None:
+            raise BadInput("saving to .onnx needs input_shape")
+        spec = InputSpec.parse(_shape_args(input_shape), "float32")
+        with atomic_path(path) as tmp:
+            export(model.eval(), spec.make(0), tmp, opset)
+    return path

@@ -1,0 +1,1 @@
+"""Command-line interface (Typer). Entry point: :func:`modelsurgeon.cli.app.main`."""

@@ -1,0 +1,86 @@
+"""The options every surgery command shares, declared once as ``Annotated`` parameters."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Annotated, Any, Callable, List, Optional
+
+import typer
+
+_P = inspect.Parameter
+
+COMMON: list[inspect.Parameter] = [
+    _P("input", _P.POSITIONAL_OR_KEYWORD, annotation=Annotated[Path, typer.Argument(
+        help="Checkpoint (.pt/.pth/.ckpt, .safetensors) or ONNX file.", show_default=False)]),
+    _P("output", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Output file; format by extension: .pt/.pth/.ckpt, .safetensors, .onnx. "
+        "Default: INPUT's name with the command inserted.", show_default=False)]),
+    _P("input_shape", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[List[str]], typer.Option(
+        "--input-shape", "-s", help="Example input shape, e.g. 1,3,640,640; repeat for several inputs. "
+        "Default: guessed from the first layer (PyTorch) or the graph's declared shapes (ONNX).",
+        show_default=False)]),
+    _P("dtype", _P.KEYWORD_ONLY, default="auto", annotation=Annotated[str, typer.Option(
+        help="Input dtype: auto (the model's compute dtype), float32, float64, float16, bfloat16, int64, int32.")]),
+    _P("trials", _P.KEYWORD_ONLY, default=1, annotation=Annotated[int, typer.Option(
+        help="Random inputs to check parity on.")]),
+    _P("seed", _P.KEYWORD_ONLY, default=0, annotation=Annotated[int, typer.Option(help="Seed of the random inputs.")]),
+    _P("atol", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[float], typer.Option(
+        help="Absolute tolerance (default by dtype: 1e-6 for float32 weights).", show_default=False)]),
+    _P("rtol", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[float], typer.Option(
+        help="Tolerance relative to each output's largest magnitude (default by dtype: 1e-4 float32, "
+        "1e-2 float16, 5e-2 bfloat16).", show_default=False)]),
+    _P("no_verify", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
+        "--no-verify", help="Skip the parity check.")]),
+    _P("force", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
+        "--force", help="Write the output even if parity fails.")]),
+    _P("dry_run", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
+        "--dry-run", help="Report what would change; write nothing.")]),
+    _P("in_place", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
+        "--in-place", help="Allow the output to replace the input file (atomically).")]),
+    _P("arch", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[str], typer.Option(
+        help="Model factory for state_dict/safetensors inputs: package.module:function.", show_default=False)]),
+    _P("arch_kwargs", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[str], typer.Option(
+        "--arch-kwargs", help="JSON object of keyword arguments for --arch.", show_default=False)]),
+    _P("trust_pickle", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
+        "--trust-pickle", help="Allow unpickling code objects (full modules, YOLO dicts). Runs code from "
+        "the file: only for checkpoints you trust.")]),
+    _P("code_path", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[List[Path]], typer.Option(
+        "--code-path", help="Directory to put on the import path (the model's source tree); repeatable.",
+        show_default=False)]),
+    _P("opset", _P.KEYWORD_ONLY, default=17, annotation=Annotated[int, typer.Option(
+        help="ONNX opset for .onnx outputs exported from PyTorch.")]),
+    _P("json_", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
+        "--json", help="Print one JSON report on stdout and nothing else there.")]),
+    _P("quiet", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
+        "--quiet", "-q", help="Print nothing but errors.")]),
+    _P("debug", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
+        "--debug", help="Show tracebacks.")]),
+]
+COMMON_NAMES = [p.name for p in COMMON]
+
+
+def surgery_command(app: typer.Typer, name: str, passes: list[str] | Callable[[dict], list[str]],
+                    *, verify_each: bool = False, repeat: bool = False) -> Callable:
+    """Register ``fn`` as command ``name`` with the common options plus ``fn``'s own.
+
+    ``fn(**own_options)`` returns the per-pass options dict (``{pass_name: {...}}``) and may
+    raise ``BadInput`` for impossible combinations; everything else is the pipeline's job.
+    """
+
+    def deco(fn: Callable[..., dict]) -> Callable:
+        own = [p.replace(kind=_P.KEYWORD_ONLY) for p in inspect.signature(fn).parameters.values()]
+
+        def command(**kwargs: Any) -> None:
+            from .run import execute
+
+            common = {k: kwargs.pop(k) for k in COMMON_NAMES}
+            execute(name, passes, fn, kwargs, common, verify_each=verify_each, repeat=repeat)
+
+        command.__signature__ = inspect.Signature(COMMON + own)  # type: ignore[attr-defined]
+        command.__doc__ = fn.__doc__
+        command.__name__ = fn.__name__
+        app.command(name, help=fn.__doc__)(command)
+        return fn
+
+    return deco

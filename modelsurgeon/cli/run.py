@@ -1,0 +1,63 @@
+"""What every surgery command does once its options are parsed: run the pipeline, report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable
+
+from ..errors import ParityError, SurgeryError
+
+
+def execute(name: str, passes: Any, fn: Callable[..., dict], own: dict, common: dict,
+            verify_each: bool = False, repeat: bool = False) -> None:
+    from rich.console import Console
+
+    from ..pipeline import Options, run
+    from .app import ExitWith
+
+    quiet, as_json = common["quiet"], common["json_"]
+    err = Console(stderr=True, highlight=False)
+    pass_options = fn(**own) or {}
+    pass_list = passes(own) if callable(passes) else list(passes)
+    opts = Options(
+        input=common["input"], output=common["output"], arch=common["arch"],
+        arch_kwargs=common["arch_kwargs"], trust_pickle=common["trust_pickle"],
+        code_paths=common["code_path"] or (), input_shapes=common["input_shape"] or (),
+        dtype=common["dtype"], seed=common["seed"], trials=common["trials"], atol=common["atol"],
+        rtol=common["rtol"], verify=not common["no_verify"], force=common["force"],
+        dry_run=common["dry_run"], in_place=common["in_place"], opset=common["opset"],
+        pass_options=pass_options, verify_each=verify_each or bool(own.get("verify_each")),
+        repeat=repeat,
+    )
+    out = Console(highlight=False, soft_wrap=False)
+    status = None
+    if not quiet and err.is_terminal:
+        status = err.status("starting")
+        status.start()
+        opts.status = lambda msg: status.update(msg)
+    report = None
+    try:
+        report = run(name, pass_list, opts)
+    except ParityError as e:
+        if status:
+            status.stop()
+        _emit(e.report, as_json, quiet, out)
+        raise
+    finally:
+        if status:
+            status.stop()
+    _emit(report, as_json, quiet, out)
+    raise ExitWith(0)
+
+
+def _emit(report: Any, as_json: bool, quiet: bool, out: Any) -> None:
+    if report is None:
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_json(), indent=2, default=str) + "\n")
+        sys.stdout.flush()
+    elif not quiet:
+        from ..report.render import render
+
+        render(report, out)

@@ -1,0 +1,34 @@
+"""The errors modelsurgeon raises, each carrying the exit code the CLI returns for it.
+
+Exit codes: 0 done, 1 parity failed (nothing written), 2 bad input or usage (nothing written),
+3 an internal error (a bug in modelsurgeon: please report it with ``--debug`` output),
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+
+class SurgeryError(Exception):
+    """Base class: a failure with a one-line message for the user."""
+
+    exit_code = 2
+
+
+class BadInput(SurgeryError):
+    """The input file, the options or the model cannot be used as given (exit 2)."""
+
+    exit_code = 2
+
+
+class UnsafeCheckpoint(BadInput):
+    """Loading the checkpoint would unpickle code objects and --trust-pickle was not given."""
+
+
+class ParityError(SurgeryError):
+    """The rewritten model does not reproduce the original's outputs (exit 1)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report

@@ -1,0 +1,216 @@
+"""Stage 1 of the pipeline: read a checkpoint safely and find the models in it.
+
+``load_checkpoint`` returns a :class:`Checkpoint` (container + model slots) for the surgery
+pipeline; ``load`` is the public convenience that returns the model itself -- including the
+rewritten structure of a state_dict / safetensors file that modelsurgeon wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from ..errors import BadInput
+from .checkpoint import Checkpoint, ModelSlot
+
+__all__ = ["Checkpoint", "ModelSlot", "load", "load_checkpoint", "add_code_paths", "META_KEY"]
+
+META_KEY = "modelsurgeon"
+"""Key of modelsurgeon's metadata in a ``.pt`` dict and in safetensors metadata."""
+
+TORCH_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".tar", ".pkl"}
+_SD_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights", "params", "module")
+
+
+def add_code_paths(paths: Iterable[str | Path]) -> None:
+    """Put model source trees on the import path (``--code-path``), first in line."""
+    for p in reversed(list(paths)):
+        p = Path(p)
+        if not p.is_dir():
+            raise BadInput(f"--code-path {p}: not a directory")
+        s = str(p.resolve())
+        if s not in sys.path:
+            sys.path.insert(0, s)
+
+
+def check_input_file(path: Path) -> int:
+    if not path.exists():
+        raise BadInput(f"{path}: no such file")
+    if path.is_dir():
+        raise BadInput(f"{path}: is a directory, not a checkpoint file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            f.read(1)
+    except PermissionError:
+        raise BadInput(f"{path}: permission denied")
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read ({e.strerror})")
+    if size == 0:
+        raise BadInput(f"{path}: file is empty")
+    return size
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict | str | None = None,
+    trust_pickle: bool = False,
+    code_paths: Iterable[str | Path] = (),
+) -> Checkpoint:
+    from ..rewrite.recipe import Recipe
+    from .arch import parse_kwargs
+
+    path = Path(path)
+    add_code_paths(code_paths)
+    size = check_input_file(path)
+    kwargs = parse_kwargs(arch_kwargs)
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        from .onnx import load_onnx
+
+        ckpt = load_onnx(path)
+        ckpt.size_bytes = size
+        return ckpt
+    if suffix == ".safetensors":
+        ckpt = _load_safetensors(path, arch, kwargs)
+    else:
+        from .pickle_safety import torch_load
+
+        obj = torch_load(path, trust_pickle)
+        ckpt = _classify(path, obj, arch, kwargs)
+    ckpt.size_bytes = size
+    if ckpt.recipe is None:
+        ckpt.recipe = Recipe()
+    return ckpt
+
+
+def _classify(path: Path, obj: Any, arch: str | None, kwargs: dict) -> Checkpoint:
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        return Checkpoint(path=path, format="module", container=obj,
+                          slots=[ModelSlot(name="module", key=None, module=obj)])
+    if isinstance(obj, Mapping):
+        modules = [(k, v) for k, v in obj.items() if isinstance(v, torch.nn.Module)]
+        if modules:
+            order = {"model": 0, "ema": 1}
+            modules.sort(key=lambda kv: order.get(str(kv[0]), 2))
+            slots = [ModelSlot(name=str(k), key=k, module=v) for k, v in modules]
+            return Checkpoint(path=path, format="container", container=obj, slots=slots)
+        sd, sd_key = _find_state_dict(obj)
+        if sd is not None:
+            meta = obj.get(META_KEY) if sd_key is not None else None
+            return _from_state_dict(path, obj, sd, sd_key, arch, kwargs, meta if isinstance(meta, dict) else None)
+        keys = ", ".join(map(str, list(obj.keys())[:8]))
+        raise BadInput(f"{path.name}: no model or state_dict found (top-level keys: {keys})")
+    raise BadInput(f"{path.name}: holds a {type(obj).__name__}, not a model, checkpoint dict or state_dict")
+
+
+def _is_tensor_map(obj: Any) -> bool:
+    import torch
+
+    return (isinstance(obj, Mapping) and len(obj) > 0
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+
+
+def _find_state_dict(obj: Mapping) -> tuple[Mapping | None, str | None]:
+    if _is_tensor_map(obj):
+        return obj, None
+    for k in _SD_KEYS:
+        if _is_tensor_map(obj.get(k)):
+            return obj[k], k
+    return None, None
+
+
+def _from_state_dict(path: Path, container: Any, sd: Mapping, sd_key: str | None,
+                     arch: str | None, kwargs: dict, meta: dict | None,
+                     fmt: str = "state_dict") -> Checkpoint:
+    from ..rewrite.recipe import Recipe, apply
+    from .arch import build_model, load_state, strip_prefix
+
+    recipe = Recipe()
+    if meta:
+        arch = arch or meta.get("arch")
+        if not kwargs:
+            kwargs = dict(meta.get("arch_kwargs") or {})
+        try:
+            recipe = Recipe.from_json(meta.get("recipe", []))
+        except ValueError as e:
+            raise BadInput(f"{path.name}: corrupt modelsurgeon metadata: {e}")
+    if not arch:
+        raise BadInput(
+            f"{path.name} holds only weights: pass --arch package.module:factory (and --code-path "
+            f"DIR if the package is not installed) to rebuild the model"
+        )
+    model = build_model(arch, kwargs)
+    if recipe:
+        try:
+            model = apply(recipe, model)
+        except Exception as e:
+            raise BadInput(f"{path.name}: cannot replay its modelsurgeon recipe on {arch}: {e}")
+    state, prefix = strip_prefix(sd, model)
+    load_state(model, state, path.name)
+    ckpt = Checkpoint(path=path, format=fmt, container=container,
+                      slots=[ModelSlot(name="model", key=sd_key, module=model, sd_prefix=prefix)],
+                      arch=arch, arch_kwargs=kwargs, recipe=recipe, sd_key=sd_key)
+    if meta:
+        ckpt.metadata = {META_KEY: meta}
+    return ckpt
+
+
+def _load_safetensors(path: Path, arch: str | None, kwargs: dict) -> Checkpoint:
+    try:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        sd = load_file(str(path))
+    except Exception as e:
+        raise BadInput(f"{path.name} is not a readable safetensors file: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    meta = None
+    if META_KEY in metadata:
+        try:
+            meta = json.loads(metadata[META_KEY])
+        except json.JSONDecodeError:
+            raise BadInput(f"{path.name}: corrupt modelsurgeon metadata")
+    if not sd:
+        raise BadInput(f"{path.name}: holds no tensors")
+    ckpt = _from_state_dict(path, None, sd, None, arch, kwargs, meta, fmt="safetensors")
+    ckpt.metadata = metadata
+    return ckpt
+
+
+def load(
+    path: str | Path,
+    arch: str | None = None,
+    arch_kwargs: dict | str | None = None,
+    *,
+    trust_pickle: bool = False,
+    code_paths: Iterable[str | Path] = (),
+) -> Any:
+    """Load a model from any file modelsurgeon reads or writes.
+
+    * a pickled module or YOLO-style dict: the module (``ema`` when present) -- needs
+      ``trust_pickle=True``, since unpickling runs code;
+    * a state_dict ``.pt`` or ``.safetensors`` (with ``arch``, or the arch recorded in the file
+      by modelsurgeon): the model rebuilt by the factory, with the file's recorded structural
+      edits replayed, and the weights loaded;
+    * an ``.onnx`` file: the ``onnx.ModelProto``.
+    """
+    ckpt = load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,
+                           code_paths=code_paths)
+    if ckpt.is_onnx:
+        import onnx
+
+        return onnx.load(str(path))
+    return ckpt.primary().module
+
+
+from .._callable import make_callable as _make_callable  # noqa: E402
+
+_make_callable(__name__)

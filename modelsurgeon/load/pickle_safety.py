@@ -1,0 +1,131 @@
+"""Safe-by-default unpickling.
+
+Every ``.pt`` is first loaded with ``torch.load(weights_only=True)``, which only rebuilds
+tensors and plain containers. A file that needs anything else (model classes, argparse
+namespaces, ``os.system``...) is refused with the list of the globals it references, unless the
+user opted in with ``--trust-pickle``. The scan reads pickle opcodes only: it never imports or
+calls anything from the file.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import pickletools
+import zipfile
+from pathlib import Path
+
+from ..errors import BadInput, UnsafeCheckpoint
+
+MAX_NAMES = 6
+
+
+def unsafe_globals(path: Path) -> list[str]:
+    """Globals the pickle(s) in ``path`` reference that ``weights_only`` loading refuses."""
+    import torch
+
+    if zipfile.is_zipfile(path):
+        try:
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        except Exception:
+            pass
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = [n for n in zf.namelist() if n.endswith(".pkl")]
+                found: list[str] = []
+                for n in names:
+                    found += _scan(zf.read(n))
+                return _filter_safe(found)
+        except Exception:
+            return []
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return []
+    return _filter_safe(_scan(data))
+
+
+def _scan(data: bytes) -> list[str]:
+    """``module.name`` of every GLOBAL / STACK_GLOBAL in the first pickle(s) of ``data``."""
+    out: list[str] = []
+    stream = io.BytesIO(data)
+    for _ in range(8):  # legacy torch files hold several pickles back to back
+        strings: list[str] = []
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name == "GLOBAL":
+                    out.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    out.append(f"{strings[-2]}.{strings[-1]}")
+                if isinstance(arg, str):
+                    strings.append(arg)
+                if op.name == "STOP":
+                    break
+        except Exception:
+            break
+        if stream.tell() >= len(data):
+            break
+    return out
+
+
+def _filter_safe(names: list[str]) -> list[str]:
+    import torch
+
+    safe = set()
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        safe = set(_get_allowed_globals().keys())
+    except Exception:
+        pass
+    for g in torch.serialization.get_safe_globals():
+        g = g[0] if isinstance(g, tuple) else g
+        safe.add(f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', '')}")
+    seen: dict[str, None] = {}
+    for n in names:
+        if n not in safe and not n.startswith(("torch._utils.", "collections.OrderedDict")):
+            seen[n] = None
+    return list(seen)
+
+
+def refuse(path: Path, names: list[str]) -> UnsafeCheckpoint:
+    shown = ", ".join(names[:MAX_NAMES])
+    more = f" (+{len(names) - MAX_NAMES} more)" if len(names) > MAX_NAMES else ""
+    return UnsafeCheckpoint(
+        f"{path.name} holds pickled code objects ({shown}{more}); loading it would run code "
+        f"from the file: pass --trust-pickle if you trust its source"
+    )
+
+
+def torch_load(path: Path, trust_pickle: bool):
+    """``torch.load`` on CPU, memory-mapped when the format allows, safe unless trusted."""
+    import torch
+
+    is_zip = zipfile.is_zipfile(path)
+    kwargs = dict(map_location="cpu", mmap=is_zip)
+    try:
+        return torch.load(str(path), weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        names = unsafe_globals(path)
+        if not names:
+            raise BadInput(f"{path.name} is not a readable PyTorch checkpoint: {_first_line(e)}")
+        if not trust_pickle:
+            raise refuse(path, names) from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError,
+            IndexError, TypeError, zipfile.BadZipFile) as e:
+        raise BadInput(f"{path.name} is not a readable PyTorch checkpoint: {_first_line(e)}")
+    # the user trusts the file: a full unpickle
+    try:
+        return torch.load(str(path), weights_only=False, **kwargs)
+    except ModuleNotFoundError as e:
+        raise BadInput(
+            f"{path.name} needs the Python module '{e.name}' to load: pass the model's source "
+            f"tree with --code-path DIR"
+        )
+    except Exception as e:
+        raise BadInput(f"{path.name} could not be unpickled: {type(e).__name__}: {_first_line(e)}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__

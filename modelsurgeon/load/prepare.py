@@ -1,0 +1,99 @@
+"""Put a loaded model into the state surgery runs in, and take it back out unchanged.
+
+Surgery evaluates models in inference mode and float32 (fp16/bf16 checkpoints, as YOLO saves
+them, are upcast in place: exact, and the CPU runs float32 well). Every floating tensor's
+storage dtype is remembered, so that rewrites round their float64 results to what will be
+saved, verification sees exactly the saved numbers, and :meth:`StorageState.restore` casts the
+model back before writing. Training flags are restored too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BadInput
+
+
+@dataclass
+class StorageState:
+    dtypes: dict[int, Any] = field(default_factory=dict)  # id(tensor) -> storage dtype
+    module_dtype: dict[int, Any] = field(default_factory=dict)  # id(module) -> dtype of its params
+    training: dict[int, bool] = field(default_factory=dict)  # id(module) -> training flag
+    default_dtype: Any = None
+    upcast: bool = False
+
+    def storage_dtype(self, tensor: Any, module: Any = None) -> Any:
+        """The dtype ``tensor`` will be saved in."""
+        dt = self.dtypes.get(id(tensor))
+        if dt is None and module is not None:
+            dt = self.module_dtype.get(id(module))
+        return dt or self.default_dtype or tensor.dtype
+
+    def restore(self, model: Any) -> None:
+        """Cast every floating tensor back to its storage dtype; restore training flags."""
+        import torch
+
+        with torch.no_grad():
+            for mod in model.modules():
+                mdt = self.module_dtype.get(id(mod), self.default_dtype)
+                for name, p in list(mod._parameters.items()):
+                    if p is None or not p.is_floating_point():
+                        continue
+                    dt = self.dtypes.get(id(p), mdt)
+                    if dt is not None and p.dtype != dt:
+                        p.data = p.data.to(dt)
+                for name, b in list(mod._buffers.items()):
+                    if b is None or not b.is_floating_point():
+                        continue
+                    dt = self.dtypes.get(id(b), mdt)
+                    if dt is not None and b.dtype != dt:
+                        mod._buffers[name] = b.to(dt)
+                if id(mod) in self.training:
+                    mod.training = self.training[id(mod)]
+
+
+def prepare(model: Any, check_finite: bool = True) -> StorageState:
+    """Record storage dtypes and training flags; switch to eval and float32 compute."""
+    import torch
+
+    state = StorageState()
+    counts: dict[Any, int] = {}
+    for mod in model.modules():
+        state.training[id(mod)] = mod.training
+        mdt = None
+        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+            if t is None or not t.is_floating_point():
+                continue
+            state.dtypes.setdefault(id(t), t.dtype)
+            mdt = mdt or t.dtype
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+        if mdt is not None:
+            state.module_dtype[id(mod)] = mdt
+    state.default_dtype = max(counts, key=counts.get) if counts else torch.float32
+    if check_finite:
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise BadInput(f"weights are not finite: {name} holds NaN or Inf values")
+    model.eval()
+    if any(dt in (torch.float16, torch.bfloat16) for dt in counts):
+        state.upcast = True
+        with torch.no_grad():
+            for mod in model.modules():
+                for name, p in list(mod._parameters.items()):
+                    if p is not None and p.dtype in (torch.float16, torch.bfloat16):
+                        p.data = p.data.float()
+                for name, b in list(mod._buffers.items()):
+                    if b is not None and b.dtype in (torch.float16, torch.bfloat16):
+                        mod._buffers[name] = b.float()
+                        state.dtypes[id(mod._buffers[name])] = state.dtypes.pop(id(b), b.dtype)
+    return state
+
+
+def compute_dtype(state: StorageState) -> Any:
+    """The dtype example inputs should have for the prepared model."""
+    import torch
+
+    if state.default_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return state.default_dtype

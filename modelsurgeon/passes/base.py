@@ -1,0 +1,109 @@
+"""The shape every pass has, on either back end.
+
+A pass is a class with a ``name`` and two methods:
+
+* ``match(ctx)`` -- read the graph (never modify anything) and yield one :class:`Match` per
+  rewrite it can make exactly, and one :class:`Skipped` (target + reason) per candidate it
+  found but cannot rewrite exactly;
+* ``rewrite(ctx, match)`` -- apply one match in place and return an :class:`Applied` (or a
+  :class:`Skipped` if a late check declines it).
+
+``ctx`` is a :class:`TorchContext` or an ONNX context; the pipeline runs the pass
+(:func:`run_pass`), verifies and saves. Matching separate from rewriting means ``--dry-run``
+and the report come for free, and all matches are found on the unmodified graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable
+
+
+@dataclass
+class Applied:
+    target: str
+    detail: str
+    data: dict = field(default_factory=dict)
+    pass_name: str = ""
+    slot: str | None = None
+
+    def to_json(self) -> dict:
+        d = {"pass": self.pass_name, "target": self.target, "detail": self.detail}
+        if self.slot:
+            d["slot"] = self.slot
+        d.update({k: v for k, v in self.data.items() if k not in d})
+        return d
+
+
+@dataclass
+class Skipped:
+    target: str
+    reason: str
+    pass_name: str = ""
+    slot: str | None = None
+
+    def to_json(self) -> dict:
+        d = {"pass": self.pass_name, "target": self.target, "reason": self.reason}
+        if self.slot:
+            d["slot"] = self.slot
+        return d
+
+
+@dataclass
+class Match:
+    """Base for a pass's matches: a target (for the report) plus whatever the rewrite needs."""
+
+    target: str
+
+
+@dataclass
+class PassReport:
+    name: str
+    applied: list[Applied] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.applied)
+
+
+@dataclass
+class TorchContext:
+    """What a PyTorch pass works on."""
+
+    model: Any
+    graph: Any  # DataflowGraph of the current model on ``inputs``
+    inputs: list  # the example inputs (trial 0)
+    editor: Any  # ModuleEditor
+    options: dict = field(default_factory=dict)
+    slot: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class Pass:
+    name: ClassVar[str] = ""
+    backend: ClassVar[str] = "torch"
+    preserves_function: ClassVar[bool] = True
+
+    def match(self, ctx: Any) -> Iterable[Match | Skipped]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def rewrite(self, ctx: Any, match: Match) -> Applied | Skipped:  # pragma: no cover
+        raise NotImplementedError
+
+
+def run_pass(p: Pass, ctx: Any, dry_run: bool = False) -> PassReport:
+    """Match on the unmodified graph, then rewrite each match (unless ``dry_run``)."""
+    report = PassReport(p.name)
+    found = list(p.match(ctx))
+    for m in found:
+        if isinstance(m, Skipped):
+            m.pass_name, m.slot = p.name, getattr(ctx, "slot", None)
+            report.skipped.append(m)
+            continue
+        result = Applied(m.target, "would be rewritten") if dry_run else p.rewrite(ctx, m)
+        result.pass_name, result.slot = p.name, getattr(ctx, "slot", None)
+        (report.applied if isinstance(result, Applied) else report.skipped).append(result)
+    report.notes.extend(getattr(ctx, "notes", []))
+    return report

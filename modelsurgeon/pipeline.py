@@ -1,0 +1,357 @@
+"""The pipeline every command runs: load → capture → match → rewrite → verify → save.
+
+    load     modelsurgeon/load      safe unpickling, containers, --arch, safetensors, ONNX
+    capture  modelsurgeon/capture   dataflow graph of the real forward (no tracing needed)
+    match    modelsurgeon/passes/*  pattern + exactness check (shared helpers: modelsurgeon/match)
+    rewrite  modelsurgeon/passes/*  in-place edit (shared helpers: modelsurgeon/rewrite)
+    verify   modelsurgeon/verify    parity on random inputs against references taken first
+    save     modelsurgeon/save      atomic .pt / .safetensors / .onnx
+
+Only one copy of the model is ever in memory: references are the original's outputs, captured
+before the rewrite, which then happens in place.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import BadInput, ParityError
+from .report import Report
+
+
+@dataclass
+class Options:
+    input: Path
+    output: Path | None = None
+    arch: str | None = None
+    arch_kwargs: str | dict | None = None
+    trust_pickle: bool = False
+    code_paths: Sequence[str | Path] = ()
+    input_shapes: Sequence[str] = ()
+    dtype: str = "auto"
+    seed: int = 0
+    trials: int = 1
+    atol: float | None = None
+    rtol: float | None = None
+    verify: bool = True
+    verify_each: bool = False
+    force: bool = False
+    dry_run: bool = False
+    in_place: bool = False
+    opset: int = 17
+    repeat: bool = False  # run the pass list again until nothing changes (optimize)
+    pass_options: dict = field(default_factory=dict)  # pass name -> options
+    status: Callable[[str], None] | None = None
+
+
+def default_output(opts: Options, command: str) -> Path:
+    src = Path(opts.input)
+    if opts.in_place:
+        return src
+    return src.with_name(f"{src.stem}.{command}{src.suffix}")
+
+
+def run(command: str, passes: Sequence[str], opts: Options) -> Report:
+    """Run ``passes`` on ``opts.input`` and write the result; returns the report.
+
+    Raises :class:`BadInput` (exit 2) before writing anything for unusable input, and
+    :class:`ParityError` (exit 1, report attached) when the rewritten model's outputs differ
+    from the original's beyond tolerance (unless ``force``).
+    """
+    from . import passes as registry
+    from .load import load_checkpoint
+    from .save import output_format
+    from .save.atomic import check_output_path
+
+    status = opts.status or (lambda _msg: None)
+    opts.input = Path(opts.input)
+    report = Report(command=command, input=str(opts.input), dry_run=opts.dry_run)
+    for name in passes:
+        if name not in registry.REGISTRY:
+            raise BadInput(f"unknown pass {name!r} (known: {', '.join(registry.REGISTRY)})")
+    if opts.trials < 1:
+        raise BadInput("--trials must be at least 1")
+    out_path = Path(opts.output) if opts.output else default_output(opts, command)
+    out_fmt = output_format(out_path)
+    check_output_path(out_path, opts.input, opts.in_place)
+    report.output = str(out_path)
+
+    t = time.perf_counter()
+    status(f"loading {opts.input.name}")
+    ckpt = load_checkpoint(opts.input, arch=opts.arch, arch_kwargs=opts.arch_kwargs,
+                           trust_pickle=opts.trust_pickle, code_paths=opts.code_paths)
+    report.timings["load"] = time.perf_counter() - t
+    report.input_format = ckpt.format
+    if ckpt.is_onnx:
+        from .pipeline_onnx import run_onnx
+
+        return run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt)
+    return _run_torch(command, passes, opts, ckpt, report, out_path, out_fmt)
+
+
+def _run_torch(command, passes, opts, ckpt, report, out_path, out_fmt) -> Report:
+    from .load.prepare import prepare
+    from .passes.base import PassReport
+    from .rewrite.recipe import Recipe
+    from .verify.compare import ParityReport
+    from .verify.inputs import InputSpec
+
+    status = opts.status or (lambda _msg: None)
+    spec = InputSpec.parse(opts.input_shapes, "float32" if opts.dtype == "auto" else opts.dtype, opts.seed)
+    multi = len(ckpt.slots) > 1
+    report.slots = [s.name for s in ckpt.slots]
+    report.passes = [PassReport(name) for name in passes]
+    report.parity = ParityReport(trials=opts.trials, checked=opts.verify)
+    primary = ckpt.primary()
+    primary_refs = None
+    for slot in ckpt.slots:
+        status(f"{slot.name}: preparing" if multi else "preparing")
+        slot.storage = prepare(slot.module)
+        recipe = ckpt.recipe if not multi and ckpt.recipe is not None else Recipe()
+        refs = operate(slot.module, slot.storage, passes, opts, spec, report, recipe,
+                       slot_name=slot.name if multi else None, primary=slot is primary)
+        if slot is primary:
+            primary_refs = refs
+    if not opts.verify:
+        report.parity = ParityReport(checked=False, note="(--no-verify)")
+    report.inputs = list(spec.shapes)
+    if opts.verify and not report.parity.passed:
+        if not opts.force:
+            raise ParityError(f"parity failed ({_worst(report.parity)}); nothing written", report)
+        report.warnings.append("parity failed; writing anyway because of --force")
+    if ckpt.format == "container" and report.applied and ckpt.container.get("optimizer") is not None:
+        report.warnings.append("the checkpoint's optimizer state was kept as is; it does not match the "
+                               "rewritten parameters (resume training from the original checkpoint)")
+    _save(ckpt, opts, report, out_path, out_fmt, primary, primary_refs)
+    return report
+
+
+def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, primary=True):
+    """Capture, rewrite and verify one model in place; accumulate into ``report``.
+
+    Returns the :class:`References` (the original's outputs), for an ONNX export's parity.
+    """
+    from . import passes as registry
+    from .load.prepare import compute_dtype
+    from .passes.base import TorchContext, run_pass
+    from .report.stats import torch_stats
+    from .rewrite.modules import ModuleEditor
+    from .verify.compare import Tolerance
+    from .verify.torch import ModelRunError, References
+
+    status = opts.status or (lambda _msg: None)
+    label = f"{slot_name}: " if slot_name else ""
+    per_pass = {p.name: p for p in report.passes}
+    if storage.upcast:
+        report.notes.append(f"{slot_name or 'the model'} is stored in {str(storage.default_dtype).replace('torch.', '')}: "
+                            "evaluated in float32, rewritten weights rounded to the stored dtype")
+    dtype = _input_dtype(spec, storage, compute_dtype(storage), report)
+    t = time.perf_counter()
+    status(f"{label}capturing the dataflow graph")
+    refs = References(spec, opts.trials, dtype)
+    graph, out0, flops = _first_capture(model, spec, refs, report)
+    report.timings["capture"] = report.timings.get("capture", 0) + time.perf_counter() - t
+    before = torch_stats(model, graph, flops)
+    t = time.perf_counter()
+    status(f"{label}recording references ({opts.trials} trial{'s' if opts.trials > 1 else ''})")
+    try:
+        refs.record(model, out0)
+    except ModelRunError as e:
+        raise BadInput(f"the model cannot run on inputs {spec.describe()}: {e}")
+    del out0
+    report.timings["reference"] = report.timings.get("reference", 0) + time.perf_counter() - t
+    editor = ModuleEditor(model, storage, recipe)
+    inputs0 = refs.inputs(0)
+    tol = Tolerance.default(storage.default_dtype, opts.atol, opts.rtol)
+    custom_verify = None
+    t = time.perf_counter()
+    for round_ in range(8):
+        changed = False
+        for name in passes:
+            p = registry.get(name, "torch")
+            status(f"{label}{name}: matching")
+            ctx = TorchContext(model=model, graph=graph, inputs=inputs0, editor=editor,
+                               options=opts.pass_options.get(name, {}), slot=slot_name)
+            ctx.references = refs
+            pr = run_pass(p, ctx, dry_run=opts.dry_run)
+            _merge(per_pass[name], pr, first_round=round_ == 0)
+            if not p.preserves_function:
+                custom_verify = (p, ctx)
+            if pr.changed and not opts.dry_run:
+                changed = True
+                status(f"{label}{name}: re-capturing")
+                graph = _recapture(model, inputs0, name)
+                if opts.verify_each and opts.verify and p.preserves_function:
+                    step = refs.check(model, tol, runner=_rewritten_runner(name))
+                    if not step.passed and not opts.force:
+                        report.parity.merge(step, prefix=label)
+                        raise ParityError(f"parity failed after {name} ({_worst(step)}); nothing written", report)
+        if not (opts.repeat and changed):
+            break
+    report.timings["rewrite"] = report.timings.get("rewrite", 0) + time.perf_counter() - t
+    t = time.perf_counter()
+    status(f"{label}verifying")
+    try:
+        graph_after, out_after, flops_after = _capture(model, inputs0, count_flops=True)
+    except ModelRunError as e:
+        raise ParityError(f"the rewritten model fails to run: {e}; nothing written", report)
+    if primary:
+        report.before, report.after = before, torch_stats(model, graph_after, flops_after)
+    if opts.verify:
+        if custom_verify is not None:
+            result = custom_verify[0].verify(custom_verify[1], tol)
+        else:
+            result = refs.check(model, tol, first_output=out_after, runner=_rewritten_runner(None))
+        report.parity.merge(result, prefix=label)
+    report.timings["verify"] = report.timings.get("verify", 0) + time.perf_counter() - t
+    return refs
+
+
+def _input_dtype(spec, storage, compute, report) -> Any:
+    import torch
+
+    want = spec.torch_dtype()
+    if spec.dtype == "float32" and compute == torch.float64:
+        return compute
+    if want in (torch.float16, torch.bfloat16) and storage.upcast:
+        report.notes.append("inputs generated in float32: the model is evaluated in float32")
+        return torch.float32
+    return want
+
+
+def _capture(model, inputs, count_flops=False):
+    from .capture import capture
+    from .verify.torch import ModelRunError
+
+    try:
+        return capture(model, inputs, count_flops=count_flops)
+    except Exception as e:
+        raise ModelRunError(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from e
+
+
+def _first_capture(model, spec, refs, report):
+    """Capture on the given shapes, or guess shapes from the first layer if none were given."""
+    from .verify.inputs import guess_shapes
+    from .verify.torch import ModelRunError
+
+    if spec.shapes:
+        try:
+            return _capture(model, refs.inputs(0), count_flops=True)
+        except ModelRunError as e:
+            raise BadInput(f"the model cannot run on inputs {spec.describe()}: {e}")
+    candidates = guess_shapes(model)
+    errors = []
+    for shapes in candidates:
+        spec.shapes = list(shapes)
+        try:
+            result = _capture(model, refs.inputs(0), count_flops=True)
+        except ModelRunError as e:
+            errors.append(f"{spec.describe()}: {e}")
+            continue
+        spec.guessed = True
+        report.warnings.append(f"no --input-shape given: used {spec.describe()}, guessed from the first layer")
+        return result
+    spec.shapes = []
+    tried = "; ".join(errors[:3]) if errors else "no conv or linear layer to guess from"
+    raise BadInput(f"no --input-shape given and none could be guessed ({tried}): pass --input-shape")
+
+
+def _recapture(model, inputs, pass_name):
+    from .verify.torch import ModelRunError
+
+    try:
+        graph, _out, _ = _capture(model, inputs)
+    except ModelRunError as e:
+        raise ParityError(f"the model fails to run after {pass_name}: {e}; nothing written")
+    return graph
+
+
+def _rewritten_runner(pass_name):
+    from .verify.torch import ModelRunError, run
+
+    def runner(model, inputs):
+        try:
+            return run(model, inputs)
+        except ModelRunError as e:
+            after = f" after {pass_name}" if pass_name else ""
+            raise ParityError(f"the rewritten model fails to run{after}: {e}; nothing written")
+
+    return runner
+
+
+def _merge(into, pr, first_round: bool) -> None:
+    into.applied.extend(pr.applied)
+    if first_round:
+        into.skipped.extend(pr.skipped)
+    else:  # later rounds re-find the same unfoldable candidates: keep new ones only
+        known = {(s.target, s.reason, s.slot) for s in into.skipped}
+        into.skipped.extend(s for s in pr.skipped if (s.target, s.reason, s.slot) not in known)
+    into.notes.extend(n for n in pr.notes if n not in into.notes)
+
+
+def _worst(parity) -> str:
+    bad = [o for o in parity.outputs if not o.passed] or parity.outputs
+    if not bad:
+        return "no outputs"
+    o = max(bad, key=lambda o: o.max_rel)
+    return f"{o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}" + (f", {o.note}" if o.note else "")
+
+
+def _save(ckpt, opts, report, out_path, out_fmt, primary, refs) -> None:
+    from .save.onnx_export import export, ort_run
+    from .save.atomic import atomic_path
+    from .save.torch import save_pt, save_safetensors
+    from .verify.compare import Tolerance, compare_outputs, summarise
+
+    status = opts.status or (lambda _msg: None)
+    t = time.perf_counter()
+    if opts.dry_run:
+        for s in ckpt.slots:
+            s.storage.restore(s.module)
+        return
+    if out_fmt == "onnx":
+        status(f"exporting {out_path.name}")
+        with atomic_path(out_path) as tmp:
+            export(primary.module, refs.inputs(0), tmp, opts.opset)
+            if opts.verify:
+                tol = Tolerance.default(primary.storage.default_dtype, opts.atol, opts.rtol)
+                per_trial = []
+                for trial in range(refs.trials):
+                    try:
+                        outs = ort_run(tmp, refs.inputs(trial))
+                    except Exception as e:
+                        raise ParityError(f"onnxruntime cannot run the exported model: {str(e).splitlines()[0]}; nothing written", report)
+                    per_trial.append(compare_outputs(_flat_tensors(refs.outputs[trial]), outs, tol))
+                onnx_parity = summarise(per_trial, tol)
+                report.parity.merge(onnx_parity, prefix="onnx:")
+                report.parity.note = "onnx outputs compared with onnxruntime (optimisations off) against the original torch model"
+                if not onnx_parity.passed and not opts.force:
+                    raise ParityError(f"onnxruntime parity failed ({_worst(onnx_parity)}); nothing written", report)
+            if len(ckpt.slots) > 1:
+                report.notes.append(f"exported the '{primary.name}' model")
+        for s in ckpt.slots:
+            s.storage.restore(s.module)
+    else:
+        for s in ckpt.slots:
+            s.storage.restore(s.module)
+        status(f"writing {out_path.name}")
+        if out_fmt == "pt":
+            save_pt(ckpt, out_path)
+        else:
+            name = save_safetensors(ckpt, out_path)
+            if len(ckpt.slots) > 1:
+                report.notes.append(f"wrote the '{name}' model's tensors")
+        if ckpt.format in ("module", "container") and out_fmt == "safetensors":
+            report.notes.append("rebuild with modelsurgeon.load(path, arch='package.module:factory') "
+                                "using the original architecture's factory")
+    report.written = True
+    report.timings["save"] = time.perf_counter() - t
+
+
+def _flat_tensors(out: Any) -> list:
+    from .verify.compare import flatten_outputs
+
+    return [v for _, v in flatten_outputs(out) if hasattr(v, "shape")]

@@ -1,0 +1,129 @@
+"""Edit a model's module tree and parameters in place, recording every structural edit.
+
+All rewrites go through :class:`ModuleEditor`, which
+
+* replaces a module at every path it is registered under (aliases included) and carries over
+  the attributes the host forward may read on it (YOLO's ``i``, ``f``, ``type``, ``np``);
+* writes float64 results into existing parameters after rounding them to the dtype they will
+  be saved in (so verification sees exactly the saved numbers);
+* appends each structural edit to the checkpoint's :class:`~modelsurgeon.rewrite.recipe.Recipe`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .recipe import Recipe, get_module, set_module, torch_spec
+
+_MODULE_INTERNALS = {
+    "training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_backward_pre_hooks",
+    "_backward_hooks", "_is_full_backward_hook", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
+    "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks", "_modules", "call_super_init", "dump_patches",
+}
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def carried_attributes(old: Any, new: Any) -> dict[str, Any]:
+    """Plain attributes of ``old`` the host may read that ``new`` lacks (YOLO routing etc.).
+
+    Configuration constants of torch classes (``eps``, ``stride``...) are not carried.
+    """
+    import torch
+
+    out: dict[str, Any] = {}
+    constants = set(getattr(type(old), "__constants__", ()) or ())
+    is_torch = type(old).__module__.startswith("torch.")
+    for k, v in vars(old).items():
+        if k in _MODULE_INTERNALS or k.startswith("_") or k in constants or hasattr(new, k):
+            continue
+        if is_torch:
+            continue
+        if isinstance(v, _PLAIN) or (isinstance(v, (list, tuple)) and all(isinstance(i, _PLAIN) for i in v)):
+            out[k] = v
+    return out
+
+
+class ModuleEditor:
+    def __init__(self, root: Any, storage: Any, recipe: Recipe | None = None):
+        self.root = root
+        self.storage = storage
+        self.recipe = recipe if recipe is not None else Recipe()
+
+    # -- paths -------------------------------------------------------------------------------
+    def paths_of(self, module: Any) -> list[str]:
+        return [p for p, m in self.root.named_modules(remove_duplicate=False) if m is module]
+
+    def path_of(self, module: Any) -> str | None:
+        paths = self.paths_of(module)
+        return paths[0] if paths else None
+
+    # -- structure ---------------------------------------------------------------------------
+    def replace(self, old: Any, new: Any, spec: dict | None = None) -> list[str]:
+        """Put ``new`` wherever ``old`` is registered. ``spec`` describes ``new`` for the recipe;
+        by default it is derived (a module already in the tree is recorded as a move)."""
+        paths = self.paths_of(old)
+        if not paths:
+            raise ValueError(f"{type(old).__name__} is not in the model")
+        if "" in paths:
+            raise ValueError("cannot replace the model's root module")
+        if spec is None:
+            spec = self.spec_for(new)
+        carried = carried_attributes(old, new)
+        for k, v in carried.items():
+            setattr(new, k, v)
+        for path in paths:
+            set_module(self.root, path, new)
+            self.recipe.edits.append({"op": "replace", "path": path, "module": spec})
+        for k, v in carried.items():
+            self.recipe.edits.append({"op": "setattr", "path": paths[0], "name": k, "value": _jsonable(v)})
+        return paths
+
+    def spec_for(self, new: Any) -> dict | None:
+        """Recipe spec for a module: a move when it is already in the tree, else torch.nn."""
+        import torch
+
+        moved = self.path_of(new)
+        if moved is not None:
+            return {"from": moved}
+        if isinstance(new, torch.nn.Sequential):
+            children = [self.spec_for(c) for c in new.children()]
+            if all(c is not None for c in children):
+                return {"class": "Sequential", "children": children}
+        return torch_spec(new)
+
+    # -- parameters --------------------------------------------------------------------------
+    def set_param(self, param: Any, value64: Any, module: Any = None) -> None:
+        """Write a float64 result into ``param`` (same object), rounded to its storage dtype."""
+        import torch
+
+        with torch.no_grad():
+            dt = self.storage.storage_dtype(param, module) if self.storage is not None else param.dtype
+            param.data = value64.to(dt).to(param.dtype).reshape(param.shape).contiguous()
+
+    def add_bias(self, module: Any, value64: Any) -> Any:
+        """Give a bias-free torch conv/linear module a bias parameter."""
+        import torch
+
+        dt = self.storage.storage_dtype(module.weight, module) if self.storage is not None else module.weight.dtype
+        module.bias = torch.nn.Parameter(value64.to(dt).to(module.weight.dtype).contiguous(),
+                                         requires_grad=module.weight.requires_grad)
+        for path in self.paths_of(module):
+            self.recipe.edits.append({"op": "add_bias", "path": path})
+        return module.bias
+
+    def neutralise(self, param: Any, fill: float) -> None:
+        """Make an inline per-channel op the identity by filling its parameter with 1 or 0."""
+        import torch
+
+        with torch.no_grad():
+            param.data = torch.full_like(param.data, fill)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_jsonable(i) for i in v]
+    if isinstance(v, list):
+        return [_jsonable(i) for i in v]
+    return v

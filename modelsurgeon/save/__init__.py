@@ -1,0 +1,28 @@
+"""Stage 6 of the pipeline: write the result, atomically, in the format its extension names.
+
+* ``.pt/.pth/.ckpt`` -- the input's own container (full module, YOLO dict with every wrapped
+  module rewritten, or state_dict + recipe) -- :mod:`.torch`
+* ``.safetensors``   -- tensors + the metadata that rebuilds the structure -- :mod:`.torch`
+* ``.onnx``          -- export + onnxruntime parity -- :mod:`.onnx_export`
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import BadInput
+
+TORCH_OUT = {".pt", ".pth", ".ckpt", ".bin"}
+FORMATS = {**{s: "pt" for s in TORCH_OUT}, ".safetensors": "safetensors", ".onnx": "onnx"}
+
+
+def output_format(path: Path) -> str:
+    fmt = FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise BadInput(f"cannot tell the output format from {Path(path).name!r}: use .pt, .safetensors or .onnx")
+    return fmt
+
+
+from .._callable import make_callable as _make_callable  # noqa: E402
+
+_make_callable(__name__)

@@ -1,0 +1,95 @@
+"""Atomic output: write a temporary file next to the target, fsync, then rename over it.
+
+A crash, SIGKILL or full disk at any moment leaves either no output or the complete previous
+one, never half a file; on any error (and on Ctrl-C) the temporary file is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import BadInput
+
+
+def check_output_path(path: Path, input_path: Path | None = None, in_place: bool = False) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise BadInput(f"output directory does not exist: {parent}")
+    if not parent.is_dir():
+        raise BadInput(f"output directory is not a directory: {parent}")
+    if path.is_dir():
+        raise BadInput(f"output {path} is a directory")
+    if input_path is not None and not in_place:
+        try:
+            same = path.exists() and os.path.samefile(path, input_path)
+        except OSError:
+            same = False
+        if same or path.resolve() == input_path.resolve():
+            raise BadInput(f"output {path} is the input file: choose another -o, or pass --in-place")
+    if not os.access(parent, os.W_OK):
+        raise BadInput(f"output directory is not writable: {parent}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s directory; on success it replaces ``path``."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise BadInput(f"cannot write {path}: {e.strerror or e}")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
+        os.replace(tmp_path, path)
+        _fsync_dir(parent)
+    except OSError as e:
+        _unlink(tmp_path)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EFBIG):
+            raise BadInput(f"cannot write {path}: {os.strerror(e.errno)}") from e
+        raise BadInput(f"cannot write {path}: {e.strerror or e}") from e
+    except BaseException:
+        _unlink(tmp_path)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator:
+    """Yield a binary file object; on success its content replaces ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            yield f
+
+
+def _unlink(p: Path) -> None:
+    try:
+        p.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        pass
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

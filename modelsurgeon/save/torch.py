@@ -1,0 +1,92 @@
+"""Write PyTorch outputs: ``.pt`` in the input's own container, or ``.safetensors``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .._version import __version__
+from ..errors import BadInput
+from ..load import META_KEY
+from ..load.checkpoint import Checkpoint, ModelSlot
+from .atomic import atomic_file, atomic_path
+
+
+def meta_for(ckpt: Checkpoint, slot: ModelSlot) -> dict:
+    """modelsurgeon's metadata: what rebuilds the rewritten structure from its factory."""
+    edits = ckpt.recipe.to_json() if ckpt.recipe is not None else []
+    return {
+        "format_version": 1,
+        "tool": f"modelsurgeon {__version__}",
+        "arch": ckpt.arch,
+        "arch_kwargs": ckpt.arch_kwargs or {},
+        "recipe": edits,
+        "slot": slot.name,
+        "source": ckpt.path.name,
+        "source_format": ckpt.format,
+    }
+
+
+def _check_describable(ckpt: Checkpoint, what: str) -> None:
+    for e in (ckpt.recipe.to_json() if ckpt.recipe is not None else []):
+        if e.get("op") == "replace" and e.get("module") is None:
+            raise BadInput(
+                f"cannot write a {what}: the rewrite at {e.get('path')} created a module that a "
+                f"state_dict cannot describe; write a full-module .pt instead"
+            )
+
+
+def state_dict_of(slot: ModelSlot) -> dict:
+    sd = slot.module.state_dict()
+    if slot.sd_prefix:
+        sd = {slot.sd_prefix + k: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def save_pt(ckpt: Checkpoint, path: Path) -> None:
+    import torch
+
+    if ckpt.format == "module":
+        obj: Any = ckpt.slots[0].module
+    elif ckpt.format == "container":
+        obj = ckpt.container
+        for s in ckpt.slots:
+            obj[s.key] = s.module
+    else:
+        _check_describable(ckpt, "state_dict")
+        slot = ckpt.slots[0]
+        sd = state_dict_of(slot)
+        meta = meta_for(ckpt, slot)
+        if ckpt.format == "state_dict" and ckpt.sd_key is not None and isinstance(ckpt.container, dict):
+            obj = dict(ckpt.container)
+            obj[ckpt.sd_key] = sd
+            obj[META_KEY] = meta
+        else:
+            obj = {"state_dict": sd, META_KEY: meta}
+    with atomic_file(path) as f:
+        torch.save(obj, f)
+
+
+def save_safetensors(ckpt: Checkpoint, path: Path) -> str:
+    """Write the primary model's tensors + metadata; returns the slot written."""
+    from safetensors.torch import save_file
+
+    _check_describable(ckpt, "safetensors file")
+    slot = ckpt.primary()
+    sd = state_dict_of(slot)
+    tensors = {}
+    seen: dict[tuple, str] = {}
+    for k, v in sd.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype) if v.numel() else None
+        t = v.detach()
+        if key is not None and key in seen:
+            t = t.clone()  # safetensors stores no aliases: tied weights are written twice
+        elif key is not None:
+            seen[key] = k
+        tensors[k] = t.contiguous()
+    metadata = {k: v for k, v in (ckpt.metadata or {}).items() if isinstance(v, str) and k != META_KEY}
+    metadata[META_KEY] = json.dumps(meta_for(ckpt, slot), sort_keys=True)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return slot.name

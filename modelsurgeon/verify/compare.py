@@ -1,0 +1,172 @@
+"""Tolerance semantics, defined once for every back end and every output.
+
+An output passes when ``max|out - ref| <= atol + rtol * max|ref|`` (both maxima over the whole
+output tensor), i.e. errors are judged against the output's own scale. Elementwise relative
+error is meaningless next to values that are zero by chance; a wrong fold moves outputs by an
+amount comparable to their scale, far above these bounds. Reported per output: ``max_abs`` and
+``max_rel = max_abs / max|ref|``. NaN/Inf must appear in the same places in both.
+
+Defaults depend on the dtype the weights are stored in (rewrites round to it):
+float64 1e-9, float32 1e-4, float16 1e-2, bfloat16 5e-2 (``rtol``); ``atol`` 1e-6 x that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+RTOL = {"float64": 1e-9, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+
+
+@dataclass
+class Tolerance:
+    atol: float
+    rtol: float
+
+    @classmethod
+    def default(cls, storage_dtype: Any = None, atol: float | None = None, rtol: float | None = None) -> "Tolerance":
+        name = str(storage_dtype).replace("torch.", "") if storage_dtype is not None else "float32"
+        r = RTOL.get(name, RTOL["float32"])
+        return cls(atol=r * 1e-2 if atol is None else atol, rtol=r if rtol is None else rtol)
+
+
+@dataclass
+class OutputDiff:
+    name: str
+    max_abs: float
+    max_rel: float
+    passed: bool
+    note: str = ""
+
+    def to_json(self) -> dict:
+        d = {"name": self.name, "max_abs": self.max_abs, "max_rel": self.max_rel, "passed": self.passed}
+        if self.note:
+            d["note"] = self.note
+        return d
+
+
+@dataclass
+class ParityReport:
+    passed: bool = True
+    outputs: list[OutputDiff] = field(default_factory=list)
+    trials: int = 0
+    atol: float = 0.0
+    rtol: float = 0.0
+    checked: bool = True
+    note: str = ""
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.max_rel for o in self.outputs), default=0.0)
+
+    def merge(self, other: "ParityReport", prefix: str = "") -> None:
+        for o in other.outputs:
+            self.outputs.append(OutputDiff(prefix + o.name, o.max_abs, o.max_rel, o.passed, o.note))
+        self.passed = self.passed and other.passed
+        self.trials = max(self.trials, other.trials)
+        self.atol, self.rtol = other.atol, other.rtol
+
+    def to_json(self) -> dict:
+        d = {"checked": self.checked, "passed": self.passed, "max_abs": self.max_abs,
+             "max_rel": self.max_rel, "atol": self.atol, "rtol": self.rtol, "trials": self.trials,
+             "outputs": [o.to_json() for o in self.outputs]}
+        if self.note:
+            d["note"] = self.note
+        return d
+
+
+def flatten_outputs(obj: Any, name: str = "out") -> list[tuple[str, Any]]:
+    """``[(name, leaf)]`` for nested tuples/lists/dicts: ``out[0]``, ``out['boxes']``..."""
+    if isinstance(obj, (list, tuple)):
+        out = []
+        for i, o in enumerate(obj):
+            out += flatten_outputs(o, f"{name}[{i}]")
+        return out
+    if isinstance(obj, dict):
+        out = []
+        for k, o in obj.items():
+            out += flatten_outputs(o, f"{name}[{k!r}]")
+        return out
+    return [(name, obj)]
+
+
+def compare_arrays(name: str, ref: Any, out: Any, tol: Tolerance) -> OutputDiff:
+    """Compare two numpy arrays (or scalars)."""
+    import numpy as np
+
+    ref = np.asarray(ref)
+    out = np.asarray(out)
+    if ref.shape != out.shape:
+        return OutputDiff(name, float("inf"), float("inf"), False, f"shape {out.shape} != {ref.shape}")
+    if ref.dtype.kind not in "fc" and out.dtype.kind not in "fc":
+        same = bool(np.array_equal(ref, out))
+        return OutputDiff(name, 0.0 if same else float("inf"), 0.0 if same else float("inf"), same,
+                          "" if same else "values differ")
+    r = ref.astype(np.float64)
+    o = out.astype(np.float64)
+    if r.size == 0:
+        return OutputDiff(name, 0.0, 0.0, True)
+    fin_r, fin_o = np.isfinite(r), np.isfinite(o)
+    if not np.array_equal(fin_r, fin_o) or not np.array_equal(r[~fin_r], o[~fin_o], equal_nan=True):
+        return OutputDiff(name, float("inf"), float("inf"), False, "non-finite values differ")
+    diff = np.abs(r[fin_r] - o[fin_r])
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(r[fin_r]).max()) if diff.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    return OutputDiff(name, max_abs, max_rel, max_abs <= tol.atol + tol.rtol * scale)
+
+
+def to_numpy(x: Any) -> Any:
+    try:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            x = x.detach()
+            if x.dtype == torch.bfloat16:
+                x = x.float()
+            return x.cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    return x
+
+
+def compare_outputs(ref: Any, out: Any, tol: Tolerance, prefix: str = "") -> list[OutputDiff]:
+    """Compare two nested outputs leaf by leaf (structure must match)."""
+    rl = flatten_outputs(ref)
+    ol = flatten_outputs(out)
+    if len(rl) != len(ol):
+        return [OutputDiff(prefix + "out", float("inf"), float("inf"), False,
+                           f"{len(ol)} outputs instead of {len(rl)}")]
+    diffs = []
+    for (name, r), (_, o) in zip(rl, ol):
+        r, o = to_numpy(r), to_numpy(o)
+        if r is None or isinstance(r, (str, bool)) or (not hasattr(r, "shape") and not isinstance(r, (int, float))):
+            same = r == o
+            diffs.append(OutputDiff(prefix + name, 0.0 if same else float("inf"), 0.0 if same else float("inf"),
+                                    bool(same), "" if same else "values differ"))
+            continue
+        diffs.append(compare_arrays(prefix + name, r, o, tol))
+    return diffs
+
+
+def summarise(diffs_per_trial: list[list[OutputDiff]], tol: Tolerance) -> ParityReport:
+    """Worst case per output over all trials."""
+    rep = ParityReport(trials=len(diffs_per_trial), atol=tol.atol, rtol=tol.rtol)
+    worst: dict[str, OutputDiff] = {}
+    for diffs in diffs_per_trial:
+        for d in diffs:
+            w = worst.get(d.name)
+            if w is None:
+                worst[d.name] = OutputDiff(d.name, d.max_abs, d.max_rel, d.passed, d.note)
+            else:
+                w.max_abs = max(w.max_abs, d.max_abs)
+                w.max_rel = max(w.max_rel, d.max_rel)
+                w.passed = w.passed and d.passed
+                w.note = w.note or d.note
+    rep.outputs = list(worst.values())
+    rep.passed = all(o.passed for o in rep.outputs)
+    return rep

@@ -1,0 +1,79 @@
+"""Example inputs: ``--input-shape 1,3,640,640`` (repeatable), ``--dtype``, seeded per trial."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ..errors import BadInput
+
+DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32")
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in str(text).replace("x", ",").split(",") if p.strip()]
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        raise BadInput(f"--input-shape {text!r}: expected comma-separated integers like 1,3,224,224")
+    if not dims or any(d <= 0 for d in dims):
+        raise BadInput(f"--input-shape {text!r}: every dimension must be a positive integer")
+    if len(dims) > 8:
+        raise BadInput(f"--input-shape {text!r}: more than 8 dimensions")
+    return dims
+
+
+@dataclass
+class InputSpec:
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    dtype: str = "float32"
+    seed: int = 0
+    guessed: bool = False
+
+    @classmethod
+    def parse(cls, shapes: Sequence[str] | None, dtype: str = "float32", seed: int = 0) -> "InputSpec":
+        if dtype not in DTYPES:
+            raise BadInput(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        return cls([parse_shape(s) for s in (shapes or [])], dtype, seed)
+
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def make(self, trial: int, dtype: Any = None) -> list:
+        """The inputs of trial ``trial``: the same numbers for the same seed and trial."""
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + trial)
+        dt = dtype or self.torch_dtype()
+        out = []
+        for shape in self.shapes:
+            if dt.is_floating_point:
+                out.append(torch.randn(shape, generator=g, dtype=torch.float32).to(dt))
+            else:
+                out.append(torch.randint(0, 2, shape, generator=g, dtype=dt))
+        return out
+
+    def describe(self) -> str:
+        return "; ".join(",".join(map(str, s)) for s in self.shapes)
+
+
+def guess_shapes(model: Any) -> list[list[tuple[int, ...]]]:
+    """Candidate input shapes for a model given without ``--input-shape``: from its first
+    conv/linear layer, plus space-to-depth variants (a Focus stem's first conv sees 4x the
+    image channels)."""
+    import torch.nn as nn
+
+    for m in model.modules():
+        if isinstance(m, (nn.modules.conv._ConvNd,)) and not m.transposed:
+            nd = len(m.kernel_size)
+            spatial = {1: (256,), 2: (64, 64), 3: (16, 16, 16)}[nd]
+            cands = [m.in_channels]
+            for r in (4, 16):
+                if m.in_channels % r == 0 and m.in_channels // r >= 1:
+                    cands.append(m.in_channels // r)
+            return [[(1, c, *spatial)] for c in cands]
+        if isinstance(m, nn.Linear):
+            return [[(1, m.in_features)]]
+    return []
