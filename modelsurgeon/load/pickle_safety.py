@@ -89,6 +89,7 @@ def _filter_safe(names: list[str]) -> list[str]:
 
 
 def refuse(path: Path, names: list[str]) -> UnsafeCheckpoint:
+    names = sorted(names, key=lambda n: n.startswith("torch."))  # the model's own classes first
     shown = ", ".join(names[:MAX_NAMES])
     more = f" (+{len(names) - MAX_NAMES} more)" if len(names) > MAX_NAMES else ""
     return UnsafeCheckpoint(

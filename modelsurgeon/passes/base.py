@@ -97,8 +97,12 @@ def run_pass(p: Pass, ctx: Any, dry_run: bool = False) -> PassReport:
     """Match on the unmodified graph, then rewrite each match (unless ``dry_run``)."""
     report = PassReport(p.name)
     found = list(p.match(ctx))
+    seen: set[tuple[str, str]] = set()
     for m in found:
         if isinstance(m, Skipped):
+            if (m.target, m.reason) in seen:  # the same module met again (shared, called twice)
+                continue
+            seen.add((m.target, m.reason))
             m.pass_name, m.slot = p.name, getattr(ctx, "slot", None)
             report.skipped.append(m)
             continue

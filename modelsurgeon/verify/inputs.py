@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -11,12 +13,12 @@ DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32")
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    parts = [p.strip() for p in str(text).replace("x", ",").split(",") if p.strip()]
-    try:
-        dims = tuple(int(p) for p in parts)
-    except ValueError:
+    """``1,3,640,640`` (or ``1x3x640x640``) -> ``(1, 3, 640, 640)``."""
+    t = str(text).replace(" ", "")
+    if not re.fullmatch(r"\d+([,x]\d+)*", t):
         raise BadInput(f"--input-shape {text!r}: expected comma-separated integers like 1,3,224,224")
-    if not dims or any(d <= 0 for d in dims):
+    dims = tuple(int(p) for p in re.split(r"[,x]", t))
+    if any(d <= 0 for d in dims):
         raise BadInput(f"--input-shape {text!r}: every dimension must be a positive integer")
     if len(dims) > 8:
         raise BadInput(f"--input-shape {text!r}: more than 8 dimensions")

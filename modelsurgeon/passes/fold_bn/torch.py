@@ -210,8 +210,9 @@ class FoldBN(Pass):
         aff = self._op_affine(g, ev, cur, axis)
         if not isinstance(aff, ChannelAffine):
             return aff
-        host = g.call(ev.scope).path or "the model"
-        label = f"{ev.name} in {host}.forward"
+        host = g.call(ev.scope).path
+        where = f"{host}.forward" if host else "the model's forward"
+        label = f"{ev.name} in {where}"
         if ev.name in BATCH_NORM:
             a = batch_norm_args(ev)
             params = []
@@ -221,9 +222,9 @@ class FoldBN(Pass):
                     continue
                 v = g.value(r.value)
                 if not v.is_param or len(g.param_uses(v.tensor)) != 1:
-                    return _Reason(f"the batch_norm inline in {host}.forward reads computed or shared statistics, so it cannot be made the identity")
+                    return _Reason(f"the batch_norm inline in {where} reads computed or shared statistics, so it cannot be made the identity")
                 params.append((v.tensor, f"var:{float(a.get('eps', 1e-5))}" if fill == "var" else fill))
-            return Step(aff, label, host, "inline", Removal("neutralise", params=params), ev.outputs[0], [ev.id])
+            return Step(aff, label, host or "<model>", "inline", Removal("neutralise", params=params), ev.outputs[0], [ev.id])
         operand = ev.args[1] if ev.args[0] == Ref(cur) else ev.args[0]
         if not isinstance(operand, Ref):
             return None  # arithmetic with a literal: not a learnt affine layer
@@ -238,7 +239,7 @@ class FoldBN(Pass):
             fill = 0.0
         else:
             return _Reason(f"{ev.name} with the layer output on the right cannot be made the identity")
-        return Step(aff, f"{ev.name} by {root.name} in {host}.forward", host, "inline",
+        return Step(aff, f"{ev.name} by {root.name} in {where}", host or "<model>", "inline",
                     Removal("neutralise", params=[(root.tensor, fill)]), ev.outputs[0], [])
 
     def _unfolded_reason(self, g: DataflowGraph, ev: OpEvent) -> str:

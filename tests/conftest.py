@@ -1,0 +1,63 @@
+"""Shared fixtures: reference architectures on the path, example checkpoints, CLI runners."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+for p in (str(EXAMPLES), str(EXAMPLES / "yolo"), str(Path(__file__).parent)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> dict:
+        return json.loads(self.out)
+
+
+def run_cli(*args: str | Path) -> Result:
+    """Run the CLI in-process (fast); returns exit code and captured streams."""
+    from modelsurgeon.cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def run_console(*args: str | Path, env: dict | None = None, timeout: float = 300) -> Result:
+    """Run the installed ``modelsurgeon`` console script in a subprocess."""
+    exe = Path(sys.executable).with_name("modelsurgeon")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "modelsurgeon"]
+    e = dict(os.environ, **(env or {}))
+    p = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=e)
+    return Result(p.returncode, p.stdout, p.stderr)
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory) -> Path:
+    """The example checkpoints (examples/build.py), built once per test session."""
+    from build import build
+
+    out = tmp_path_factory.mktemp("ckpts")
+    build(out)
+    return out
+
+
+def files_in(d: Path) -> set[str]:
+    return {p.name for p in Path(d).iterdir()}

@@ -1,0 +1,113 @@
+"""Outputs keep the input's container, load without modelsurgeon, and round-trip via load()."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+import modelsurgeon as ms
+from conftest import EXAMPLES, run_cli
+
+NO_MODELSURGEON = "import sys; sys.modules['modelsurgeon'] = None\n"
+
+
+def _plain_python(code: str, *paths: Path) -> str:
+    env_path = ":".join(str(p) for p in paths)
+    r = subprocess.run([sys.executable, "-c", NO_MODELSURGEON + code], capture_output=True, text=True,
+                       env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_yolo_dict_keeps_metadata_and_loads_without_modelsurgeon(ckpts, tmp_path):
+    out = tmp_path / "y.pt"
+    r = run_cli("fold-bn", ckpts / "yolov5s-focus.pt", "--trust-pickle", "--code-path", EXAMPLES / "yolo",
+                "-s", "1,3,64,64", "-o", out, "--json")
+    assert r.code == 0, r.err
+    rep = r.json()
+    assert {a["slot"] for a in rep["applied"]} == {"model", "ema"}
+    assert rep["parity"]["passed"] and rep["after"]["bn"] == 0
+    text = _plain_python(
+        "import torch\n"
+        f"ck = torch.load({str(out)!r}, weights_only=False)\n"
+        "print(sorted(ck))\n"
+        "m = ck['ema']\n"
+        "print(next(m.parameters()).dtype, m.model[0].i, m.model[0].f, m.model[0].type)\n"
+        "print(m.float().eval()(torch.randn(1, 3, 64, 64))[0].shape)\n",
+        EXAMPLES / "yolo",
+    )
+    lines = text.splitlines()
+    assert lines[0] == str(sorted(["best_fitness", "date", "ema", "epoch", "model", "opt", "optimizer", "updates"]))
+    assert lines[1] == "torch.float16 0 -1 models.common.Focus"
+    assert "torch.Size([1, 240, 8])" in lines[2]
+
+
+def test_state_dict_output_rebuilds_with_load(ckpts, tmp_path):
+    out = tmp_path / "mb.pt"
+    r = run_cli("fold-bn", ckpts / "mobilenetv2.pt", "--arch", "zoo.mobilenetv2:mobilenet_v2",
+                "--code-path", EXAMPLES, "-s", "1,3,64,64", "-o", out, "-q")
+    assert r.code == 0, r.err
+    raw = torch.load(out, weights_only=True)  # plain data: loads safely
+    assert set(raw) == {"state_dict", "modelsurgeon"}
+    assert raw["modelsurgeon"]["recipe"]
+    original = ms.load(ckpts / "mobilenetv2.pt", arch="zoo.mobilenetv2:mobilenet_v2")
+    folded = ms.load(out, arch="zoo.mobilenetv2:mobilenet_v2")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert ms.verify(folded, original, (1, 3, 64, 64), trials=2).passed
+    assert isinstance(ms.load(out), torch.nn.Module)  # arch recorded in the file
+
+
+def test_safetensors_output_rebuilds_with_load(ckpts, tmp_path):
+    out = tmp_path / "mb.safetensors"
+    r = run_cli("fold-bn", ckpts / "mobilenetv2.safetensors", "--arch", "zoo.mobilenetv2:mobilenet_v2",
+                "-s", "1,3,64,64", "-o", out, "-q")
+    assert r.code == 0, r.err
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        meta = json.loads(f.metadata()["modelsurgeon"])
+    assert meta["arch"] == "zoo.mobilenetv2:mobilenet_v2"
+    original = ms.load(ckpts / "mobilenetv2.safetensors", arch="zoo.mobilenetv2:mobilenet_v2")
+    folded = ms.load(out)
+    assert ms.verify(folded, original, (1, 3, 64, 64)).passed
+
+
+def test_full_module_to_safetensors_reloads_with_original_arch(ckpts, tmp_path):
+    out = tmp_path / "r.safetensors"
+    r = run_cli("fold-bn", ckpts / "resnet.pt", "--trust-pickle", "-s", "1,3,32,32", "-o", out, "-q")
+    assert r.code == 0, r.err
+    original = ms.load(ckpts / "resnet.pt", trust_pickle=True)
+    folded = ms.load(out, arch="zoo.resnet:resnet")
+    assert ms.verify(folded, original, (1, 3, 32, 32)).passed
+
+
+def test_onnx_output_has_no_batchnorm_and_matches_torch(ckpts, tmp_path):
+    out = tmp_path / "r.onnx"
+    r = run_cli("fold-bn", ckpts / "resnet.pt", "--trust-pickle", "-s", "1,3,32,32", "-o", out, "--json",
+                "--trials", "2")
+    assert r.code == 0, r.err
+    rep = r.json()
+    assert any(o["name"].startswith("onnx:") for o in rep["parity"]["outputs"])
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    assert "BatchNormalization" not in {n.op_type for n in model.graph.node}
+
+
+def test_api_round_trip(tmp_path):
+    from zoo import randomize
+    from zoo.resnet import resnet
+
+    m = randomize(resnet(), 3).eval()
+    ref = resnet()
+    ref.load_state_dict(m.state_dict())
+    report = ms.fold_bn(m, (1, 3, 32, 32))
+    assert report.after.bn == 0
+    path = ms.save(m, tmp_path / "m.pt")
+    again = torch.load(path, weights_only=False)
+    assert ms.verify(again, ref.eval(), (1, 3, 32, 32)).passed
