@@ -72,6 +72,7 @@ def run(command: str, passes: Sequence[str], opts: Options) -> Report:
     for name in passes:
         if name not in registry.REGISTRY:
             raise BadInput(f"unknown pass {name!r} (known: {', '.join(registry.REGISTRY)})")
+    passes = list(passes)
     if opts.trials < 1:
         raise BadInput("--trials must be at least 1")
     out_path = Path(opts.output) if opts.output else default_output(opts, command)
@@ -85,6 +86,14 @@ def run(command: str, passes: Sequence[str], opts: Options) -> Report:
                            trust_pickle=opts.trust_pickle, code_paths=opts.code_paths)
     report.timings["load"] = time.perf_counter() - t
     report.input_format = ckpt.format
+    backend = "onnx" if ckpt.is_onnx else "torch"
+    if len(passes) > 1:  # optimize: passes without this back end are left out, and said so
+        for name in [p for p in passes if not registry.available(p, backend)]:
+            report.notes.append(f"{name} is not available for {backend} models: not run")
+            passes.remove(name)
+    for name in passes:
+        if not registry.available(name, backend):
+            raise BadInput(f"{name} is not available for {backend} models")
     if ckpt.is_onnx:
         from .pipeline_onnx import run_onnx
 

@@ -9,7 +9,7 @@ Exit codes: 0 done, 1 parity failed, 2 bad input or usage, 3 internal error, 130
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -54,6 +54,79 @@ def fold_bn() -> dict:
     """Fold BatchNorm (any class) and per-channel scale layers into the conv/linear before them.
 
     Example: modelsurgeon fold-bn model.pt --trust-pickle -s 1,3,224,224 -o folded.pt
+    """
+    return {}
+
+
+@surgery_command(app, "focus-to-conv", ["focus-to-conv"])
+def focus_to_conv(
+    check_grad: Annotated[bool, typer.Option("--check-grad", help="Also check that gradients of the new conv equal the original's mapped gradients.")] = False,
+    bench: Annotated[bool, typer.Option("--bench", help="Measure the stem's CPU latency before and after.")] = False,
+) -> dict:
+    """Replace space-to-depth stems (YOLOv5 Focus, pixel_unshuffle) + conv by one strided conv.
+
+    Example: modelsurgeon focus-to-conv yolov5s.pt --trust-pickle --code-path yolov5 -s 1,3,640,640 -o v6stem.pt
+    """
+    return {"focus-to-conv": {"check_grad": check_grad, "bench": bench}}
+
+
+@surgery_command(app, "truncate", ["truncate"])
+def truncate(
+    blocks: Annotated[Optional[int], typer.Option("--blocks", "-n", help="Remove the last N blocks of the stage.", show_default=False)] = None,
+    after: Annotated[Optional[str], typer.Option("--after", help="Keep everything up to and including this block.", show_default=False)] = None,
+    stage: Annotated[Optional[str], typer.Option("--stage", help="Module path of the stage to cut (default: found automatically).", show_default=False)] = None,
+    list_blocks: Annotated[bool, typer.Option("--list", help="List the stage's blocks (index, path, channels, params, FLOPs) and exit.")] = False,
+    head: Annotated[str, typer.Option("--head", help="What to do with layers whose input width changed: reinit or drop.")] = "reinit",
+    at: Annotated[Optional[List[str]], typer.Option("--at", help="ONNX: make this tensor a graph output and remove what follows; repeatable.", show_default=False)] = None,
+) -> dict:
+    """Drop the last blocks of a backbone stage and rewire what consumed them.
+
+    Example: modelsurgeon truncate mobilenetv2.pt --arch zoo.mobilenetv2:mobilenet_v2 --blocks 2 -o small.pt
+    """
+    return {"truncate": {"blocks": blocks, "after": after, "stage": stage, "list": list_blocks,
+                         "head": head, "at": list(at or [])}}
+
+
+@surgery_command(app, "fold-fusion", ["fold-fusion"])
+def fold_fusion() -> dict:
+    """Fold fusion weights: evaluate parameter-only computations and fold constant scales into convs.
+
+    Example: modelsurgeon fold-fusion bifpn.pt --trust-pickle -s 1,3,256,256 -o folded.pt
+    """
+    return {}
+
+
+def _optimize_passes(own: dict) -> list[str]:
+    from ..errors import BadInput
+    from ..passes import REGISTRY, exact_passes
+
+    chosen = exact_passes()
+    if own.get("passes"):
+        wanted = [p.strip() for p in own["passes"].split(",") if p.strip()]
+        for p in wanted:
+            if p not in REGISTRY or not REGISTRY[p].exact:
+                raise BadInput(f"--passes: {p!r} is not an exact pass (choose from {', '.join(exact_passes())})")
+        chosen = [p for p in chosen if p in wanted]
+    if own.get("skip"):
+        skip = [p.strip() for p in own["skip"].split(",") if p.strip()]
+        for p in skip:
+            if p not in REGISTRY:
+                raise BadInput(f"--skip: unknown pass {p!r}")
+        chosen = [p for p in chosen if p not in skip]
+    if not chosen:
+        raise BadInput("no pass left to run")
+    return chosen
+
+
+@surgery_command(app, "optimize", _optimize_passes, repeat=True)
+def optimize(
+    passes: Annotated[Optional[str], typer.Option("--passes", help="Comma-separated passes to run (default: every exact pass).", show_default=False)] = None,
+    skip: Annotated[Optional[str], typer.Option("--skip", help="Comma-separated passes not to run.", show_default=False)] = None,
+    verify_each: Annotated[bool, typer.Option("--verify-each", help="Check parity after each pass, not only at the end.")] = False,
+) -> dict:
+    """Run every exact pass (focus-to-conv, fold-fusion, fold-bn) until nothing changes; verify once.
+
+    Example: modelsurgeon optimize ckpt.pt --trust-pickle -o model.onnx -s 1,3,640,640 --json
     """
     return {}
 

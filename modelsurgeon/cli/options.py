@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, List, Optional
 
@@ -69,7 +70,9 @@ def surgery_command(app: typer.Typer, name: str, passes: list[str] | Callable[[d
     """
 
     def deco(fn: Callable[..., dict]) -> Callable:
-        own = [p.replace(kind=_P.KEYWORD_ONLY) for p in inspect.signature(fn).parameters.values()]
+        hints = typing.get_type_hints(fn, include_extras=True)
+        own = [p.replace(kind=_P.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+               for p in inspect.signature(fn).parameters.values()]
 
         def command(**kwargs: Any) -> None:
             from .run import execute

@@ -27,13 +27,44 @@ class PassInfo:
 
 
 REGISTRY: dict[str, PassInfo] = {
+    # Order matters: ``optimize`` runs the exact passes in this order (a sound one: a Focus stem
+    # becomes a conv before its BN is folded; fusion weights reach the convs before BN folding).
+    "focus-to-conv": PassInfo(
+        "focus-to-conv",
+        "replace space-to-depth stems (YOLOv5 Focus, pixel_unshuffle) + conv by one strided conv",
+        None,
+        None,
+    ),
+    "fold-fusion": PassInfo(
+        "fold-fusion",
+        "evaluate parameter-only computations (fusion weight normalisation) and fold constant scales into convs",
+        None,
+        None,
+    ),
     "fold-bn": PassInfo(
         "fold-bn",
         "fold BatchNorm and any per-channel affine layer into the conv/linear before it",
         "modelsurgeon.passes.fold_bn.torch:FoldBN",
         None,
     ),
+    "truncate": PassInfo(
+        "truncate",
+        "drop the last blocks of a backbone stage and rewire what consumed them",
+        None,
+        None,
+        exact=False,
+    ),
 }
+
+
+def exact_passes() -> list[str]:
+    """The function-preserving passes, in the order ``optimize`` runs them."""
+    return [name for name, info in REGISTRY.items() if info.exact]
+
+
+def available(name: str, backend: str) -> bool:
+    info = REGISTRY.get(name)
+    return info is not None and (info.torch if backend == "torch" else info.onnx) is not None
 
 
 def get(name: str, backend: str):
