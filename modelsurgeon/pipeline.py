@@ -176,10 +176,15 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
     inputs0 = refs.inputs(0)
     tol = Tolerance.default(storage.default_dtype, opts.atol, opts.rtol)
     custom_verify = None
+    stale_after = None  # the pass after which the graph no longer describes the model
     t = time.perf_counter()
     for round_ in range(8):
         changed = False
         for name in passes:
+            if stale_after is not None:  # re-capture only when another pass needs the graph
+                status(f"{label}{stale_after}: re-capturing")
+                graph = _recapture(model, inputs0, stale_after)
+                stale_after = None
             p = registry.get(name, "torch")
             status(f"{label}{name}: matching")
             ctx = TorchContext(model=model, graph=graph, inputs=inputs0, editor=editor,
@@ -191,8 +196,7 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
                 custom_verify = (p, ctx)
             if pr.changed and not opts.dry_run:
                 changed = True
-                status(f"{label}{name}: re-capturing")
-                graph = _recapture(model, inputs0, name)
+                stale_after = name
                 if opts.verify_each and opts.verify and p.preserves_function:
                     step = refs.check(model, tol, runner=_rewritten_runner(name))
                     if not step.passed and not opts.force:

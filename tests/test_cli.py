@@ -88,15 +88,14 @@ def test_bad_input_is_one_line_exit_2(ckpts, tmp_path, args, msg):
 def test_parity_failure_exits_1_and_writes_nothing(ckpts, tmp_path, monkeypatch):
     from modelsurgeon.rewrite import affine
 
-    real = affine.fold
+    real = affine.fold_bias
 
-    def broken(weight, bias, scale, shift, kind, groups=1):
-        w, b = real(weight, bias, scale, shift, kind, groups)
-        return w, b + 1.0  # a wrong bias
+    def broken(bias, scale, shift):
+        return real(bias, scale, shift) + 1.0  # a wrong bias
 
     import modelsurgeon.passes.fold_bn.torch as fb
 
-    monkeypatch.setattr(fb, "fold", broken)
+    monkeypatch.setattr(fb, "fold_bias", broken)
     out = tmp_path / "o.pt"
     r = run_cli("fold-bn", ckpts / "mobilenetv2.pt", *ARCH, "-s", "1,3,64,64", "-o", out, "--json")
     assert r.code == 1

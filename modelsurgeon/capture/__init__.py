@@ -22,20 +22,17 @@ __all__ = [
 def capture(model, inputs: Sequence[Any], count_flops: bool = False):
     """Run ``model(*inputs)`` once, recording it. Returns ``(graph, output, flops)``.
 
-    ``flops`` is ``None`` unless ``count_flops``; it comes from ``torch.utils.flop_counter``.
+    ``flops`` is ``None`` unless ``count_flops``; it applies ``torch.utils.flop_counter``'s
+    formulas to the recorded ops (:mod:`modelsurgeon.report.flops`).
     """
     import torch
 
-    flops = None
     with torch.no_grad():
-        if count_flops:
-            from torch.utils.flop_counter import FlopCounterMode
+        with Recorder(model) as rec:
+            out = model(*inputs)
+    flops = None
+    if count_flops:
+        from ..report.flops import graph_flops
 
-            counter = FlopCounterMode(display=False)
-            with counter, Recorder(model) as rec:
-                out = model(*inputs)
-            flops = int(counter.get_total_flops())
-        else:
-            with Recorder(model) as rec:
-                out = model(*inputs)
+        flops = graph_flops(rec.graph)
     return rec.graph, out, flops

@@ -50,6 +50,7 @@ class ModuleEditor:
         self.root = root
         self.storage = storage
         self.recipe = recipe if recipe is not None else Recipe()
+        self._storage_count: dict[int, int] | None = None
 
     # -- paths -------------------------------------------------------------------------------
     def paths_of(self, module: Any) -> list[str]:
@@ -101,6 +102,35 @@ class ModuleEditor:
         with torch.no_grad():
             dt = self.storage.storage_dtype(param, module) if self.storage is not None else param.dtype
             param.data = value64.to(dt).to(param.dtype).reshape(param.shape).contiguous()
+
+    def scale_weight(self, param: Any, scale64: Any, kind: str, groups: int = 1, module: Any = None) -> None:
+        """Scale a conv/linear weight per output channel, in place (no second copy of it).
+
+        When the parameter's storage is shared with another tensor (tied weights), a new tensor
+        is written instead so the other reader is not changed."""
+        import torch
+
+        from .affine import scale_output_channels, scale_output_channels_
+
+        dt = self.storage.storage_dtype(param, module) if self.storage is not None else param.dtype
+
+        def cast(block: Any) -> Any:
+            return block.to(dt).to(param.dtype)
+
+        if self._shares_storage(param):
+            self.set_param(param, scale_output_channels(param.data, scale64, kind, groups), module)
+        else:
+            scale_output_channels_(param.data, scale64, kind, groups, cast)
+
+    def _shares_storage(self, tensor: Any) -> bool:
+        if self._storage_count is None:
+            counts: dict[int, int] = {}
+            for t in list(self.root.parameters()) + [b for b in self.root.buffers() if b is not None]:
+                if t.numel():
+                    key = t.untyped_storage().data_ptr()
+                    counts[key] = counts.get(key, 0) + 1
+            self._storage_count = counts
+        return not tensor.data.is_contiguous() or self._storage_count.get(tensor.untyped_storage().data_ptr(), 0) > 1
 
     def add_bias(self, module: Any, value64: Any) -> Any:
         """Give a bias-free torch conv/linear module a bias parameter."""

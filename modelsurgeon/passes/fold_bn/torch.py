@@ -27,7 +27,7 @@ from ...match.affine import (
     elementwise_affine, probe_module, PROBE_MAX_EVENTS,
 )
 from ...match.conv import CONV_OPS, ConvUnit, conv_unit
-from ...rewrite.affine import fold
+from ...rewrite.affine import fold_bias
 from ..base import Applied, Match, Pass, Skipped, TorchContext
 
 
@@ -263,8 +263,8 @@ class FoldBN(Pass):
         total = m.steps[0].affine
         for s in m.steps[1:]:
             total = total.then(s.affine)
-        w, b = fold(unit.weight, unit.bias, total.scale, total.shift, unit.kind, unit.groups)
-        ed.set_param(unit.weight, w, unit.module)
+        b = fold_bias(unit.bias, total.scale, total.shift)
+        ed.scale_weight(unit.weight, total.scale, unit.kind, unit.groups, unit.module)
         bias_added = unit.bias is None
         if bias_added:
             ed.add_bias(unit.module, b)

@@ -1,0 +1,27 @@
+"""CI runs the benchmark suite in its smoke mode: every section is produced (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_bench_smoke(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path), "--no-docs"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    fb = res["fold_bn"][0]
+    assert fb["a"]["exit_codes"] == [0] and fb["b"]["exit_codes"] == [0]
+    assert fb["ratio_wall"]["median"] > 0 and fb["ratio_rss"]["median"] > 0
+    assert set(res["startup"]) == {"--help", "--version"}
+    names = [m["model"] for m in res["models"]]
+    assert len(names) == 3
+    for m in res["models"]:
+        assert m["bn_calls"]["original"] > 0 and m["bn_calls"]["modelsurgeon"] == 0
+        assert m["max_rel_error_vs_float64"]["modelsurgeon"] < 1e-5
+    assert any("fx_fuse" in m and "fails" in str(m["fx_fuse"]) for m in res["models"])  # the YOLO model
+    assert "## fold-bn vs plain torch.load" in r.stdout
