@@ -140,3 +140,11 @@ def test_nan_weights_are_bad_input(tmp_path):
     r = run_cli("fold-bn", p, "--arch", "zoo.resnet:resnet", "-s", "1,3,32,32", "-o", tmp_path / "o.pt")
     assert r.code == 2 and "fc.weight" in r.err and "NaN" in r.err
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_torchscript_archive_is_refused_clearly(tmp_path):
+    m = torch.jit.script(torch.nn.Conv2d(3, 4, 3))
+    p = tmp_path / "scripted.pt"
+    torch.jit.save(m, str(p))
+    with pytest.raises(BadInput, match="TorchScript"):
+        load_checkpoint(p)

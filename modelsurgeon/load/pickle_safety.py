@@ -103,6 +103,11 @@ def torch_load(path: Path, trust_pickle: bool):
     import torch
 
     is_zip = zipfile.is_zipfile(path)
+    if is_zip and _is_torchscript(path):
+        raise BadInput(
+            f"{path.name} is a TorchScript archive (torch.jit.save): its ops cannot be rewritten "
+            f"and re-saved exactly; pass the eager checkpoint (pickled module, state_dict, ...)"
+        )
     kwargs = dict(map_location="cpu", mmap=is_zip)
     try:
         return torch.load(str(path), weights_only=True, **kwargs)
@@ -125,6 +130,14 @@ def torch_load(path: Path, trust_pickle: bool):
         )
     except Exception as e:
         raise BadInput(f"{path.name} could not be unpickled: {type(e).__name__}: {_first_line(e)}")
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("/constants.pkl") or "/code/__torch__/" in n for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _first_line(e: BaseException) -> str:
