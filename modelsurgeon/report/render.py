@@ -6,6 +6,9 @@ from typing import Any
 
 from . import ModelStats, Report
 
+MAX_ROWS = 25
+"""Rows per table in the terminal report; ``--json`` always lists everything."""
+
 
 def _fmt_int(v: int | None) -> str:
     if v is None:
@@ -44,9 +47,11 @@ def render(report: Report, console: Any) -> None:
             t.add_column("slot")
         t.add_column("target", style="green")
         t.add_column("change")
-        for a in applied:
+        for a in applied[:MAX_ROWS]:
             row = [a.pass_name] + ([a.slot or ""] if len(report.slots) > 1 else []) + [a.target, a.detail]
             t.add_row(*row)
+        if len(applied) > MAX_ROWS:
+            t.add_row(*([f"… {len(applied) - MAX_ROWS} more"] + [""] * (len(t.columns) - 2) + ["(all of them with --json)"]))
         console.print(t)
     else:
         console.print("[yellow]nothing to rewrite[/yellow]")
@@ -58,8 +63,10 @@ def render(report: Report, console: Any) -> None:
             t.add_column("slot")
         t.add_column("target", style="yellow")
         t.add_column("reason")
-        for s in skipped:
+        for s in skipped[:MAX_ROWS]:
             t.add_row(*([s.pass_name] + ([s.slot or ""] if len(report.slots) > 1 else []) + [s.target, s.reason]))
+        if len(skipped) > MAX_ROWS:
+            t.add_row(*([f"… {len(skipped) - MAX_ROWS} more"] + [""] * (len(t.columns) - 2) + ["(all of them with --json)"]))
         console.print(t)
 
     if report.before is not None:
