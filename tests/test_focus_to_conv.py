@@ -226,6 +226,27 @@ def test_state_dict_with_arch_rebuilds_the_new_structure(tmp_path):
     assert ms.verify(rebuilt, m, (1, 3, 64, 64), trials=2).passed
 
 
+def pixel_unshuffle_net() -> nn.Module:
+    """Factory for --arch: a pixel_unshuffle stem in a Sequential (replaced by a new Sequential)."""
+    torch.manual_seed(0)
+    return Net(nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(12, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU()))
+
+
+def test_recipe_rebuilds_a_new_sequential_from_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    m = randomize_all(pixel_unshuffle_net(), 2).eval()
+    src, out = tmp_path / "pu.safetensors", tmp_path / "pu-conv.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(src))
+    r = run_cli("focus-to-conv", src, "--arch", "test_focus_to_conv:pixel_unshuffle_net", "-s", "1,3,16,16",
+                "-o", out, "-q")
+    assert r.code == 0, r.err
+    rebuilt = ms.load(out)  # the arch and the recipe are in the file's metadata
+    assert [type(c) for c in rebuilt.stem] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    assert rebuilt.stem[0].weight.shape == (8, 3, 6, 6)
+    assert ms.verify(rebuilt, m, (1, 3, 16, 16), trials=2).passed
+
+
 def test_onnx_output_has_a_plain_conv_stem(ckpts, tmp_path):
     out = tmp_path / "v6stem.onnx"
     r = run_cli("focus-to-conv", ckpts / "yolov5s-focus.pt", *YOLO, "-s", "1,3,64,64", "-o", out, "--json")
@@ -256,7 +277,8 @@ def test_gradients_of_the_new_conv_are_the_mapped_gradients():
     ref = Net(original, c=16)
     ref.head.load_state_dict(m.head.state_dict())
     ms.apply_passes(m, ["focus-to-conv"], (2, 3, 32, 32))
-    m.train(), ref.train()
+    assert all(mod.training for mod in m.modules())  # training flags restored, the new conv's too
+    ref.train()
     x = torch.randn(4, 3, 32, 32)
     label = torch.randn(4, 4, 16, 16)
     for net in (m, ref):
@@ -280,6 +302,27 @@ def test_check_grad_option_reports_each_stem():
     assert a.data["grad_check"]["passed"] and "gradients equal" in a.detail
     names = [o.name for o in report.parity.outputs]
     assert {"grad stem input", "grad stem weight", "grad stem bias"} <= set(names)
+
+
+class TwoStreams(nn.Module):
+    """Two inputs, two stems; the second stem sits behind another layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = Focus(3, 8, 3)
+        self.pre = nn.Conv2d(2, 2, 1)
+        self.b = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(8, 8, 3, 2, 1), nn.BatchNorm2d(8))
+
+    def forward(self, x, y):
+        return self.a(x).mean((2, 3)) + self.b(self.pre(y)).mean((2, 3))
+
+
+def test_check_grad_on_several_stems_and_inputs():
+    m = TwoStreams()
+    report, _ = _run(m, [(2, 3, 16, 16), (2, 2, 16, 16)], check_grad=True)
+    assert {a.target for a in report.applied} == {"a", "b"}
+    assert all(a.data["grad_check"]["passed"] for a in report.applied)
+    assert {o.name for o in report.parity.outputs} >= {"grad a weight", "grad b weight", "grad b input"}
 
 
 def test_wrong_gradient_mapping_fails_check_grad(ckpts, tmp_path, monkeypatch):
