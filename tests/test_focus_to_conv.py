@@ -209,6 +209,7 @@ def test_half_checkpoint_model_and_ema(ckpts, tmp_path):
         assert w.dtype == torch.float16 and w.shape == (16, 3, 6, 6)
         assert torch.equal(w[:, :, 1::2, ::2], old_w[:, 3:6])  # fp16 values moved, not recomputed
         assert next(ck[slot].parameters()).dtype == torch.float16
+        assert not any(type(x).__module__.startswith("modelsurgeon") for x in ck[slot].modules())
         assert ms.verify(ck[slot].float(), src[slot].float(), (1, 3, 64, 64), trials=2, rtol=1e-3).passed
 
 
