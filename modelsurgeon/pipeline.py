@@ -192,6 +192,8 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
             ctx.references = refs
             pr = run_pass(p, ctx, dry_run=opts.dry_run)
             _merge(per_pass[name], pr, first_round=round_ == 0)
+            for check in ctx.checks:  # a pass's own checks (focus-to-conv --check-grad) count as parity
+                report.parity.merge(check, prefix=label)
             if not p.preserves_function:
                 custom_verify = (p, ctx)
             if pr.changed and not opts.dry_run:

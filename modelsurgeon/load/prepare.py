@@ -30,6 +30,14 @@ class StorageState:
             dt = self.module_dtype.get(id(module))
         return dt or self.default_dtype or tensor.dtype
 
+    def inherit(self, old: Any, new: Any) -> None:
+        """``new`` replaces module ``old``: it is saved in ``old``'s dtype and training flag."""
+        if id(old) in self.module_dtype:
+            self.module_dtype.setdefault(id(new), self.module_dtype[id(old)])
+        if id(old) in self.training and id(new) not in self.training:
+            self.training[id(new)] = self.training[id(old)]
+            new.training = old.training
+
     def restore(self, model: Any) -> None:
         """Cast every floating tensor back to its storage dtype; restore training flags."""
         import torch

@@ -32,7 +32,7 @@ REGISTRY: dict[str, PassInfo] = {
     "focus-to-conv": PassInfo(
         "focus-to-conv",
         "replace space-to-depth stems (YOLOv5 Focus, pixel_unshuffle) + conv by one strided conv",
-        None,
+        "modelsurgeon.passes.focus_to_conv.torch:FocusToConv",
         None,
     ),
     "fold-fusion": PassInfo(

@@ -79,6 +79,7 @@ class TorchContext:
     options: dict = field(default_factory=dict)
     slot: str | None = None
     notes: list[str] = field(default_factory=list)
+    checks: list = field(default_factory=list)  # ParityReports a pass measured itself (e.g. gradients)
 
 
 class Pass:

@@ -28,21 +28,33 @@ _PLAIN = (int, float, str, bool, type(None))
 def carried_attributes(old: Any, new: Any) -> dict[str, Any]:
     """Plain attributes of ``old`` the host may read that ``new`` lacks (YOLO routing etc.).
 
-    Configuration constants of torch classes (``eps``, ``stride``...) are not carried.
+    Configuration constants of torch classes (``eps``, ``stride``...) are not carried. An
+    instance attribute of ``old`` that shadows a method of ``new``'s class is carried (YOLO's
+    ``type`` string shadows ``nn.Module.type``, on the original layer as on its replacement);
+    ``new``'s own attributes, submodules, parameters and properties are never overwritten.
     """
+    import inspect
+
     import torch
 
     out: dict[str, Any] = {}
     constants = set(getattr(type(old), "__constants__", ()) or ())
     is_torch = type(old).__module__.startswith("torch.")
     for k, v in vars(old).items():
-        if k in _MODULE_INTERNALS or k.startswith("_") or k in constants or hasattr(new, k):
+        if k in _MODULE_INTERNALS or k.startswith("_") or k in constants or _has_own(new, k):
             continue
+        static = inspect.getattr_static(type(new), k, None)
+        if static is not None and (hasattr(static, "__set__") or not callable(static)):
+            continue  # a property / descriptor, or a class-level setting of the new module
         if is_torch:
             continue
         if isinstance(v, _PLAIN) or (isinstance(v, (list, tuple)) and all(isinstance(i, _PLAIN) for i in v)):
             out[k] = v
     return out
+
+
+def _has_own(module: Any, name: str) -> bool:
+    return any(name in d for d in (vars(module), module._parameters, module._buffers, module._modules))
 
 
 class ModuleEditor:
@@ -74,6 +86,8 @@ class ModuleEditor:
         carried = carried_attributes(old, new)
         for k, v in carried.items():
             setattr(new, k, v)
+        if self.storage is not None and hasattr(self.storage, "inherit"):
+            self.storage.inherit(old, new)
         for path in paths:
             set_module(self.root, path, new)
             self.recipe.edits.append({"op": "replace", "path": path, "module": spec})

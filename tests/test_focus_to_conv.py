@@ -1,0 +1,461 @@
+"""focus-to-conv: space-to-depth stems + conv become one strided conv, exactly, and stay trainable.
+
+BatchNorm statistics and affine parameters are randomised in every model, and parity is
+re-checked here on fresh inputs, independently of the pass's own verification.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import modelsurgeon as ms
+from conftest import EXAMPLES, run_cli
+from models.common import Conv, Focus
+from models.yolo import Model
+from testmodels import randomize_all
+
+YOLO = ("--trust-pickle", "--code-path", EXAMPLES / "yolo")
+
+
+def _run(model, shape, seed=0, **options):
+    """focus-to-conv in place; returns (report, original). Parity re-checked on fresh inputs."""
+    randomize_all(model, seed)
+    model.eval()
+    original = copy.deepcopy(model)
+    report = ms.apply_passes(model, ["focus-to-conv"], shape, pass_options={"focus-to-conv": options})
+    assert report.parity.passed
+    independent = ms.verify(model, original, shape, trials=3, seed=123)
+    assert independent.passed, independent.outputs
+    return report, original
+
+
+class Net(nn.Module):
+    """A stem followed by a head conv, as in a detector."""
+
+    def __init__(self, stem, c=8):
+        super().__init__()
+        self.stem = stem
+        self.head = nn.Conv2d(c, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.stem(x)))
+
+
+# -- YOLOv5 Focus ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("s", [1, 2])
+def test_yolov5_focus(k, s):
+    m = Net(Focus(3, 8, k, s))
+    old = m.stem.conv.conv.weight.detach().clone()
+    report, _ = _run(m, (2, 3, 32, 32), seed=k + s)
+    (a,) = report.applied
+    p = k // 2
+    assert a.target == "stem" and a.detail.startswith(f"Focus(k{k} s{s} p{p}) → Conv2d(k{2 * k} s{2 * s} p{2 * p})")
+    assert a.data["old"] == {"kernel": [k, k], "stride": [s, s], "padding": [p, p]}
+    assert a.data["new"] == {"kernel": [2 * k, 2 * k], "stride": [2 * s, 2 * s], "padding": [2 * p, 2 * p]}
+    assert a.data["phase_order"] == [[0, 0], [1, 0], [0, 1], [1, 1]] and a.data["r"] == 2
+    # the model's own block replaces the Focus, with its BN and activation kept
+    assert type(m.stem) is Conv and isinstance(m.stem.bn, nn.BatchNorm2d) and isinstance(m.stem.act, nn.SiLU)
+    conv = m.stem.conv
+    assert type(conv) is nn.Conv2d and conv.weight.shape == (8, 3, 2 * k, 2 * k)
+    assert conv.stride == (2 * s, 2 * s) and conv.padding == (2 * p, 2 * p) and conv.bias is None
+    # weights placed by phase exactly as YOLOv5 v6 did it by hand (ultralytics/yolov5#4825)
+    w = conv.weight.detach()
+    assert torch.equal(w[:, :, ::2, ::2], old[:, :3]) and torch.equal(w[:, :, 1::2, ::2], old[:, 3:6])
+    assert torch.equal(w[:, :, ::2, 1::2], old[:, 6:9]) and torch.equal(w[:, :, 1::2, 1::2], old[:, 9:12])
+    assert report.after.ops < report.before.ops
+
+
+class InlineStem(nn.Module):
+    """Focus written inline, in another phase order, with every index spelling (``:``,
+    ``slice(None)``, ``...``, two-step slicing), conv + BN + activation as children."""
+
+    ORDER = [(1, 1), (0, 1), (0, 0), (1, 0)]
+
+    def __init__(self, k=3, padding=1):
+        super().__init__()
+        self.conv = nn.Conv2d(12, 8, k, 1, padding)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.LeakyReLU(0.1)
+
+    def forward(self, x):
+        y = torch.cat([x[:, :, 1::2, 1::2], x[slice(None), slice(None), 0::2, 1::2],
+                       x[..., ::2, :][..., ::2], x[:, :, 1::2][:, :, :, ::2]], dim=-3)
+        return self.act(self.bn(self.conv(y)))
+
+
+@pytest.mark.parametrize("k,padding", [(3, 1), ((3, 1), (1, 0)), (3, "same")])
+def test_inline_slicing_in_another_phase_order(k, padding):
+    m = Net(InlineStem(k, padding))
+    bn, act = m.stem.bn, m.stem.act
+    report, _ = _run(m, (2, 3, 16, 24))
+    (a,) = report.applied
+    assert a.data["phase_order"] == [list(p) for p in InlineStem.ORDER]
+    assert a.data["layout"] == "phase-major"
+    kh, kw = (k, k) if isinstance(k, int) else k
+    assert isinstance(m.stem, nn.Sequential) and m.stem[1] is bn and m.stem[2] is act
+    assert m.stem[0].weight.shape == (8, 3, 2 * kh, 2 * kw) and m.stem[0].bias is not None
+
+
+def test_generalised_focus_with_3x3_phases():
+    class Focus3(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(27, 6, 3, 1, 1)
+
+        def forward(self, x):
+            return self.conv(torch.cat([x[..., dy::3, dx::3] for dx in (2, 0, 1) for dy in (1, 2, 0)], 1))
+
+    m = Net(Focus3(), c=6)
+    report, _ = _run(m, (1, 3, 18, 12))
+    (a,) = report.applied
+    assert a.data["r"] == 3 and a.data["new"]["kernel"] == [9, 9] and a.data["new"]["stride"] == [3, 3]
+    assert type(m.stem) is nn.Conv2d
+
+
+# -- pixel_unshuffle and probed space-to-depth modules -----------------------------------------
+
+
+@pytest.mark.parametrize("r", [2, 4])
+def test_pixel_unshuffle_module_in_sequential(r):
+    m = Net(nn.Sequential(nn.PixelUnshuffle(r), nn.Conv2d(3 * r * r, 8, 3, 1, 1, bias=False),
+                          nn.BatchNorm2d(8), nn.ReLU()))
+    report, _ = _run(m, (2, 3, 8 * r, 4 * r), seed=r)
+    (a,) = report.applied
+    assert a.data["space_to_depth"] == "pixel_unshuffle" and a.data["layout"] == "channel-major"
+    assert a.data["new"] == {"kernel": [3 * r, 3 * r], "stride": [r, r], "padding": [r, r]}
+    assert [type(c) for c in m.stem] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    assert not any(isinstance(x, nn.PixelUnshuffle) for x in m.modules())
+
+
+@pytest.mark.parametrize("r", [2, 4])
+def test_functional_pixel_unshuffle(r):
+    class Stem(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3 * r * r, 8, 1)
+
+        def forward(self, x):
+            return self.conv(F.pixel_unshuffle(x, r))
+
+    m = Net(Stem())
+    report, _ = _run(m, (1, 3, 4 * r, 4 * r))
+    assert report.applied[0].detail.startswith(f"Stem(pixel_unshuffle {r}, k1 s1 p0) → Conv2d(k{r} s{r} p0)")
+    assert type(m.stem) is nn.Conv2d
+
+
+class Contract(nn.Module):
+    """YOLOv5's Contract: space-to-depth by view/permute (phase-major)."""
+
+    def __init__(self, gain=2):
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, x):
+        b, c, h, w = x.size()
+        s = self.gain
+        x = x.view(b, c, h // s, s, w // s, s).permute(0, 3, 5, 1, 2, 4).contiguous()
+        return x.view(b, c * s * s, h // s, w // s)
+
+
+def test_rearranging_module_is_probed_for_its_channel_order():
+    m = Net(nn.Sequential(Contract(2), Conv(12, 8, 3, 1)))
+    report, _ = _run(m, (2, 3, 16, 16))
+    (a,) = report.applied
+    assert a.data["space_to_depth"] == "probe" and a.data["phase_order"] == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert type(m.stem) is Conv and m.stem.conv.kernel_size == (6, 6)
+
+
+# -- YOLO layer lists and checkpoints ----------------------------------------------------------
+
+
+def test_focus_in_yolo_layer_list_keeps_routing_attributes():
+    m = Model(nc=3, width=0.25, focus=True)
+    np_before = m.model[0].np
+    report, _ = _run(m, (1, 3, 64, 64))
+    (a,) = report.applied
+    assert a.target == "model.0" and a.data["replaced_by"] == "Conv"
+    stem = m.model[0]
+    assert type(stem) is Conv and stem.conv.kernel_size == (6, 6)
+    assert (stem.i, stem.f, stem.type, stem.np) == (0, -1, "models.common.Focus", np_before)
+    assert sum(p.numel() for p in stem.parameters()) == np_before
+    assert sorted(a.data["carried"]) == ["f", "i", "np", "type"]
+
+
+def test_half_checkpoint_model_and_ema(ckpts, tmp_path):
+    out = tmp_path / "v6stem.pt"
+    r = run_cli("focus-to-conv", ckpts / "yolov5s-focus.pt", *YOLO, "-s", "1,3,64,64", "-o", out, "--json")
+    assert r.code == 0, r.err
+    rep = r.json()
+    assert {(a["slot"], a["target"]) for a in rep["applied"]} == {("model", "model.0"), ("ema", "model.0")}
+    assert rep["parity"]["passed"] and rep["written"]
+    src = torch.load(ckpts / "yolov5s-focus.pt", weights_only=False)
+    ck = torch.load(out, weights_only=False)
+    assert set(ck) == set(src)
+    assert ck["epoch"] == src["epoch"] and ck["opt"] == src["opt"]
+    for slot in ("model", "ema"):
+        old_w = src[slot].model[0].conv.conv.weight
+        stem = ck[slot].model[0]
+        assert type(stem).__name__ == "Conv" and stem.type == "models.common.Focus" and stem.i == 0
+        w = stem.conv.weight
+        assert w.dtype == torch.float16 and w.shape == (16, 3, 6, 6)
+        assert torch.equal(w[:, :, 1::2, ::2], old_w[:, 3:6])  # fp16 values moved, not recomputed
+        assert next(ck[slot].parameters()).dtype == torch.float16
+        assert not any(type(x).__module__.startswith("modelsurgeon") for x in ck[slot].modules())
+        assert ms.verify(ck[slot].float(), src[slot].float(), (1, 3, 64, 64), trials=2, rtol=1e-3).passed
+
+
+def test_state_dict_with_arch_rebuilds_the_new_structure(tmp_path):
+    m = randomize_all(Model(nc=3, width=0.25, focus=True), 5).eval()
+    src, out = tmp_path / "sd.pt", tmp_path / "sd-v6.pt"
+    torch.save(m.state_dict(), src)
+    r = run_cli("focus-to-conv", src, "--arch", "models.yolo:Model", "--code-path", EXAMPLES / "yolo",
+                "-s", "1,3,64,64", "-o", out, "-q")
+    assert r.code == 0, r.err
+    rebuilt = ms.load(out, arch="models.yolo:Model")
+    stem = rebuilt.model[0]
+    assert type(stem).__name__ == "Conv" and stem.conv.weight.shape == (16, 3, 6, 6)
+    assert (stem.i, stem.f, stem.type) == (0, -1, "models.common.Focus")
+    assert ms.verify(rebuilt, m, (1, 3, 64, 64), trials=2).passed
+
+
+def pixel_unshuffle_net() -> nn.Module:
+    """Factory for --arch: a pixel_unshuffle stem in a Sequential (replaced by a new Sequential)."""
+    torch.manual_seed(0)
+    return Net(nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(12, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU()))
+
+
+def test_recipe_rebuilds_a_new_sequential_from_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    m = randomize_all(pixel_unshuffle_net(), 2).eval()
+    src, out = tmp_path / "pu.safetensors", tmp_path / "pu-conv.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(src))
+    r = run_cli("focus-to-conv", src, "--arch", "test_focus_to_conv:pixel_unshuffle_net", "-s", "1,3,16,16",
+                "-o", out, "-q")
+    assert r.code == 0, r.err
+    rebuilt = ms.load(out)  # the arch and the recipe are in the file's metadata
+    assert [type(c) for c in rebuilt.stem] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    assert rebuilt.stem[0].weight.shape == (8, 3, 6, 6)
+    assert ms.verify(rebuilt, m, (1, 3, 16, 16), trials=2).passed
+
+
+def test_onnx_output_has_a_plain_conv_stem(ckpts, tmp_path):
+    out = tmp_path / "v6stem.onnx"
+    r = run_cli("focus-to-conv", ckpts / "yolov5s-focus.pt", *YOLO, "-s", "1,3,64,64", "-o", out, "--json")
+    assert r.code == 0, r.err
+    rep = r.json()
+    assert rep["parity"]["passed"]
+    assert any(o["name"].startswith("onnx:") and o["passed"] for o in rep["parity"]["outputs"])
+    g = onnx.load(str(out)).graph
+    producers = {o: n for n in g.node for o in n.output}
+    stem = next(n for n in g.node if n.op_type == "Conv")
+    assert stem.input[0] == g.input[0].name  # nothing between the image and the stem conv
+    reads_input = [n.op_type for n in g.node if g.input[0].name in n.input]
+    assert reads_input == ["Conv"]
+    assert not {"SpaceToDepth", "Gather"} & {n.op_type for n in g.node}
+    weight = next(i for i in g.initializer if i.name == stem.input[1])
+    assert list(weight.dims) == [16, 3, 6, 6] and producers.get(stem.input[0]) is None
+
+
+# -- gradients ---------------------------------------------------------------------------------
+
+
+def test_gradients_of_the_new_conv_are_the_mapped_gradients():
+    """The seed article's check, in training mode: same loss, gradients placed by phase."""
+    torch.manual_seed(0)
+    focus = randomize_all(Focus(3, 16, k=3), 1).train()
+    original = copy.deepcopy(focus)
+    m = Net(focus, c=16)
+    ref = Net(original, c=16)
+    ref.head.load_state_dict(m.head.state_dict())
+    ms.apply_passes(m, ["focus-to-conv"], (2, 3, 32, 32))
+    assert all(mod.training for mod in m.modules())  # training flags restored, the new conv's too
+    ref.train()
+    x = torch.randn(4, 3, 32, 32)
+    label = torch.randn(4, 4, 16, 16)
+    for net in (m, ref):
+        net.zero_grad()
+        F.mse_loss(net(x), label).backward()
+    g_old = ref.stem.conv.conv.weight.grad
+    expected = torch.zeros(16, 3, 6, 6)
+    expected[:, :, ::2, ::2] = g_old[:, :3]
+    expected[:, :, 1::2, ::2] = g_old[:, 3:6]
+    expected[:, :, ::2, 1::2] = g_old[:, 6:9]
+    expected[:, :, 1::2, 1::2] = g_old[:, 9:12]
+    g_new = m.stem.conv.weight.grad
+    assert torch.allclose(g_new, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+    assert torch.allclose(m.stem.bn.weight.grad, ref.stem.conv.bn.weight.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_check_grad_option_reports_each_stem():
+    m = Net(nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(12, 8, 3, 1, 1), nn.BatchNorm2d(8)))
+    report, _ = _run(m, (2, 3, 16, 16), check_grad=True)
+    (a,) = report.applied
+    assert a.data["grad_check"]["passed"] and "gradients equal" in a.detail
+    names = [o.name for o in report.parity.outputs]
+    assert {"grad stem input", "grad stem weight", "grad stem bias"} <= set(names)
+
+
+class TwoStreams(nn.Module):
+    """Two inputs, two stems; the second stem sits behind another layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = Focus(3, 8, 3)
+        self.pre = nn.Conv2d(2, 2, 1)
+        self.b = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(8, 8, 3, 2, 1), nn.BatchNorm2d(8))
+
+    def forward(self, x, y):
+        return self.a(x).mean((2, 3)) + self.b(self.pre(y)).mean((2, 3))
+
+
+def test_check_grad_on_several_stems_and_inputs():
+    m = TwoStreams()
+    report, _ = _run(m, [(2, 3, 16, 16), (2, 2, 16, 16)], check_grad=True)
+    assert {a.target for a in report.applied} == {"a", "b"}
+    assert all(a.data["grad_check"]["passed"] for a in report.applied)
+    assert {o.name for o in report.parity.outputs} >= {"grad a weight", "grad b weight", "grad b input"}
+
+
+def test_wrong_gradient_mapping_fails_check_grad(ckpts, tmp_path, monkeypatch):
+    """A wrong weight placement would still be caught: here the mapping of gradients is broken
+    on purpose, and --check-grad must fail the run (exit 1, nothing written)."""
+    from modelsurgeon.passes.focus_to_conv import torch as pass_module
+
+    real = pass_module.map_gradient
+    monkeypatch.setattr(pass_module, "map_gradient", lambda g, s: real(g, s).flip(-1))
+    out = tmp_path / "bad.pt"
+    r = run_cli("focus-to-conv", ckpts / "yolov5s-focus.pt", *YOLO, "-s", "1,3,64,64", "-o", out, "--check-grad")
+    assert r.code == 1, r.err
+    assert "parity failed" in r.err and "grad model.0 weight" in r.err
+    assert not out.exists()
+
+
+def test_bench_reports_stem_latency():
+    m = Net(Focus(3, 8, 3))
+    report, _ = _run(m, (1, 3, 32, 32), bench=True)
+    (a,) = report.applied
+    b = a.data["bench"]
+    assert b["before_ms"] > 0 and b["after_ms"] > 0 and b["input"] == [1, 3, 32, 32]
+    assert "stem CPU" in a.detail
+
+
+# -- errors and what cannot be rewritten -------------------------------------------------------
+
+
+def test_odd_input_size_is_a_clear_error_and_nothing_is_written(ckpts, tmp_path):
+    out = tmp_path / "odd.pt"
+    r = run_cli("focus-to-conv", ckpts / "yolov5s-focus.pt", *YOLO, "-s", "1,3,63,64", "-o", out)
+    assert r.code == 2
+    assert r.err.startswith("modelsurgeon: error: the model cannot run on inputs 1,3,63,64")
+    assert "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+class HostDoesMore(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(12, 8, 3, 1, 1)
+        self.skip = nn.Conv2d(3, 8, 2, 2)
+
+    def forward(self, x):
+        y = torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], 1)
+        return self.conv(y) + self.skip(x)
+
+
+class SliceReadTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(12, 8, 3, 1, 1)
+
+    def forward(self, x):
+        a = x[..., ::2, ::2]
+        y = torch.cat([a, x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], 1)
+        return self.conv(y) + a.mean()
+
+
+class TwoReaders(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pu = nn.PixelUnshuffle(2)
+        self.conv = nn.Conv2d(12, 8, 3, 1, 1)
+        self.other = nn.Conv2d(12, 8, 1)
+
+    def forward(self, x):
+        y = self.pu(x)
+        return self.conv(y) + self.other(y)
+
+
+class MissingPhase(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(12, 8, 3, 1, 1)
+
+    def forward(self, x):
+        return self.conv(torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., ::2, ::2]], 1))
+
+
+class SharedStem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = Focus(3, 8, 3)
+
+    def forward(self, x):
+        return self.stem(x) + self.stem(x.flip(-1))
+
+
+def _seq(conv):
+    return Net(nn.Sequential(nn.PixelUnshuffle(2), conv))
+
+
+@pytest.mark.parametrize("build,reason", [
+    (lambda: Net(Focus(3, 8, 3, g=2)), "groups=2"),
+    (lambda: _seq(nn.Conv2d(12, 8, 3, 1, 2, dilation=2)), "dilation 2"),
+    (lambda: _seq(nn.Conv2d(12, 8, 3, 1, 1, padding_mode="reflect")), "pads with 'reflect'"),
+    (lambda: Net(HostDoesMore()), "inline in stem.forward, which does other work"),
+    (lambda: Net(SliceReadTwice()), "also read elsewhere"),
+    (lambda: Net(TwoReaders()), "2 readers"),
+    (lambda: Net(MissingPhase()), "not each of the 2×2 phases once"),
+    (lambda: Net(nn.Sequential(nn.PixelUnshuffle(2), nn.ReLU(), nn.Conv2d(12, 8, 1))), "feeds relu"),
+    (SharedStem, "called 2 times"),
+    (lambda: Focus(3, 8, 3), "root module cannot be replaced"),
+])
+def test_not_rewritable_is_skipped_with_reason(build, reason):
+    m = build()
+    report, original = _run(m, (1, 3, 16, 16))
+    assert not report.applied
+    assert any(reason in s.reason for s in report.skipped), [s.reason for s in report.skipped]
+    assert str(m) == str(original)
+
+
+def test_stem_input_with_other_readers_is_still_rewritten():
+    class Model2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = Focus(3, 8, 3)
+            self.skip = nn.Conv2d(3, 8, 2, 2)
+
+        def forward(self, x):
+            return self.stem(x) + self.skip(x)
+
+    report, _ = _run(Model2(), (1, 3, 16, 16))
+    assert len(report.applied) == 1 and not report.skipped
+
+
+def test_optimize_converts_the_stem_then_folds_its_batchnorm():
+    m = Net(Focus(3, 8, 3))
+    randomize_all(m, 9).eval()
+    original = copy.deepcopy(m)
+    report = ms.apply_passes(m, ["focus-to-conv", "fold-bn"], (1, 3, 32, 32), repeat=True)
+    assert [a.pass_name for a in report.applied] == ["focus-to-conv", "fold-bn"]
+    assert isinstance(m.stem.bn, nn.Identity) and m.stem.conv.bias is not None
+    assert ms.verify(m, original, (1, 3, 32, 32), trials=2).passed
