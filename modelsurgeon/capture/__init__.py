@@ -22,7 +22,8 @@ __all__ = [
 def capture(model, inputs: Sequence[Any], count_flops: bool = False):
     """Run ``model(*inputs)`` once, recording it. Returns ``(graph, output, flops)``.
 
-    ``flops`` is ``None`` unless ``count_flops``; it comes from ``torch.utils.flop_counter``.
+    ``flops`` is ``None`` unless ``count_flops``; it comes from ``torch.utils.flop_counter``,
+    which also gives ``graph.module_flops`` (module path -> FLOPs inside its calls).
     """
     import torch
 
@@ -35,7 +36,23 @@ def capture(model, inputs: Sequence[Any], count_flops: bool = False):
             with counter, Recorder(model) as rec:
                 out = model(*inputs)
             flops = int(counter.get_total_flops())
+            rec.graph.module_flops = flops_by_path(counter, model)
         else:
             with Recorder(model) as rec:
                 out = model(*inputs)
     return rec.graph, out, flops
+
+
+def flops_by_path(counter, model) -> dict[str, int]:
+    """A ``FlopCounterMode``'s per-module counts keyed by module path ('' = the model)."""
+    root = type(model).__name__
+    per: dict[str, int] = {}
+    for name, ops in counter.get_flop_counts().items():
+        if name == root:
+            path = ""
+        elif name.startswith(root + "."):
+            path = name[len(root) + 1:]
+        else:
+            continue
+        per[path] = int(sum(ops.values()))
+    return per
