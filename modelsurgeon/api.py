@@ -56,6 +56,8 @@ def apply_passes(model: Any, passes: Sequence[str], input_shape: Shape | Sequenc
     finally:
         storage.restore(model)
     report.inputs = list(spec.shapes)
+    if report.stopped:
+        report.parity = ParityReport(checked=False, note=f"({report.stopped}: nothing rewritten)")
     if verify and not report.parity.passed:
         raise ParityError(f"parity failed ({_worst(report.parity)})", report)
     return report
@@ -64,6 +66,20 @@ def apply_passes(model: Any, passes: Sequence[str], input_shape: Shape | Sequenc
 def fold_bn(model: Any, input_shape: Shape | Sequence[Shape] | None = None, **kwargs: Any):
     """Fold every BatchNorm / per-channel affine layer into the layer before it, in place."""
     return apply_passes(model, ["fold-bn"], input_shape, command="fold-bn", **kwargs)
+
+
+def truncate(model: Any, input_shape: Shape | Sequence[Shape] | None = None, *, blocks: int | None = None,
+             after: str | None = None, stage: str | None = None, head: str = "reinit",
+             list_blocks: bool = False, **kwargs: Any):
+    """Remove the last ``blocks`` blocks of a backbone stage (or those after ``after``), in place,
+    and rebuild (``head="reinit"``) or drop the layers that read the stage's output.
+
+    The report's ``extra["truncate"]`` holds the stage, its blocks and the figures; with
+    ``list_blocks=True`` nothing is changed and the report only lists the blocks.
+    """
+    opts = {"truncate": {"blocks": blocks, "after": after, "stage": stage, "list": list_blocks,
+                         "head": head, "at": []}}
+    return apply_passes(model, ["truncate"], input_shape, pass_options=opts, command="truncate", **kwargs)
 
 
 def verify(model: Any, reference: Any, input_shape: Shape | Sequence[Shape], *, trials: int = 1,

@@ -124,6 +124,12 @@ def _run_torch(command, passes, opts, ckpt, report, out_path, out_fmt) -> Report
                        slot_name=slot.name if multi else None, primary=slot is primary)
         if slot is primary:
             primary_refs = refs
+        if report.stopped:
+            break
+    report.inputs = list(spec.shapes)
+    if report.stopped:  # a pass answered an inspection (truncate --list): nothing more to do
+        report.parity = ParityReport(checked=False, note=f"({report.stopped}: nothing rewritten)")
+        return report
     if not opts.verify:
         report.parity = ParityReport(checked=False, note="(--no-verify)")
     report.inputs = list(spec.shapes)
@@ -177,6 +183,8 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
     tol = Tolerance.default(storage.default_dtype, opts.atol, opts.rtol)
     custom_verify = None
     stale_after = None  # the pass after which the graph no longer describes the model
+    function_changed = False
+    extra: dict = {}  # the passes' report sections (TorchContext.report_extra)
     t = time.perf_counter()
     for round_ in range(8):
         changed = False
@@ -188,14 +196,23 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
             p = registry.get(name, "torch")
             status(f"{label}{name}: matching")
             ctx = TorchContext(model=model, graph=graph, inputs=inputs0, editor=editor,
-                               options=opts.pass_options.get(name, {}), slot=slot_name)
+                               options=opts.pass_options.get(name, {}), slot=slot_name,
+                               report_extra=extra)
             ctx.references = refs
             pr = run_pass(p, ctx, dry_run=opts.dry_run)
             _merge(per_pass[name], pr, first_round=round_ == 0)
             for check in ctx.checks:  # a pass's own checks (focus-to-conv --check-grad) count as parity
                 report.parity.merge(check, prefix=label)
+            _take_warnings(report, ctx, label)
+            if ctx.stop:  # an inspection answered (e.g. truncate --list): end the run here
+                report.stopped = ctx.stop
+                report.extra.update(extra)
+                if primary:
+                    report.before = before
+                return refs
             if not p.preserves_function:
                 custom_verify = (p, ctx)
+                function_changed = function_changed or (pr.changed and not opts.dry_run)
             if pr.changed and not opts.dry_run:
                 changed = True
                 stale_after = name
@@ -218,11 +235,25 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
     if opts.verify:
         if custom_verify is not None:
             result = custom_verify[0].verify(custom_verify[1], tol)
+            _take_warnings(report, custom_verify[1], label)
         else:
             result = refs.check(model, tol, first_output=out_after, runner=_rewritten_runner(None))
         report.parity.merge(result, prefix=label)
+        if function_changed:
+            # the function changed on purpose: an ONNX export must reproduce the rewritten model
+            refs.record(model, out_after)
+            refs.rewritten = True
+    if primary:
+        report.extra.update(extra)
     report.timings["verify"] = report.timings.get("verify", 0) + time.perf_counter() - t
     return refs
+
+
+def _take_warnings(report, ctx, label: str) -> None:
+    for w in ctx.warnings:
+        if label + w not in report.warnings:
+            report.warnings.append(label + w)
+    ctx.warnings.clear()
 
 
 def _input_dtype(spec, storage, compute, report) -> Any:
@@ -342,7 +373,9 @@ def _save(ckpt, opts, report, out_path, out_fmt, primary, refs) -> None:
                     per_trial.append(compare_outputs(_flat_tensors(refs.outputs[trial]), outs, tol))
                 onnx_parity = summarise(per_trial, tol)
                 report.parity.merge(onnx_parity, prefix="onnx:")
-                report.parity.note = "onnx outputs compared with onnxruntime (optimisations off) against the original torch model"
+                report.parity.note = ("onnx outputs compared with onnxruntime (optimisations off) against the "
+                                      + ("rewritten torch model (the pass changes the function on purpose)"
+                                         if getattr(refs, "rewritten", False) else "original torch model"))
                 if not onnx_parity.passed and not opts.force:
                     raise ParityError(f"onnxruntime parity failed ({_worst(onnx_parity)}); nothing written", report)
             if len(ckpt.slots) > 1:

@@ -62,3 +62,20 @@ def test_sdpa_is_counted_with_the_registry_formula():
     q = torch.randn(2, 3, 7, 8)
     _, _, flops = capture(M(), [q], count_flops=True)
     assert flops == sdpa_flop_count(q.shape, q.shape, q.shape) > 0
+
+
+def test_per_module_flops_match_flop_counter_mode():
+    from torch.utils.flop_counter import FlopCounterMode
+    from zoo.resnet import resnet
+
+    model = resnet().eval()
+    x = torch.randn(1, 3, 32, 32)
+    g, _, total = capture(model, [x], count_flops=True)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    ref = {name.partition(".")[2] if "." in name else "": sum(ops.values())
+           for name, ops in counter.get_flop_counts().items() if name != "Global"}
+    assert g.module_flops[""] == total
+    for path in ("layer1", "layer4", "layer4.1.conv2", "fc"):
+        assert g.module_flops[path] == ref[path] > 0

@@ -23,7 +23,8 @@ def capture(model, inputs: Sequence[Any], count_flops: bool = False):
     """Run ``model(*inputs)`` once, recording it. Returns ``(graph, output, flops)``.
 
     ``flops`` is ``None`` unless ``count_flops``; it applies ``torch.utils.flop_counter``'s
-    formulas to the recorded ops (:mod:`modelsurgeon.report.flops`).
+    formulas to the recorded ops (:mod:`modelsurgeon.report.flops`), which also fills
+    ``graph.module_flops`` (module path -> FLOPs inside its calls).
     """
     import torch
 
@@ -34,5 +35,6 @@ def capture(model, inputs: Sequence[Any], count_flops: bool = False):
     if count_flops:
         from ..report.flops import graph_flops
 
-        flops = graph_flops(rec.graph)
+        flops = graph_flops(rec.graph, per_module=True)
     return rec.graph, out, flops
+

@@ -96,6 +96,7 @@ class DataflowGraph:
         self.outputs: list[int] = []
         self.output_structure: Any = None
         self.module_paths: dict[int, list[str]] = {}  # id(module) -> every path it has
+        self.module_flops: dict[str, int] | None = None  # module path -> FLOPs, when counted
         self._uses: dict[int, list[int]] | None = None
         self._calls_by_module: dict[int, list[ModuleCall]] | None = None
         self._param_values: dict[int, int] = {}  # id(tensor) -> value id, for params/buffers

@@ -50,7 +50,7 @@ REGISTRY: dict[str, PassInfo] = {
     "truncate": PassInfo(
         "truncate",
         "drop the last blocks of a backbone stage and rewire what consumed them",
-        None,
+        "modelsurgeon.passes.truncate.torch:Truncate",
         None,
         exact=False,
     ),

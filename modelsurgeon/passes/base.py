@@ -80,6 +80,12 @@ class TorchContext:
     slot: str | None = None
     notes: list[str] = field(default_factory=list)
     checks: list = field(default_factory=list)  # ParityReports a pass measured itself (e.g. gradients)
+    # Set by the pipeline, shared by the passes of one run on one model:
+    warnings: list[str] = field(default_factory=list)  # merged into Report.warnings
+    report_extra: dict = field(default_factory=dict)  # merged into Report.extra (pass sections)
+    # A pass sets ``stop`` (a one-line reason) in ``match`` when it has answered an inspection
+    # (``truncate --list``): the run ends after that pass; nothing is rewritten, verified or written.
+    stop: str | None = None
 
 
 class Pass:
@@ -98,6 +104,8 @@ def run_pass(p: Pass, ctx: Any, dry_run: bool = False) -> PassReport:
     """Match on the unmodified graph, then rewrite each match (unless ``dry_run``)."""
     report = PassReport(p.name)
     found = list(p.match(ctx))
+    if getattr(ctx, "stop", None):
+        dry_run = True  # an inspection: report what was found, change nothing
     seen: set[tuple[str, str]] = set()
     for m in found:
         if isinstance(m, Skipped):

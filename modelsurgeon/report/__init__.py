@@ -44,6 +44,7 @@ class Report:
     slots: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # pass-specific sections (truncate, bench...)
+    stopped: str | None = None  # a pass ended the run after matching (an inspection, e.g. --list)
 
     @property
     def applied(self) -> list:
@@ -64,6 +65,7 @@ class Report:
             "output": self.output,
             "written": self.written,
             "dry_run": self.dry_run,
+            "stopped": self.stopped,
             "backend": self.backend,
             "input_format": self.input_format,
             "slots": self.slots,

@@ -39,39 +39,56 @@ def _matmul_flops(registry: dict, aten: Any, a: tuple, b: tuple) -> int:
     return int(registry[aten.bmm]((batch, a[-2], a[-1]), (batch, b[-2], b[-1])))
 
 
-def graph_flops(graph: Any) -> int:
-    """Total FLOPs of the recorded forward (conv, linear, matmul family, SDPA)."""
+def graph_flops(graph: Any, per_module: bool = False) -> int:
+    """Total FLOPs of the recorded forward (conv, linear, matmul family, SDPA).
+
+    With ``per_module``, also sets ``graph.module_flops``: module path -> FLOPs of the ops run
+    inside its calls ('' is the model), as ``FlopCounterMode`` attributes them to its parents.
+    """
+    total = 0
+    per: dict[str, int] = {}
+    for ev in graph.events:
+        f = event_flops(graph, ev)
+        if not f:
+            continue
+        total += f
+        if per_module:
+            for path in {c.path for c in graph.enclosing_calls(ev)}:
+                per[path] = per.get(path, 0) + f
+    if per_module:
+        graph.module_flops = per
+    return total
+
+
+def event_flops(graph: Any, ev: Any) -> int:
+    """FLOPs of one recorded op (0 for ops ``torch.utils.flop_counter`` does not count)."""
     import torch
     from torch.utils.flop_counter import flop_registry
 
     aten = torch.ops.aten
-    total = 0
-    for ev in graph.events:
-        name = ev.name
-        try:
-            if name in _CONV:
-                x, w = _shape(graph, ev.args[0]), _shape(graph, ev.args[1])
-                out = graph.value(ev.outputs[0]).shape
-                if len(x) == len(w) - 1:  # unbatched input
-                    x, out = (1, *x), (1, *out)
-                total += int(flop_registry[aten.convolution](x, w, None, None, None, None,
-                                                             name.startswith("conv_transpose"), out_val=out))
-            elif name == "linear":
-                x, w = _shape(graph, ev.args[0]), _shape(graph, ev.args[1])
-                rows = prod(x[:-1])
-                total += int(flop_registry[aten.mm]((rows, x[-1]), (w[1], w[0])))
-            elif name in _MATMUL:
-                a, b = _shape(graph, ev.args[0]), _shape(graph, ev.args[1])
-                if name == "Tensor.__rmatmul__":
-                    a, b = b, a
-                total += _matmul_flops(flop_registry, aten, a, b)
-            elif name in _ADDMM:
-                a, b = _shape(graph, ev.args[1]), _shape(graph, ev.args[2])
-                total += _matmul_flops(flop_registry, aten, a, b)
-            elif name == "scaled_dot_product_attention":
-                q, k, v = (_shape(graph, ev.args[i]) for i in range(3))
-                out = graph.value(ev.outputs[0]).shape
-                total += int(flop_registry[aten._scaled_dot_product_efficient_attention](q, k, v, out_val=out))
-        except (TypeError, IndexError, KeyError):  # an argument we cannot read: not counted
-            continue
-    return total
+    name = ev.name
+    try:
+        if name in _CONV:
+            x, w = _shape(graph, ev.args[0]), _shape(graph, ev.args[1])
+            out = graph.value(ev.outputs[0]).shape
+            if len(x) == len(w) - 1:  # unbatched input
+                x, out = (1, *x), (1, *out)
+            return int(flop_registry[aten.convolution](x, w, None, None, None, None,
+                                                       name.startswith("conv_transpose"), out_val=out))
+        if name == "linear":
+            x, w = _shape(graph, ev.args[0]), _shape(graph, ev.args[1])
+            return int(flop_registry[aten.mm]((prod(x[:-1]), x[-1]), (w[1], w[0])))
+        if name in _MATMUL:
+            a, b = _shape(graph, ev.args[0]), _shape(graph, ev.args[1])
+            if name == "Tensor.__rmatmul__":
+                a, b = b, a
+            return _matmul_flops(flop_registry, aten, a, b)
+        if name in _ADDMM:
+            return _matmul_flops(flop_registry, aten, _shape(graph, ev.args[1]), _shape(graph, ev.args[2]))
+        if name == "scaled_dot_product_attention":
+            q, k, v = (_shape(graph, ev.args[i]) for i in range(3))
+            out = graph.value(ev.outputs[0]).shape
+            return int(flop_registry[aten._scaled_dot_product_efficient_attention](q, k, v, out_val=out))
+    except (TypeError, IndexError, KeyError):  # an argument we cannot read: not counted
+        return 0
+    return 0

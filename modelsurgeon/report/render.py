@@ -39,6 +39,9 @@ def render(report: Report, console: Any) -> None:
         console.print(f"inputs: {'; '.join('x'.join(map(str, s)) for s in report.inputs)}"
                       + (f"   slots: {', '.join(report.slots)}" if len(report.slots) > 1 else ""))
 
+    if "truncate" in report.extra:
+        _render_truncate(report.extra["truncate"], console)
+
     applied = report.applied
     if applied:
         t = Table(title=f"Rewritten ({len(applied)})", title_justify="left", show_lines=False)
@@ -53,7 +56,7 @@ def render(report: Report, console: Any) -> None:
         if len(applied) > MAX_ROWS:
             t.add_row(*([f"… {len(applied) - MAX_ROWS} more"] + [""] * (len(t.columns) - 2) + ["(all of them with --json)"]))
         console.print(t)
-    else:
+    elif not report.stopped:
         console.print("[yellow]nothing to rewrite[/yellow]")
     skipped = report.skipped
     if skipped:
@@ -99,13 +102,71 @@ def render(report: Report, console: Any) -> None:
         if len(p.outputs) > 40:
             t.add_row(f"… {len(p.outputs) - 40} more", "", "", "")
         console.print(t)
-    elif p is not None:
+    elif p is not None and not report.stopped:
         console.print(f"[yellow]parity not checked[/yellow] {p.note}")
     for n in report.notes:
         console.print(f"[dim]note:[/dim] {n}")
     for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
-    if report.dry_run:
+    if report.stopped:
+        console.print(f"[bold]{report.stopped}:[/bold] nothing rewritten, nothing written")
+    elif report.dry_run:
         console.print("[bold]dry run:[/bold] nothing written")
     elif report.written:
         console.print(f"[bold green]wrote[/bold green] {report.output}")
+
+
+def _render_truncate(info: dict, console: Any) -> None:
+    """The truncate section: the stage and why, its blocks, what was removed and rebuilt."""
+    from rich.table import Table
+
+    console.print(f"[bold]stage[/bold] {info.get('stage_label', info.get('stage'))}: {info.get('reason', '')}")
+    rows = info.get("blocks", [])
+    marked = any("removed" in r for r in rows)
+    t = Table(title=f"Blocks of {info.get('stage_label')} ({len(rows)})", title_justify="left")
+    for col, just in (("#", "right"), ("block", "left"), ("type", "left"), ("output", "left"),
+                      ("channels", "right"), ("params", "right"), ("FLOPs", "right")):
+        t.add_column(col, justify=just)
+    if marked:
+        t.add_column("")
+    for r in rows:
+        shape = "x".join(map(str, r["out_shape"])) if r.get("out_shape") else "-"
+        cells = [str(r["index"]), r["path"], r["type"], shape, str(r.get("out_channels") or "-"),
+                 _fmt_int(r.get("params")), _fmt_int(r.get("flops"))]
+        if marked:
+            cells.append("[red]removed[/red]" if r.get("removed") else "[green]kept[/green]")
+        t.add_row(*cells)
+    console.print(t)
+    if not info.get("removed"):
+        return
+    ch = info.get("output_channels", {})
+    console.print(f"removed {len(info['removed'])} block(s) after {info.get('last_kept')}: "
+                  f"{', '.join(info['removed'])}; stage output {ch.get('before')} → {ch.get('after')} channels")
+    head = info.get("head", {})
+    layers = [l for l in head.get("layers", []) if isinstance(l, dict)]
+    if layers:
+        t = Table(title=f"Head ({head.get('mode')})", title_justify="left")
+        for col in ("layer", "action", "before", "after"):
+            t.add_column(col)
+        for l in layers:
+            action = "[bold red]rebuilt, re-initialised: needs fine-tuning[/bold red]" if l.get("reinitialised") else l["action"]
+            t.add_row(l["path"], action, l.get("before", "-"), l.get("after", "-"))
+        console.print(t)
+    elif head.get("unchanged"):
+        console.print("the stage's output keeps its shape: the head is left as it is")
+    elif head.get("model_output_is_stage_output"):
+        console.print("the stage's output is the model's output: no head layer to repair")
+    for key, label in (("params", "parameters"), ("flops", "FLOPs")):
+        f = info.get(key, {})
+        if f.get("after") is not None and f.get("before"):
+            console.print(f"{label}: {_fmt_int(f['before'])} → {_fmt_int(f['after'])} "
+                          f"([bold]{f.get('saved', 0):.1%} saved[/bold])")
+    shapes = info.get("output_shapes")
+    if shapes:
+        fmt = lambda ss: "; ".join("x".join(map(str, s)) for s in ss) or "-"
+        console.print(f"model output: {fmt(shapes.get('before', []))} → {fmt(shapes.get('after', []))}")
+    if "prefix_exact" in info:
+        console.print(f"kept prefix ({info.get('last_kept')}) identical to the original: "
+                      + ("[green]yes, bit for bit[/green]" if info["prefix_exact"] else "[red]no[/red]"))
+    if info.get("identity_note"):
+        console.print(f"[dim]note:[/dim] {info['identity_note']}")

@@ -47,6 +47,7 @@ class References:
         self.trials = max(1, trials)
         self.dtype = dtype
         self.outputs: list[Any] = []
+        self.rewritten = False  # outputs re-recorded from a model whose function changed on purpose
 
     def inputs(self, trial: int) -> list:
         return self.spec.make(trial, self.dtype)

@@ -1,0 +1,680 @@
+"""truncate on PyTorch models: drop the last blocks of a backbone stage, repair the head.
+
+Match (nothing changes):
+
+1. find the stage (:mod:`modelsurgeon.match.stage`): ``--stage PATH``, the stage holding
+   ``--after BLOCK``, or the best candidate (most blocks x share of the FLOPs), with the reason;
+2. the cut: ``--blocks N`` removes the last N blocks, ``--after BLOCK`` keeps up to that block;
+   bad values refuse (exit 2) before anything is touched;
+3. safety, from the dataflow graph of the original: every tensor computed inside a removed block
+   must be read only inside the removed blocks (a skip connection or a YOLO routing index into
+   the removed range is named and refused), nothing outside may call a module or read a
+   parameter that lives only inside them;
+4. the head: from the stage's output, through shape-only ops (pooling, flatten, dropout,
+   activations, reductions over spatial axes, ``view(n, -1)``), up to the first layers whose
+   input width follows the channel count. ``--head reinit``: each must be a torch
+   Linear/Conv module (rebuilt with the new input width, freshly initialised);
+   ``--head drop``: the outermost module starting there is replaced by ``nn.Identity`` and the
+   walk goes on to the model output. Anything else reached refuses, naming it.
+
+``--list`` stops the run after matching (``ctx.stop``): the report holds the stage's blocks.
+
+Rewrite: the removed blocks become ``nn.Identity`` through the editor (the host's forward keeps
+calling them by name; a Sequential keeps its indices, so routing by index still holds); head
+layers are rebuilt with the input width measured by running the truncated model up to them.
+
+Verify: the output of the last kept block on every trial equals the original's, exactly
+(references taken before the rewrite); the whole model runs and its output shapes are reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from ...capture.graph import OUTPUT, DataflowGraph, ModuleCall, OpEvent, Ref
+from ...errors import BadInput, ParityError
+from ...match.conv import CONV_OPS
+from ...match.stage import Stage, find_stages, module_flops
+from ..base import Applied, Match, Pass, Skipped, TorchContext
+
+HEAD_MODES = ("reinit", "drop")
+INIT_SEED = 0
+
+_ELEMENTWISE = frozenset({
+    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "silu", "silu_", "gelu", "sigmoid",
+    "sigmoid_", "tanh", "tanh_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_",
+    "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "selu_", "celu", "celu_", "mish",
+    "softplus", "dropout", "dropout_", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
+    "dropout1d", "dropout2d", "dropout3d", "contiguous", "clone", "detach", "float", "to",
+})
+_POOLS = frozenset({
+    f"{kind}_pool{d}d{suffix}" for kind in ("avg", "max", "adaptive_avg", "adaptive_max")
+    for d in (1, 2, 3) for suffix in ("", "_with_indices")
+})
+_REDUCTIONS = frozenset({"mean", "amax", "amin", "sum", "max", "logsumexp"})
+_RESHAPES = frozenset({"view", "reshape"})
+
+
+@dataclass
+class TruncateOptions:
+    blocks: int | None = None
+    after: str | None = None
+    stage: str | None = None
+    list: bool = False
+    head: str = "reinit"
+
+    @classmethod
+    def parse(cls, raw: dict) -> "TruncateOptions":
+        if raw.get("at"):
+            raise BadInput("--at cuts ONNX graphs at a tensor; for PyTorch checkpoints use --blocks N or --after BLOCK")
+        o = cls(blocks=raw.get("blocks"), after=raw.get("after"), stage=raw.get("stage"),
+                list=bool(raw.get("list")), head=raw.get("head") or "reinit")
+        if o.after is not None:
+            o.after = str(o.after).strip()
+        if o.head not in HEAD_MODES:
+            raise BadInput(f"--head {o.head!r}: choose reinit or drop")
+        if o.blocks is not None and o.after is not None:
+            raise BadInput("--blocks and --after are mutually exclusive: give one of them")
+        if o.blocks is None and o.after is None and not o.list:
+            raise BadInput("truncate needs --blocks N or --after BLOCK (or --list to see the stage's blocks)")
+        if o.blocks is not None and int(o.blocks) < 1:
+            raise BadInput(f"--blocks {o.blocks}: must be at least 1 (the number of blocks to remove from the end of the stage)")
+        return o
+
+
+@dataclass
+class HeadLayer:
+    call: ModuleCall
+    kind: str  # "rebuild" | "drop"
+
+    @property
+    def module(self) -> Any:
+        return self.call.module
+
+    @property
+    def path(self) -> str:
+        return self.call.path
+
+
+@dataclass
+class TruncateMatch(Match):
+    stage: Stage = None
+    keep: int = 0
+    head: str = "reinit"
+    layers: list[HeadLayer] = field(default_factory=list)
+    output_reached: bool = False  # the stage's output (through shape-only ops) is a model output
+    unchanged: bool = False  # the new stage output has the old one's shape: the head is left as is
+
+    @property
+    def removed(self) -> list:
+        return self.stage.blocks[self.keep:]
+
+    @property
+    def last_kept(self) -> Any:
+        return self.stage.blocks[self.keep - 1]
+
+
+@dataclass
+class _State:
+    match: TruncateMatch
+    prefix_refs: list  # output of the last kept block on each trial, before the rewrite
+    info: dict
+
+
+class _Reached(Exception):
+    def __init__(self, shape):
+        self.shape = shape
+
+
+class Truncate(Pass):
+    name = "truncate"
+    preserves_function = False
+
+    def __init__(self) -> None:
+        self.state: _State | None = None
+
+    # -- matching ------------------------------------------------------------------------------
+    def match(self, ctx: TorchContext) -> Iterable[Match | Skipped]:
+        o = TruncateOptions.parse(ctx.options)
+        g: DataflowGraph = ctx.graph
+        per_module, total_flops = module_flops(ctx.model, ctx.inputs, g)
+        stages = find_stages(g, ctx.model, per_module, total_flops)
+        stage, why = _choose(stages, o, ctx.model)
+        keep = _keep(stage, o)
+        params = sum(p.numel() for p in ctx.model.parameters())
+        rows = []
+        for b in stage.blocks:
+            r = b.row()
+            if keep is not None:
+                r["removed"] = b.index >= keep
+            rows.append(r)
+        info = {
+            "stage": stage.path, "stage_label": stage.label, "host": stage.host, "reason": why,
+            "candidates": [s.summary() for s in stages[:5]],
+            "blocks": rows,
+            "params": {"before": params}, "flops": {"before": total_flops},
+        }
+        if stage.trimmed:
+            info["not_blocks"] = stage.trimmed
+        ctx.report_extra["truncate"] = info
+        if keep is not None:
+            removed = stage.blocks[keep:]
+            info.update({
+                "removed": [b.path for b in removed],
+                "kept_blocks": keep,
+                "last_kept": stage.blocks[keep - 1].path,
+                "output_channels": {"before": stage.blocks[-1].out_channels,
+                                    "after": stage.blocks[keep - 1].out_channels},
+                "removed_params": sum(b.params for b in removed),
+                "removed_flops": sum(b.flops for b in removed),
+            })
+        if o.list:
+            ctx.stop = f"listed the {len(stage.blocks)} blocks of {stage.label}"
+            return
+        m = _plan(g, ctx.model, stage, keep, o.head)
+        info["head"] = {"mode": o.head, "model_output_is_stage_output": m.output_reached,
+                        "unchanged": m.unchanged, "layers": [
+            {"path": l.path, "type": type(l.module).__name__, "before": _describe(l.module),
+             "action": "to rebuild if its input width changes" if l.kind == "rebuild" else "to drop"}
+            for l in m.layers]}
+        yield m
+
+    # -- rewriting -----------------------------------------------------------------------------
+    def rewrite(self, ctx: TorchContext, m: TruncateMatch) -> Applied:
+        import torch
+
+        refs = ctx.references
+        last = m.last_kept
+        prefix_refs = [_run_to(ctx.model, last.module, refs.inputs(t))[0] for t in range(refs.trials)]
+        ed = ctx.editor
+        for b in m.removed:
+            ed.replace(b.module, torch.nn.Identity())
+        head_rows = []
+        for i, layer in enumerate(m.layers):
+            old = layer.module
+            if layer.kind == "drop":
+                ed.replace(old, torch.nn.Identity())
+                head_rows.append({"path": layer.path, "type": type(old).__name__, "action": "dropped",
+                                  "before": _describe(old), "after": "Identity"})
+                continue
+            width = _probe_width(ctx.model, old, ctx.inputs, layer.path)
+            if width == _in_width(old):  # same input width (e.g. a block of equal channels removed)
+                head_rows.append({"path": layer.path, "type": type(old).__name__, "action": "kept",
+                                  "before": _describe(old), "after": _describe(old),
+                                  "reinitialised": False})
+                continue
+            new = _rebuild(old, width, INIT_SEED + i)
+            ed.replace(old, new)
+            head_rows.append({"path": layer.path, "type": type(old).__name__, "action": "rebuilt",
+                              "before": _describe(old), "after": _describe(new), "reinitialised": True})
+            ctx.warnings.append(f"{layer.path} was rebuilt as {_describe(new)} with fresh random weights: "
+                                "the model needs fine-tuning before its outputs mean anything")
+        info = ctx.report_extra.setdefault("truncate", {})
+        info.setdefault("head", {})["layers"] = head_rows
+        n = len(m.stage.blocks)
+        info["identity_note"] = (f"the {len(m.removed)} removed blocks are nn.Identity in place, so "
+                                 f"{m.stage.label} keeps its {n} entries (indices and attribute names "
+                                 "the host forward uses stay valid)")
+        if m.head == "drop":
+            ctx.warnings.append(f"--head drop: the model now returns the features of {last.path} "
+                                "(head layers replaced by nn.Identity)")
+        self.state = _State(m, prefix_refs, info)
+        removed = m.removed
+        span = removed[0].path if len(removed) == 1 else f"{removed[0].path} … {removed[-1].path}"
+        c0, c1 = m.stage.blocks[-1].out_channels, last.out_channels
+        detail = (f"removed {len(removed)} block{'s' if len(removed) > 1 else ''} ({span}) → nn.Identity; "
+                  f"{m.stage.label} output {c0} → {c1} channels")
+        for action, verb in (("rebuilt", "rebuilt (re-initialised)"), ("dropped", "dropped"),
+                             ("kept", "kept (input width unchanged)")):
+            rows = [r for r in head_rows if r["action"] == action]
+            if rows:
+                detail += f"; {verb}: " + ", ".join(
+                    f"{r['path']} {r['before']}" + (f" → {r['after']}" if action != "kept" else "") for r in rows)
+        return Applied(m.stage.label, detail, {
+            "stage": m.stage.path, "removed": [b.path for b in removed], "kept_blocks": m.keep,
+            "output_channels": {"before": c0, "after": c1}, "head": head_rows,
+        })
+
+    # -- verification --------------------------------------------------------------------------
+    def verify(self, ctx: TorchContext, tolerance: Any) -> Any:
+        """Kept prefix exact on every trial; the whole model runs; output shapes recorded."""
+        from ...verify.compare import ParityReport, Tolerance, compare_outputs, summarise
+        from ...verify.torch import ModelRunError
+
+        st = self.state
+        if st is None:  # nothing was truncated (dry run)
+            return ParityReport(trials=0, atol=tolerance.atol, rtol=tolerance.rtol)
+        refs = ctx.references
+        exact = Tolerance(0.0, 0.0)
+        last = st.match.last_kept
+        per_trial = []
+        outputs = None
+        flops_after = None
+        for t in range(refs.trials):
+            try:
+                prefix, out, flops = _run_to(ctx.model, last.module, refs.inputs(t), full=True, count_flops=t == 0)
+            except ModelRunError as e:
+                raise ParityError(f"the truncated model fails to run: {e}; nothing written")
+            if t == 0:
+                outputs, flops_after = out, flops
+            diffs = compare_outputs(st.prefix_refs[t], prefix, exact) if prefix is not None else []
+            if prefix is None:
+                from ...verify.compare import OutputDiff
+
+                diffs = [OutputDiff("out", float("inf"), float("inf"), False, "the last kept block was not called")]
+            for d in diffs:
+                d.name = f"kept prefix {last.path}" + d.name[3:]
+            per_trial.append(diffs)
+        result = summarise(per_trial, exact)
+        info = st.info
+        params_after = sum(p.numel() for p in ctx.model.parameters())
+        for key, after in (("params", params_after), ("flops", flops_after)):
+            before = info[key]["before"]
+            info[key]["after"] = after
+            info[key]["saved"] = round(1 - after / before, 4) if before and after is not None else None
+        info["output_shapes"] = {"before": _shapes(refs.outputs[0]), "after": _shapes(outputs)}
+        info["prefix_exact"] = result.passed and result.max_abs == 0.0
+        return result
+
+
+# ------------------------------------------------------------------------------------------
+# the stage and the cut
+
+
+def _choose(stages: list[Stage], o: TruncateOptions, model: Any) -> tuple[Stage, str]:
+    from ...rewrite.recipe import get_module
+
+    found = ", ".join(f"{s.label} ({len(s.blocks)} blocks)" for s in stages[:4]) or "none"
+    if o.stage is not None:
+        path = "" if o.stage.strip() in ("", ".", "<model>") else o.stage.strip()
+        try:
+            get_module(model, path)
+        except (AttributeError, KeyError, TypeError):
+            raise BadInput(f"--stage {o.stage}: the model has no module at that path")
+        cands = [s for s in stages if s.path == path] or [s for s in stages if s.host == path]
+        if not cands:
+            raise BadInput(f"--stage {o.stage}: its blocks are not called one after another on the "
+                           f"input→output path, each reading the previous one's output (stages found: {found})")
+        return cands[0], "chosen with --stage: " + cands[0].describe()
+    if not stages:
+        raise BadInput("no backbone stage found: no chain of two or more modules, each reading the previous "
+                       "one's output, on the input→output path; name one with --stage")
+    if o.after is not None:
+        holding = [s for s in stages if any(b.path == o.after for b in s.blocks)]
+        if holding:
+            return holding[0], f"the stage holding --after {o.after}: " + holding[0].describe()
+    best = stages[0]
+    why = "found automatically: " + best.describe()
+    if len(stages) > 1:
+        nxt = stages[1]
+        why += (f"; it ranks first by blocks × share of {best.measure} ({best.score:.2f}; next: "
+                f"{nxt.label}, {len(nxt.blocks)} blocks, {nxt.share:.0%}, {nxt.score:.2f})")
+    return best, why
+
+
+def _keep(stage: Stage, o: TruncateOptions) -> int | None:
+    n = len(stage.blocks)
+    if o.blocks is not None:
+        k = int(o.blocks)
+        if k >= n:
+            raise BadInput(f"--blocks {k}: the stage {stage.label} has {n} blocks, so at most {n - 1} can be "
+                           "removed (see --list)")
+        return n - k
+    if o.after is not None:
+        idx = _block_index(stage, o.after)
+        if idx == n - 1:
+            raise BadInput(f"--after {o.after}: it is the last block of {stage.label}; nothing to remove")
+        return idx + 1
+    return None
+
+
+def _block_index(stage: Stage, name: str) -> int:
+    for b in stage.blocks:
+        if b.path == name or (stage.path and b.path == f"{stage.path}.{name}"):
+            return b.index
+    try:
+        i = int(name)
+    except ValueError:
+        i = None
+    if i is not None and -len(stage.blocks) <= i < len(stage.blocks):
+        return i % len(stage.blocks)
+    paths = ", ".join(b.path for b in stage.blocks[:6]) + (" …" if len(stage.blocks) > 6 else "")
+    raise BadInput(f"--after {name}: not a block of the stage {stage.label} (its blocks: {paths}; see --list)")
+
+
+# ------------------------------------------------------------------------------------------
+# safety and the head
+
+
+def _plan(g: DataflowGraph, model: Any, stage: Stage, keep: int, head: str) -> TruncateMatch:
+    removed = stage.blocks[keep:]
+    last_kept = stage.blocks[keep - 1]
+    ranges = [(b.call.start, b.call.end) for b in removed]
+
+    def in_removed(eid: int) -> bool:
+        return any(s <= eid < e for s, e in ranges)
+
+    where = f"{stage.label} after {last_kept.path}"
+    new_out = last_kept.call.outputs[0]
+    stage_out = removed[-1].call.outputs[0]
+    # 1. tensors computed inside the removed blocks are read only inside them
+    for b in removed:
+        values = [v for ev in g.events_in(b.call) for v in ev.outputs] + list(b.call.outputs)
+        own = set(b.call.outputs)
+        for v in dict.fromkeys(values):
+            if v in (stage_out, new_out):
+                continue
+            what = f"the output of removed block {b.path}" if v in own else f"a tensor computed inside removed block {b.path}"
+            for u in g.uses(v):
+                if u == OUTPUT:
+                    raise BadInput(f"cannot truncate {where}: {what} is returned by the model; nothing written")
+                if not in_removed(u):
+                    raise BadInput(f"cannot truncate {where}: {what} is also read by {_consumer(g, u, stage)} "
+                                   "(a skip connection or routing into the removed range); nothing written")
+    # 2. nothing outside calls a module or reads a tensor that lives only inside them
+    removed_paths = [p for b in removed for p in (g.paths_of(b.module) or [b.path])]
+
+    def under(path: str) -> bool:
+        return any(path == r or path.startswith(r + ".") for r in removed_paths)
+
+    kept_modules = {id(mod) for p, mod in model.named_modules(remove_duplicate=False) if not under(p)}
+    kept_tensors = set()
+    for p, mod in model.named_modules(remove_duplicate=False):
+        if not under(p):
+            kept_tensors.update(id(t) for t in list(mod._parameters.values()) + list(mod._buffers.values()) if t is not None)
+    inside = set()
+    for b in removed:
+        stack = [b.call.id]
+        while stack:
+            c = stack.pop()
+            inside.add(c)
+            stack.extend(g.call(c).children)
+    for c in g.calls:
+        if c.id in inside or c.parent is None:
+            continue
+        if id(c.module) not in kept_modules:
+            raise BadInput(f"cannot truncate {where}: {c.path} lives inside a removed block but is also called "
+                           f"from {g.call(c.parent).path or 'the model'}; nothing written")
+    for b in removed:
+        for name, t in list(b.module.named_parameters()) + list(b.module.named_buffers()):
+            if t is None or id(t) in kept_tensors:
+                continue
+            for e in g.param_uses(t):
+                if not in_removed(e):
+                    raise BadInput(f"cannot truncate {where}: {b.path}.{name} is also read by "
+                                   f"{_consumer(g, e, stage)}; nothing written")
+    # 3. the head: what the stage's output reaches
+    protected = set()
+    c = last_kept.call.parent
+    while c is not None:
+        protected.add(c)
+        c = g.call(c).parent
+    same_shape = g.value(new_out).shape == g.value(stage_out).shape
+    if same_shape and head == "reinit":  # nothing downstream sees a different tensor shape
+        return TruncateMatch(target=stage.label, stage=stage, keep=keep, head=head, unchanged=True)
+    layers, reached = _walk_head(g, stage, stage_out, head, protected, where)
+    return TruncateMatch(target=stage.label, stage=stage, keep=keep, head=head, layers=layers,
+                         output_reached=reached)
+
+
+def _walk_head(g: DataflowGraph, stage: Stage, stage_out: int, head: str, protected: set[int],
+               where: str) -> tuple[list[HeadLayer], bool]:
+    layers: list[HeadLayer] = []
+    reached = False
+    seen: set[int] = set()
+    stack = [stage_out]
+    visited_values: set[int] = set()
+    while stack:
+        v = stack.pop()
+        if v in visited_values:
+            continue
+        visited_values.add(v)
+        for u in g.uses(v):
+            if u == OUTPUT:
+                reached = True
+                continue
+            if u in seen:
+                continue
+            seen.add(u)
+            ev = g.event(u)
+            if head == "reinit" and ev.name in CONV_OPS:
+                layers.append(_rebuildable(g, ev, v, stage, where))
+                continue
+            if _shape_only(g, ev, v):
+                stack.extend(ev.outputs)
+                continue
+            if head == "drop":
+                d = _droppable(g, ev, v, protected)
+                if d is not None:
+                    layers.append(HeadLayer(d, "drop"))
+                    seen.update(range(d.start, d.end))
+                    stack.append(d.outputs[0])
+                    continue
+            hint = (" (only torch Linear/Conv layers are rebuilt; --head drop replaces the head by nn.Identity)"
+                    if head == "reinit" else " (only whole modules taking it as their one input can be dropped)")
+            raise BadInput(f"cannot truncate {where}: the stage's output reaches {_consumer(g, u, stage)}, whose "
+                           f"result depends on the channel count and cannot be repaired{hint}; nothing written")
+    return layers, reached
+
+
+def _rebuildable(g: DataflowGraph, ev: OpEvent, v: int, stage: Stage, where: str) -> HeadLayer:
+    import torch.nn as nn
+
+    what = _consumer(g, ev.id, stage)
+    if ev.arg(0, "input") != Ref(v):
+        raise BadInput(f"cannot truncate {where}: the stage's output is used as a weight by {what}; nothing written")
+    w = ev.arg(1, "weight")
+    weight = g.value(w.value).tensor if isinstance(w, Ref) else None
+    owner = None
+    for call in g.enclosing_calls(ev):
+        if call.parent is not None and weight is not None and getattr(call.module, "weight", None) is weight:
+            owner = call
+            break
+    if owner is None:
+        raise BadInput(f"cannot truncate {where}: the stage's output reaches {what}, whose weight is no module's "
+                       "own parameter, so the layer cannot be rebuilt; nothing written")
+    mod = owner.module
+    if not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
+        raise BadInput(f"cannot truncate {where}: the stage's output reaches {owner.path} ({type(mod).__name__}), "
+                       "which is no torch Linear/Conv layer and cannot be rebuilt; nothing written")
+    if g.call_count(mod) > 1:
+        raise BadInput(f"cannot truncate {where}: head layer {owner.path} is called {g.call_count(mod)} times "
+                       "(shared), so it cannot be rebuilt for one input; nothing written")
+    if owner.inputs[:1] != (v,):
+        raise BadInput(f"cannot truncate {where}: {owner.path} computes its own input from the stage's output; "
+                       "nothing written")
+    if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups != 1:
+        raise BadInput(f"cannot truncate {where}: head layer {owner.path} is a grouped convolution "
+                       f"(groups={mod.groups}) tied to the channel count; nothing written")
+    return HeadLayer(owner, "rebuild")
+
+
+def _droppable(g: DataflowGraph, ev: OpEvent, v: int, protected: set[int]) -> ModuleCall | None:
+    cands = [c for c in g.calls_starting_with(ev)
+             if c.parent is not None and c.id not in protected and c.inputs == (v,)]
+    if not cands:
+        return None
+    d = cands[-1]
+    if len(d.outputs) != 1 or g.call_count(d.module) != 1:
+        return None
+    return d
+
+
+def _shape_only(g: DataflowGraph, ev: OpEvent, v: int) -> bool:
+    """Does ``ev`` pass the channel count through without depending on it (per sample)?"""
+    name = ev.name[7:] if ev.name.startswith("Tensor.") else ev.name
+    if not ev.args or ev.args[0] != Ref(v):
+        return False
+    if any(i != v and not g.value(i).const for i in ev.inputs):
+        return False
+    if not ev.outputs:
+        return False
+    s_in = g.value(v).shape
+    s_out = g.value(ev.outputs[0]).shape
+    if s_in is None or s_out is None:
+        return False
+    if name in _ELEMENTWISE:
+        return s_in == s_out
+    if name in _POOLS:
+        return len(s_out) == len(s_in) and s_out[:2] == s_in[:2]
+    if name == "flatten":
+        return len(s_out) >= 1 and s_out[0] == s_in[0] and len(s_in) >= 2
+    if name in _RESHAPES:
+        sizes = _ints(ev.args[1:]) + _ints(list(ev.kwargs.values()))
+        return len(s_out) == 2 and s_out[0] == s_in[0] and -1 in sizes
+    if name in _REDUCTIONS:  # per-sample reductions (spatial pooling, token means...)
+        dims = ev.arg(1, "dim")
+        if dims is None or isinstance(dims, Ref):
+            return False
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        nd = len(s_in)
+        norm = {d % nd for d in dims if isinstance(d, int)}
+        return len(norm) == len(dims) and nd >= 2 and 0 not in norm and s_out[:1] == s_in[:1]
+    if name == "squeeze":
+        return len(s_out) >= 2 and s_out[:2] == s_in[:2]
+    if name == "__getitem__":  # x[:, 0] (a class token), x[..., 0, 0]: fixed positions, all channels
+        idx = ev.args[1] if len(ev.args) > 1 else None
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        full = slice(None, None, None)
+        return (len(idx) >= 1 and (idx[0] == full or idx[0] is Ellipsis)
+                and all(i == full or i is Ellipsis or (isinstance(i, int) and not isinstance(i, bool)) for i in idx)
+                and s_out[:1] == s_in[:1])
+    return False
+
+
+def _ints(obj: Any) -> list[int]:
+    out: list[int] = []
+    if isinstance(obj, bool):
+        return out
+    if isinstance(obj, int):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            out.extend(_ints(o))
+    return out
+
+
+def _consumer(g: DataflowGraph, eid: int, stage: Stage) -> str:
+    ev = g.event(eid)
+    call = g.call(ev.scope)
+    if call.parent is None:
+        return f"{ev.name} in the model's forward"
+    text = f"{ev.name} in {call.path} ({call.type_name})"
+    top = call
+    while g.call(top.parent).parent is not None:  # the outermost module below the model
+        top = g.call(top.parent)
+    if top is not call:
+        text += f", part of {top.path} ({top.type_name})"
+    return text
+
+
+# ------------------------------------------------------------------------------------------
+# running and rebuilding
+
+
+def _run_to(model: Any, module: Any, inputs: list, full: bool = False, count_flops: bool = False):
+    """Run ``model`` and take ``module``'s output (only that unless ``full``).
+
+    Returns ``(module_output, model_output, flops)``.
+    """
+    import torch
+
+    from ...verify.torch import detach, run
+
+    got: list = []
+
+    def hook(_m, _args, out):
+        got.append(detach(out))
+
+    h = module.register_forward_hook(hook)
+    try:
+        if count_flops:
+            from ...capture import capture
+            from ...verify.torch import ModelRunError
+
+            try:
+                _, out, flops = capture(model, inputs, count_flops=True)
+            except Exception as e:  # same contract as verify.torch.run
+                raise ModelRunError(f"{type(e).__name__}: {str(e).strip()[:300]}") from e
+        else:
+            with torch.no_grad():
+                out = run(model, inputs)
+            flops = None
+    finally:
+        h.remove()
+    return (got[0] if got else None), (out if full else None), flops
+
+
+def _probe_width(model: Any, layer: Any, inputs: list, path: str) -> int:
+    """The input width ``layer`` receives in the (truncated) model, by running up to it."""
+    import torch
+    import torch.nn as nn
+
+    def pre(_m, args):
+        x = args[0] if args else None
+        raise _Reached(tuple(x.shape) if isinstance(x, torch.Tensor) else None)
+
+    h = layer.register_forward_pre_hook(pre)
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except _Reached as r:
+        if r.shape is None or len(r.shape) < 1:
+            raise ParityError(f"head layer {path} receives no tensor after truncation; nothing written")
+        return int(r.shape[-1] if isinstance(layer, nn.Linear) else r.shape[1])
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise ParityError(f"the truncated model fails before reaching {path}: {type(e).__name__}: {msg}; nothing written")
+    finally:
+        h.remove()
+    raise ParityError(f"head layer {path} is no longer called after truncation; nothing written")
+
+
+def _rebuild(old: Any, width: int, seed: int) -> Any:
+    """A fresh torch layer like ``old`` with input width ``width`` (default initialisation)."""
+    import torch
+    import torch.nn as nn
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if isinstance(old, nn.Linear):
+            new = nn.Linear(width, old.out_features, bias=old.bias is not None)
+        else:
+            nd = len(old.kernel_size)
+            kwargs = dict(in_channels=width, out_channels=old.out_channels, kernel_size=old.kernel_size,
+                          stride=old.stride, padding=old.padding, dilation=old.dilation, groups=1,
+                          bias=old.bias is not None, padding_mode=old.padding_mode)
+            if old.transposed:
+                cls = getattr(nn, f"ConvTranspose{nd}d")
+                kwargs["output_padding"] = old.output_padding
+            else:
+                cls = getattr(nn, f"Conv{nd}d")
+            new = cls(**kwargs)
+    new.to(device=old.weight.device, dtype=old.weight.dtype)
+    new.train(old.training)
+    new.requires_grad_(old.weight.requires_grad)
+    return new
+
+
+def _in_width(m: Any) -> int:
+    import torch.nn as nn
+
+    return m.in_features if isinstance(m, nn.Linear) else m.in_channels
+
+
+def _describe(m: Any) -> str:
+    import torch.nn as nn
+
+    if isinstance(m, nn.Linear):
+        return f"{type(m).__name__}({m.in_features}→{m.out_features})"
+    if isinstance(m, nn.modules.conv._ConvNd):
+        k = "x".join(map(str, m.kernel_size))
+        return f"{type(m).__name__}({m.in_channels}→{m.out_channels}, {k})"
+    return type(m).__name__
+
+
+def _shapes(out: Any) -> list:
+    from ...capture.recorder import flatten_tensors
+
+    return [list(t.shape) for t in flatten_tensors(out)]
