@@ -36,6 +36,10 @@ def render(report: Report, console: Any) -> None:
         console.print(f"inputs: {'; '.join('x'.join(map(str, s)) for s in report.inputs)}"
                       + (f"   slots: {', '.join(report.slots)}" if len(report.slots) > 1 else ""))
 
+    if report.extra.get("tensors") is not None:  # truncate --list on an ONNX model
+        _render_tensors(report.extra["tensors"], console)
+        return
+
     applied = report.applied
     if applied:
         t = Table(title=f"Rewritten ({len(applied)})", title_justify="left", show_lines=False)
@@ -102,3 +106,14 @@ def render(report: Report, console: Any) -> None:
         console.print("[bold]dry run:[/bold] nothing written")
     elif report.written:
         console.print(f"[bold green]wrote[/bold green] {report.output}")
+
+
+def _render_tensors(rows: list, console: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"Tensors ({len(rows)}): candidates for --at", title_justify="left")
+    for col, kw in (("#", {"justify": "right"}), ("tensor", {"style": "green"}), ("op", {}), ("shape", {}), ("", {})):
+        t.add_column(col, **kw)
+    for r in rows:
+        t.add_row(str(r["index"]), r["name"], r["op"], r["shape"], "output" if r.get("output") else "")
+    console.print(t)
