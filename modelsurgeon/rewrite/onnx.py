@@ -81,7 +81,8 @@ class OnnxEditor:
         import onnx_ir as ir
 
         old = node.inputs[index] if index < len(node.inputs) else None
-        if (old is not None and old.is_initializer() and not old.is_graph_input() and not old.is_graph_output()
+        ir3 = int(self.model.ir_version or 0) <= 3  # every initializer is also listed as an input
+        if (old is not None and old.is_initializer() and (ir3 or not old.is_graph_input()) and not old.is_graph_output()
                 and list(old.uses()) == [(node, index)]):
             arr = np.ascontiguousarray(np.asarray(array).astype(dtype) if dtype is not None else np.asarray(array))
             tensor = ir.Tensor(arr, name=old.name)
