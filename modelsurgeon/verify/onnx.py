@@ -43,7 +43,7 @@ def session(src: Any, external_dir: Path | None = None):
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors are reported by us, in one line
     if external_dir is not None and not isinstance(src, (str, Path)):
         so.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(external_dir))
     try:

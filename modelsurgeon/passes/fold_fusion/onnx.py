@@ -3,7 +3,8 @@
 Two steps, both exact:
 
 1. every subgraph whose inputs are all constants (initializers, ``Constant`` nodes) is
-   evaluated by onnx's reference evaluator and replaced by initializers holding its results --
+   evaluated by onnx's reference evaluator and replaced by initializers holding its results
+   (and ``Constant`` nodes themselves become initializers of the same name) --
    the BiFPN / Darknet weighted-shortcut normalisation ``relu(w) / (sum(relu(w)) + eps)``,
    shape arithmetic, transposed or cast weights. Left alone: random generators and
    (de)quantisation (:data:`modelsurgeon.capture.onnx.NOT_EVALUATED`), results that are graph
@@ -88,6 +89,7 @@ class FoldFusion(Pass):
 
     def match(self, ctx: OnnxContext) -> Iterable[Match | Skipped]:
         g = ctx.graph
+        evaluated: set[int] = set()
         for nodes in _components(g):
             inside = {id(n) for n in nodes}
             boundary = [o for n in nodes for o in n.outputs
@@ -107,7 +109,17 @@ class FoldFusion(Pass):
             if out_bytes > in_bytes + MAX_GROWTH_BYTES:
                 yield Skipped(target, f"evaluating it would store {_mb(out_bytes)} computed from {_mb(in_bytes)}")
                 continue
+            evaluated.update(id(n) for n in nodes)
             yield EvalMatch(target=target, nodes=nodes, values=list(zip(boundary, arrays)))
+        lift = [n for n in g.nodes if n.op_type == "Constant" and g.evaluable(n) and len(n.outputs) == 1
+                and not n.outputs[0].is_graph_output() and any(id(c) not in evaluated for c in n.outputs[0].consumers())]
+        if lift:
+            try:
+                values = [(n.outputs[0], g.const_array(n.outputs[0])) for n in lift]
+            except EvaluationError as e:
+                yield Skipped("Constant nodes", f"cannot be read ({e})")
+            else:
+                yield EvalMatch(target=f"{len(lift)} Constant node{'s' if len(lift) > 1 else ''}", nodes=lift, values=values)
         yield from find_folds(ctx, allow_bn=False)
         for node in g.nodes:
             if node.op_type not in ("Mul", "Div") or len(node.inputs) != 2:
@@ -125,16 +137,22 @@ class FoldFusion(Pass):
         if isinstance(m, FoldMatch):
             return apply_fold(ctx, m)
         ed = ctx.editor
-        made = []
+        labels = [node_label(n) for n in m.nodes]
+        made, names = [], []
         for v, arr in m.values:
             name = v.name
+            names.append(name)
             v.name = ed.unique_name(f"{name}_computed")
             init = ed.add_initializer(arr, name, exact=True)
             ed.replace_value(v, init)
             made.append(f"{name} {list(arr.shape)}")
         ed.remove_nodes(m.nodes)
         ops = [n.op_type for n in m.nodes]
+        if set(ops) == {"Constant"}:
+            return Applied(m.target, f"{len(ops)} Constant node{'s' if len(ops) > 1 else ''} made initializers "
+                                     f"(same names): {', '.join(made[:4])}{', ...' if len(made) > 4 else ''}",
+                           {"lifted": names})
         return Applied(m.target, f"evaluated {len(ops)} constant node{'s' if len(ops) > 1 else ''} "
                                  f"({', '.join(ops[:8])}{', ...' if len(ops) > 8 else ''}) → initializer "
                                  + ", ".join(made),
-                       {"evaluated": [node_label(n) for n in m.nodes], "initializers": [v.name for v, _ in m.values]})
+                       {"evaluated": labels, "initializers": names})
