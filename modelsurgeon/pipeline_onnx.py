@@ -70,6 +70,7 @@ def run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
     for name, p in impls.items():
         if getattr(p, "listing", None) is not None and opts.pass_options.get(name, {}).get("list"):
             report.extra["tensors"] = p.listing(context(name))
+            report.output = None
             report.parity = ParityReport(checked=False, note="(--list: nothing rewritten)")
             return report
 
