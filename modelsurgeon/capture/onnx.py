@@ -89,7 +89,7 @@ class OnnxGraph:
         self.opset = int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)))
         self.ir_version = int(model.ir_version or 0)
         self._const: dict[int, Any] = {}  # id(value) -> np.ndarray (evaluated / read constants)
-        self._is_const: dict[int, bool] = {}
+        self._is_const: dict[int, bool] | None = None
 
     # -- structure -----------------------------------------------------------------------------
     @property
@@ -162,63 +162,30 @@ class OnnxGraph:
         """True when ``value`` depends on constants only (see the module docstring)."""
         if value is None:
             return True  # an omitted optional input
-        key = id(value)
-        hit = self._is_const.get(key)
-        if hit is not None:
-            return hit
         if value.is_initializer():
-            result = self.is_weight(value)
-        elif value.is_graph_input():
-            result = False
-        else:
-            node = value.producer()
-            if node is None or not self.evaluable(node):
-                result = False
-            else:
-                # iterative post-order to avoid deep recursion on long constant chains
-                result = self._const_closure(node)
-        self._is_const[key] = result
-        return result
+            return self.is_weight(value)
+        if value.is_graph_input():
+            return False
+        if self._is_const is None:
+            self._is_const = self._constness()
+        return self._is_const.get(id(value), False)
 
-    def _const_closure(self, node: Any) -> bool:
-        stack = [node]
-        seen: set[int] = set()
-        order = []
-        while stack:
-            n = stack.pop()
-            if id(n) in seen:
-                continue
-            seen.add(id(n))
-            order.append(n)
-            for v in n.inputs:
-                if v is None or id(v) in self._is_const:
-                    if v is not None and not self._is_const[id(v)]:
-                        self._mark(order, False)
-                        return False
-                    continue
-                if v.is_initializer():
-                    ok = self.is_weight(v)
-                    self._is_const[id(v)] = ok
-                    if not ok:
-                        self._mark(order, False)
-                        return False
-                    continue
-                p = v.producer()
-                if v.is_graph_input() or p is None or not self.evaluable(p):
-                    self._is_const[id(v)] = False
-                    self._mark(order, False)
-                    return False
-                stack.append(p)
-        self._mark(order, True)
-        return True
+    def _constness(self) -> dict[int, bool]:
+        """Constness of every node output, in one pass over the (topologically ordered) nodes."""
+        known: dict[int, bool] = {}
 
-    def _mark(self, nodes: list, flag: bool) -> None:
-        if flag:
-            for n in nodes:
-                for o in n.outputs:
-                    self._is_const[id(o)] = True
-        # a False result is only recorded for the value asked about (other nodes on the
-        # stack may still be constant through other paths)
+        def const(v: Any) -> bool:
+            if v is None:
+                return True
+            if v.is_initializer():
+                return self.is_weight(v)
+            return known.get(id(v), False)
+
+        for n in self.graph:
+            flag = self.evaluable(n) and all(const(v) for v in n.inputs)
+            for o in n.outputs:
+                known[id(o)] = flag
+        return known
 
     def const_array(self, value: Any) -> Any:
         """The contents of a constant value as a numpy array (``None`` if not constant).
