@@ -102,3 +102,29 @@ def test_constant_nodes_become_initializers_with_their_names(tmp_path):
     assert m.graph.node[0].input[1] in {t.name for t in m.graph.initializer}
     assert rep["applied"][0]["lifted"] == [m.graph.node[0].input[1]]
     G.assert_same_function(src, dst)
+
+
+def test_scalar_constants_stay_scalars(tmp_path):
+    """A PyTorch export with a dynamic batch: Shape -> Gather(0-d index) -> Unsqueeze -> Concat ->
+    Reshape. Lifting the 0-d Constant index must keep it 0-d (else the Concat breaks)."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x) * 0.5
+            return y.reshape(y.shape[0], 4, -1).mean(-1)
+
+    torch.manual_seed(0)
+    src = tmp_path / "net.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(1, 3, 8, 8),), str(src), dynamo=False, opset_version=13,
+                      input_names=["x"], dynamic_axes={"x": {0: "batch"}}, do_constant_folding=False)
+    assert "Constant" in G.ops(src) and "Shape" in G.ops(src)
+    dst = tmp_path / "o.onnx"
+    r = run_cli("optimize", src, "-o", dst, "--json")
+    assert r.code == 0, r.err
+    assert "Constant" not in G.ops(dst) and "Mul" not in G.ops(dst)
+    G.assert_same_function(src, dst, batch=3)

@@ -60,7 +60,7 @@ class OnnxEditor:
         import numpy as np
         import onnx_ir as ir
 
-        arr = np.ascontiguousarray(np.asarray(array).astype(dtype) if dtype is not None else np.asarray(array))
+        arr = np.require(np.asarray(array).astype(dtype) if dtype is not None else np.asarray(array), requirements="C")
         if exact:
             name = base_name
             self._taken().add(name)
@@ -84,7 +84,7 @@ class OnnxEditor:
         ir3 = int(self.model.ir_version or 0) <= 3  # every initializer is also listed as an input
         if (old is not None and old.is_initializer() and (ir3 or not old.is_graph_input()) and not old.is_graph_output()
                 and list(old.uses()) == [(node, index)]):
-            arr = np.ascontiguousarray(np.asarray(array).astype(dtype) if dtype is not None else np.asarray(array))
+            arr = np.require(np.asarray(array).astype(dtype) if dtype is not None else np.asarray(array), requirements="C")
             tensor = ir.Tensor(arr, name=old.name)
             old.const_value = tensor
             old.shape = ir.Shape(arr.shape)

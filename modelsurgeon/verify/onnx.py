@@ -142,7 +142,7 @@ class OnnxInputs:
                 a = torch.randint(0, 2, shape, generator=gen).numpy().astype(bool)
             else:
                 a = torch.randint(0, 2, shape, generator=gen).numpy().astype(dt)
-            feeds[name] = np.ascontiguousarray(a)
+            feeds[name] = np.require(a, requirements="C")
         return feeds
 
     def describe(self) -> str:
