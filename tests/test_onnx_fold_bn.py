@@ -224,3 +224,14 @@ def test_pytorch_exported_model(tmp_path):
         ref = net(x).numpy()
     (got,) = G.ort_outputs(dst, {"images": x.numpy()})
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_overridable_initializer_is_not_a_constant(tmp_path):
+    """IR >= 4: an initializer also listed as a graph input is a default the caller may override."""
+    m = G.conv_bn_relu(13, seed=12)
+    mean = next(i for i in m.graph.node if i.op_type == "BatchNormalization").input[3]
+    init = next(t for t in m.graph.initializer if t.name == mean)
+    m.graph.input.append(helper.make_tensor_value_info(mean, init.data_type, list(init.dims)))
+    rep, src, dst = fold(tmp_path, m)
+    assert "BatchNormalization" in G.ops(dst)
+    assert "overridable" in rep["skipped"][0]["reason"]

@@ -85,6 +85,8 @@ def _const(g: OnnxGraph, value: Any, what: str):
     if value is None:
         return None, None
     if not g.is_const(value):
+        if value.is_graph_input():
+            return None, f"its {what} is a graph input (overridable at run time)"
         return None, f"its {what} is computed at run time"
     try:
         arr = g.const_array(value)
@@ -167,7 +169,7 @@ def batch_norm_affine(g: OnnxGraph, node: Any, channels: int) -> ChannelAffine |
             return f"it has no {what} input"
         arr, why = _const(g, node.inputs[i], what)
         if arr is None:
-            return why.replace("its ", "its statistics: ", 1) if what in ("mean", "variance") else why
+            return why
         if arr.size != channels:
             return f"its {what} has {arr.size} values for {channels} channels"
         arrays.append(to_f64(arr).reshape(-1))
