@@ -86,10 +86,10 @@ def test_grouped_conv_after_space_to_depth_is_skipped(tmp_path):
     assert s["target"] == "conv" and "grouped" in s["reason"]
 
 
-def test_concat_of_width_blocks_is_not_a_space_to_depth(tmp_path):
+def test_concat_of_width_blocks_is_left_alone(tmp_path):
     rep, src, dst = run(tmp_path, G.focus_stem_opset9())
     assert G.ops(dst) == ["Slice", "Slice", "Concat", "Conv"]
-    assert "not a space-to-depth" in rep["skipped"][0]["reason"]
+    assert rep["applied"] == [] and rep["skipped"] == []  # no sub-sampling: not even a candidate
 
 
 def test_incomplete_phases_are_skipped(tmp_path):
@@ -143,3 +143,13 @@ def test_shared_stem_weight_is_duplicated(tmp_path):
     other = next(n for n in m.graph.node if n.name == "other")
     assert other.input[1] == w
     G.assert_same_function(src, dst)
+
+
+def test_rows_only_subsampling_is_skipped_with_reason(tmp_path):
+    b = Builder(33)
+    parts = [b.node("Slice", ["x", b.const(np.array([dy], np.int64)), b.const(np.array([G.INT64_MAX], np.int64)),
+                              b.const(np.array([2], np.int64)), b.const(np.array([2], np.int64))]) for dy in (0, 1)]
+    y = b.conv(b.node("Concat", parts, axis=1), 6, 4, name="conv")
+    rep, src, dst = run(tmp_path, b.model([tensor("x", ["N", 3, 8, 8])], [out(y, ["N", 4, 4, 8])], 13))
+    assert "Concat" in G.ops(dst)
+    assert "not a space-to-depth" in rep["skipped"][0]["reason"]

@@ -79,8 +79,8 @@ def region(g: OnnxGraph, s: Any) -> tuple[list, Any] | str | None:
             else:
                 stack.append(d)
     ops = [n.op_type for n in nodes.values()]
-    if "SpaceToDepth" not in ops and ops.count("Slice") < 2:
-        return None
+    if "SpaceToDepth" not in ops and (ops.count("Slice") < 2 or not any(_strided(g, n) for n in nodes.values())):
+        return None  # channel splits and the like: no sub-sampling, no space-to-depth
     if len(sources) != 1:
         return "the space-to-depth subgraph reads more than one tensor"
     order = {id(n): i for i, n in enumerate(g.graph)}
@@ -115,6 +115,13 @@ def _slice_params(g: OnnxGraph, node: Any):
     axes = axes if axes is not None else list(range(len(starts)))
     steps = steps if steps is not None else [1] * len(starts)
     return starts, ends, axes, steps
+
+
+def _strided(g: OnnxGraph, node: Any) -> bool:
+    if node.op_type != "Slice":
+        return False
+    params = _slice_params(g, node)
+    return params is not None and any(step >= 2 for step in params[3])
 
 
 def _size_independent(g: OnnxGraph, members: list, x: Any) -> str | None:
