@@ -153,3 +153,10 @@ def test_rows_only_subsampling_is_skipped_with_reason(tmp_path):
     rep, src, dst = run(tmp_path, b.model([tensor("x", ["N", 3, 8, 8])], [out(y, ["N", 4, 4, 8])], 13))
     assert "Concat" in G.ops(dst)
     assert "not a space-to-depth" in rep["skipped"][0]["reason"]
+
+
+@pytest.mark.parametrize("flag", ["--check-grad", "--bench"])
+def test_pytorch_only_flags_are_refused(tmp_path, flag):
+    src = G.save(G.s2d_conv(), tmp_path / "m.onnx")
+    r = run_cli("focus-to-conv", src, flag, "-o", tmp_path / "o.onnx")
+    assert r.code == 2 and flag in r.err and not (tmp_path / "o.onnx").exists()
