@@ -41,6 +41,9 @@ def render(report: Report, console: Any) -> None:
 
     if "truncate" in report.extra:
         _render_truncate(report.extra["truncate"], console)
+    if report.extra.get("tensors") is not None:  # truncate --list on an ONNX model
+        _render_tensors(report.extra["tensors"], console)
+        return
 
     applied = report.applied
     if applied:
@@ -170,3 +173,13 @@ def _render_truncate(info: dict, console: Any) -> None:
                       + ("[green]yes, bit for bit[/green]" if info["prefix_exact"] else "[red]no[/red]"))
     if info.get("identity_note"):
         console.print(f"[dim]note:[/dim] {info['identity_note']}")
+
+def _render_tensors(rows: list, console: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"Tensors ({len(rows)}): candidates for --at", title_justify="left")
+    for col, kw in (("#", {"justify": "right"}), ("tensor", {"style": "green"}), ("op", {}), ("shape", {}), ("", {})):
+        t.add_column(col, **kw)
+    for r in rows:
+        t.add_row(str(r["index"]), r["name"], r["op"], r["shape"], "output" if r.get("output") else "")
+    console.print(t)

@@ -1,4 +1,4 @@
-"""Before/after figures of a PyTorch model: parameters, FLOPs, BatchNorm count, modules."""
+"""Before/after figures of a model: parameters, FLOPs, BatchNorm count, modules (PyTorch) or nodes (ONNX)."""
 
 from __future__ import annotations
 
@@ -19,3 +19,15 @@ def torch_stats(model: Any, graph: Any = None, flops: int | None = None) -> Mode
         st.bn = graph.op_count("batch_norm")
         st.ops = len(graph.events)
     return st
+
+
+def onnx_stats(model: Any) -> ModelStats:
+    """Before/after figures of an ONNX model: elements of the constant tensors (initializers and
+    ``Constant`` nodes), BatchNormalization nodes, nodes of the main graph (reported as both
+    ``modules`` and ``ops``). No FLOP count."""
+    nodes = list(model.graph)
+    params = sum(int(v.const_value.size) for v in model.graph.initializers.values() if v.const_value is not None)
+    params += sum(int(n.attributes["value"].as_tensor().size) for n in nodes
+                  if n.op_type == "Constant" and "value" in n.attributes)
+    return ModelStats(params=params, flops=None, bn=sum(n.op_type == "BatchNormalization" for n in nodes),
+                      modules=len(nodes), ops=len(nodes))

@@ -93,3 +93,38 @@ def _fsync_dir(d: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_files(path: Path) -> Iterator[Path]:
+    """Yield a temporary directory next to ``path``; whatever is written there under
+    ``path``'s name, plus companion files (external data), replaces the targets on success:
+    companions first, ``path`` itself last, so a complete ``path`` always has its data.
+    The directory is removed in any case."""
+    import shutil
+
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise BadInput(f"cannot write {path}: {e.strerror or e}")
+    try:
+        yield tmp_dir
+        main = tmp_dir / path.name
+        umask = os.umask(0)
+        os.umask(umask)
+        files = [p for p in tmp_dir.iterdir() if p.is_file() and p != main] + [main]
+        for f in files:
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(f, 0o666 & ~umask)
+        for f in files:
+            os.replace(f, parent / f.name)
+        _fsync_dir(parent)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EFBIG):
+            raise BadInput(f"cannot write {path}: {os.strerror(e.errno)}") from e
+        raise BadInput(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)

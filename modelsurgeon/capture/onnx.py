@@ -1,0 +1,294 @@
+"""The ONNX back end's graph: nothing to record -- an ONNX file *is* its dataflow graph.
+
+:class:`OnnxGraph` is a thin read-only view of an ``onnx_ir`` model with what passes ask of a
+graph: producers and readers of a value, node labels, which values are *constants* and their
+contents. Constants are
+
+* initializers (not overridable: an initializer that is also a graph input is a constant only
+  in IR version 3 files, where every weight has to be listed as an input),
+* outputs of ``Constant`` nodes,
+* outputs of nodes of the default domain whose inputs are all constants (a constant
+  subgraph: fusion-weight normalisation, shape arithmetic...) -- evaluated on demand with
+  onnx's reference evaluator (op semantics are never re-implemented here), except random
+  generators and (de)quantisation, which must stay in the graph.
+
+Edits go through :class:`modelsurgeon.rewrite.onnx.OnnxEditor`; a pass gets both in an
+:class:`OnnxContext`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+# Ops never evaluated at surgery time: random generators (a different draw each run) and
+# quantisation (runtimes need the Q/DQ pattern and the small integer weights kept as they are).
+NOT_EVALUATED = {
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
+    "Multinomial", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+}
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+class EvaluationError(Exception):
+    """A constant subgraph could not be evaluated by the reference evaluator."""
+
+
+@dataclass
+class OnnxContext:
+    """What an ONNX pass works on (the counterpart of :class:`~modelsurgeon.passes.base.TorchContext`)."""
+
+    model: Any  # onnx_ir.Model, edited in place
+    graph: "OnnxGraph"
+    editor: Any  # modelsurgeon.rewrite.onnx.OnnxEditor
+    options: dict = field(default_factory=dict)
+    input_shapes: dict = field(default_factory=dict)  # graph input name -> example shape
+    slot: str | None = None
+    notes: list[str] = field(default_factory=list)
+    references: Any = None  # modelsurgeon.verify.onnx.OnnxReferences (None before recording)
+
+
+def node_label(node: Any) -> str:
+    """How a node is named in reports: its name, else its op and first output."""
+    if node.name:
+        return node.name
+    out = node.outputs[0].name if node.outputs and node.outputs[0].name else "?"
+    return f"{node.op_type}→{out}"
+
+
+def shape_of(value: Any) -> tuple | None:
+    """Declared / inferred shape: ints for static dims, the symbol (str or None) otherwise."""
+    s = value.shape if value is not None else None
+    if s is None:
+        return None
+    out = []
+    for d in s.dims:
+        out.append(d if isinstance(d, int) else getattr(d, "value", None))
+    return tuple(out)
+
+
+def static_shape(value: Any) -> tuple[int, ...] | None:
+    s = shape_of(value)
+    if s is None or not all(isinstance(d, int) for d in s):
+        return None
+    return s
+
+
+def format_shape(shape: tuple | None) -> str:
+    if shape is None:
+        return "?"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+class OnnxGraph:
+    """Read-only queries on the main graph of an ``onnx_ir`` model."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.graph = model.graph
+        self.opset = int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)))
+        self.ir_version = int(model.ir_version or 0)
+        self._const: dict[int, Any] = {}  # id(value) -> np.ndarray (evaluated / read constants)
+        self._is_const: dict[int, bool] | None = None
+
+    # -- structure -----------------------------------------------------------------------------
+    @property
+    def nodes(self) -> list:
+        return list(self.graph)
+
+    def values_by_name(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for v in self.graph.inputs:
+            if v.name:
+                out[v.name] = v
+        for name, v in self.graph.initializers.items():
+            out[name] = v
+        for n in self.graph:
+            for o in n.outputs:
+                if o.name:
+                    out[o.name] = o
+        return out
+
+    @staticmethod
+    def producer(value: Any) -> Any:
+        return value.producer() if value is not None else None
+
+    @staticmethod
+    def readers(value: Any) -> list:
+        """Nodes reading ``value`` (each once)."""
+        return list(value.consumers())
+
+    @staticmethod
+    def reader_count(value: Any) -> int:
+        """Readers of ``value``, a graph output counting as one."""
+        return len(value.consumers()) + (1 if value.is_graph_output() else 0)
+
+    def sole_reader(self, value: Any) -> Any:
+        """The only node reading ``value`` (once, and not also a graph output), else ``None``."""
+        if value.is_graph_output():
+            return None
+        uses = value.uses()
+        if len(uses) != 1:
+            return None
+        return next(iter(uses)).node
+
+    @staticmethod
+    def is_default_domain(node: Any) -> bool:
+        return node.domain in DEFAULT_DOMAINS
+
+    def describe_readers(self, value: Any) -> str:
+        names = [node_label(n) for n in self.readers(value)]
+        if value.is_graph_output():
+            names.append("a graph output")
+        return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+    # -- constants -----------------------------------------------------------------------------
+    def is_weight(self, value: Any) -> bool:
+        """An initializer the runtime cannot override."""
+        if value is None or not value.is_initializer() or value.const_value is None:
+            return False
+        return not value.is_graph_input() or self.ir_version <= 3
+
+    def evaluable(self, node: Any) -> bool:
+        """Can this node be evaluated at surgery time if its inputs are constant?"""
+        if not self.is_default_domain(node) or node.op_type in NOT_EVALUATED:
+            return False
+        for a in node.attributes.values():
+            if a.is_ref() or a.type.name in ("GRAPH", "GRAPHS", "SPARSE_TENSOR", "SPARSE_TENSORS"):
+                return False
+        return True
+
+    def is_const(self, value: Any) -> bool:
+        """True when ``value`` depends on constants only (see the module docstring)."""
+        if value is None:
+            return True  # an omitted optional input
+        if value.is_initializer():
+            return self.is_weight(value)
+        if value.is_graph_input():
+            return False
+        if self._is_const is None:
+            self._is_const = self._constness()
+        return self._is_const.get(id(value), False)
+
+    def _constness(self) -> dict[int, bool]:
+        """Constness of every node output, in one pass over the (topologically ordered) nodes."""
+        known: dict[int, bool] = {}
+
+        def const(v: Any) -> bool:
+            if v is None:
+                return True
+            if v.is_initializer():
+                return self.is_weight(v)
+            return known.get(id(v), False)
+
+        for n in self.graph:
+            flag = self.evaluable(n) and all(const(v) for v in n.inputs)
+            for o in n.outputs:
+                known[id(o)] = flag
+        return known
+
+    def const_array(self, value: Any) -> Any:
+        """The contents of a constant value as a numpy array (``None`` if not constant).
+
+        Raises :class:`EvaluationError` when a constant subgraph cannot be evaluated.
+        """
+        if value is None or not self.is_const(value):
+            return None
+        key = id(value)
+        if key in self._const:
+            return self._const[key]
+        if value.is_initializer():
+            arr = value.const_value.numpy()
+        else:
+            node = value.producer()
+            arr = None
+            if node.op_type == "Constant" and "value" in node.attributes:
+                arr = node.attributes["value"].as_tensor().numpy()
+            if arr is None:
+                self.evaluate([value])
+                return self._const[key]
+        self._const[key] = arr
+        return arr
+
+    def const_nodes(self, values: Iterable[Any]) -> list:
+        """The nodes computing ``values`` from initializers, in topological order."""
+        order: list = []
+        seen: set[int] = set()
+        for v in values:
+            stack = [(v.producer(), False)] if v.producer() is not None else []
+            while stack:
+                n, done = stack.pop()
+                if done:
+                    order.append(n)
+                    continue
+                if id(n) in seen:
+                    continue
+                seen.add(id(n))
+                stack.append((n, True))
+                for i in n.inputs:
+                    if i is not None and i.producer() is not None and id(i.producer()) not in seen:
+                        stack.append((i.producer(), False))
+        return order
+
+    def evaluate(self, values: list) -> list:
+        """Evaluate constant values with the reference evaluator (cached)."""
+        todo = [v for v in values if id(v) not in self._const]
+        if todo:
+            for v, r in zip(todo, self.run_nodes(self.const_nodes(todo), {}, todo)):
+                self._const[id(v)] = r
+        return [self._const[id(v)] for v in values]
+
+    def run_nodes(self, nodes: list, feeds: dict, outputs: list) -> list:
+        """Run ``nodes`` (topologically ordered) with onnx's reference evaluator: ``feeds`` maps
+        values to arrays; every other input not produced inside ``nodes`` must be a constant.
+        Returns the arrays of ``outputs``. Raises :class:`EvaluationError`."""
+        import numpy as np
+        import onnx
+        import onnx_ir as ir
+        from onnx.reference import ReferenceEvaluator
+
+        produced = {id(o) for n in nodes for o in n.outputs}
+        fed = {id(v): (v, a) for v, a in feeds.items()}
+        inits = {}
+        for n in nodes:
+            for i in n.inputs:
+                if i is None or id(i) in produced or id(i) in fed or i.name in inits:
+                    continue
+                arr = self.const_array(i) if i.producer() is not None else (
+                    i.const_value.numpy() if self.is_weight(i) else None)
+                if arr is None:
+                    raise EvaluationError(f"input {i.name} is neither fed nor constant")
+                inits[i.name] = onnx.numpy_helper.from_array(np.asarray(arr), i.name)
+        inputs = [onnx.helper.make_tensor_value_info(v.name, onnx.helper.np_dtype_to_tensor_dtype(np.asarray(a).dtype), None)
+                  for v, a in fed.values()]
+        graph = onnx.helper.make_graph([ir.serde.serialize_node(n) for n in nodes], "subgraph", inputs,
+                                       [onnx.ValueInfoProto(name=v.name) for v in outputs], list(inits.values()))
+        opsets = [onnx.helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()]
+        model = onnx.helper.make_model(graph, opset_imports=opsets)
+        try:
+            results = ReferenceEvaluator(model).run(None, {v.name: a for v, a in fed.values()})
+        except Exception as e:  # the evaluator's message, first line
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise EvaluationError(f"{type(e).__name__}: {msg}") from e
+        return [np.asarray(r) for r in results]
+
+
+def infer_shapes(model: Any) -> bool:
+    """Fill value shapes and types with onnx shape inference (in place, non-strict: unknown
+    ops leave their outputs unknown). Works for models over 2 GB. False if it failed."""
+    import logging
+
+    import onnx_ir as ir
+
+    log = logging.getLogger("onnx_ir.passes.common.shape_inference")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        from onnx_ir.passes.common import ShapeInferencePass
+
+        ShapeInferencePass(strict_mode=False)(model)
+        return True
+    except Exception:
+        return False
+    finally:
+        log.setLevel(level)

@@ -1,0 +1,295 @@
+"""focus-to-conv on ONNX graphs.
+
+Pattern: a ``Conv`` whose input is a *space-to-depth* of one tensor ``x`` (N, C, H, W), however
+the exporter spelled it:
+
+* ``Slice`` x r² (one Slice per phase with two axes, or chains of one-axis Slices; attribute
+  form before opset 10, inputs from initializers or ``Constant`` nodes after; negative axes,
+  INT_MAX ends) + ``Concat(axis=1)``, phases in any order (YOLOv5 ``Focus``);
+* ``SpaceToDepth``, optionally followed by a channel shuffle (``Gather`` on axis 1, or the
+  ``Reshape → Transpose → Reshape`` of a pixel_unshuffle / DCR↔CRD conversion).
+
+Which channel holds which phase is not read from the ops' attributes but *measured*: the
+subgraph is run by onnx's reference evaluator on a labelled input (every element its own
+index, in float64) and the output must be exactly ``s2d[n, j, u, v] = x[n, c_j, r*u + dy_j,
+r*v + dx_j]`` with every (c, dy, dx) once. When H or W is symbolic the measurement is taken
+at two sizes, and Slices must start inside the first block and run to the end
+(``start < step``, ``end >= 2**31 - 1``), so the rewrite holds for every input size.
+
+Rewrite: one Conv on ``x`` with kernel ``r*k``, stride ``r*s``, padding ``r*p`` and the
+weights of :func:`modelsurgeon.rewrite.space_to_depth.merge_weight` (float64, cast to the
+weight's dtype). Exact when groups == 1 and dilation == 1 (otherwise skipped with the
+reason); H and W divisible by r is implied: the space-to-depth itself fails otherwise.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from ...capture.onnx import EvaluationError, OnnxContext, OnnxGraph, node_label, shape_of
+from ...errors import BadInput
+from ...match.onnx import _attr, to_f64
+from ..base import Applied, Match, Pass, Skipped
+
+SHUFFLE = {"Gather", "Transpose", "Reshape", "Identity"}
+MOVES = SHUFFLE | {"Slice", "Concat", "SpaceToDepth"}
+TO_END = 2 ** 31 - 1
+PROBE_SIZES = ((24, 48), (48, 72))  # divisible by 2, 3, 4, 6, 8, 12, 24; two sizes, never square
+
+
+@dataclass
+class FocusMatch(Match):
+    conv: Any = None
+    source: Any = None  # x
+    nodes: list = field(default_factory=list)  # the space-to-depth subgraph
+    phases: list = field(default_factory=list)
+    r: int = 2
+
+
+def _data_inputs(node: Any) -> list:
+    if node.op_type == "Concat":
+        return [v for v in node.inputs if v is not None]
+    return [node.inputs[0]] if node.inputs else []
+
+
+def region(g: OnnxGraph, s: Any) -> tuple[list, Any] | str | None:
+    """The space-to-depth subgraph ending at ``s`` and its one source tensor; ``None`` when
+    there is no such subgraph, a reason when there is one that cannot be used."""
+    nodes: dict[int, Any] = {}
+    sources: dict[int, Any] = {}
+    stack = [s]
+    while stack:
+        v = stack.pop()
+        p = v.producer()
+        if p is None or p.op_type not in MOVES or not g.is_default_domain(p) or g.is_const(v):
+            sources[id(v)] = v
+            continue
+        if id(p) in nodes:
+            continue
+        nodes[id(p)] = p
+        data = _data_inputs(p)
+        for extra in p.inputs:
+            if extra is not None and all(extra is not d for d in data) and not g.is_const(extra):
+                return None  # computed indices / shapes: not a fixed data movement
+        for d in data:
+            q = d.producer()
+            if p.op_type == "SpaceToDepth" or (p.op_type == "Slice" and (q is None or q.op_type != "Slice")):
+                sources[id(d)] = d  # the tensor being split into phases
+            else:
+                stack.append(d)
+    ops = [n.op_type for n in nodes.values()]
+    if "SpaceToDepth" not in ops and (ops.count("Slice") < 2 or not any(_strided(g, n) for n in nodes.values())):
+        return None  # channel splits and the like: no sub-sampling, no space-to-depth
+    if len(sources) != 1:
+        return "the space-to-depth subgraph reads more than one tensor"
+    order = {id(n): i for i, n in enumerate(g.graph)}
+    members = sorted(nodes.values(), key=lambda n: order[id(n)])
+    inside = {id(n) for n in members}
+    for n in members:
+        for o in n.outputs:
+            if o is s:
+                continue
+            if o.is_graph_output() or any(id(c) not in inside for c in o.consumers()):
+                return f"{node_label(n)}'s output is also read outside the space-to-depth"
+    return members, next(iter(sources.values()))
+
+
+def _slice_params(g: OnnxGraph, node: Any):
+    """(starts, ends, axes, steps) of a Slice as int lists, or None when not constant."""
+    if g.opset < 10:
+        starts, ends = list(_attr(node, "starts", [])), list(_attr(node, "ends", []))
+        axes = list(_attr(node, "axes", range(len(starts))))
+        return starts, ends, axes, [1] * len(starts)
+    arrays = []
+    for i in range(1, 5):
+        v = node.inputs[i] if len(node.inputs) > i else None
+        if v is None:
+            arrays.append(None)
+            continue
+        a = g.const_array(v)
+        if a is None:
+            return None
+        arrays.append([int(x) for x in a.reshape(-1)])
+    starts, ends, axes, steps = arrays
+    axes = axes if axes is not None else list(range(len(starts)))
+    steps = steps if steps is not None else [1] * len(starts)
+    return starts, ends, axes, steps
+
+
+def _strided(g: OnnxGraph, node: Any) -> bool:
+    if node.op_type != "Slice":
+        return False
+    params = _slice_params(g, node)
+    return params is not None and any(step >= 2 for step in params[3])
+
+
+def _size_independent(g: OnnxGraph, members: list, x: Any) -> str | None:
+    """Why the subgraph might act differently at other spatial sizes, or None."""
+    for n in members:
+        if n.op_type != "Slice":
+            continue
+        params = _slice_params(g, n)
+        if params is None:
+            return f"{node_label(n)} has computed parameters"
+        for start, end, axis, step in zip(*params):
+            axis = axis + 4 if axis < 0 else axis
+            if axis in (2, 3) and not (0 <= start < step and end >= TO_END):
+                return (f"{node_label(n)} slices [{start}:{end}:{step}] on a symbolic spatial axis, which "
+                        "is not a space-to-depth at every input size")
+    return None
+
+
+def probe(g: OnnxGraph, members: list, x: Any, s: Any, shape: tuple[int, int, int, int]):
+    """``(r, phases)`` measured on a labelled input of ``shape``, or a reason."""
+    import numpy as np
+
+    n, c, h, w = shape
+    labels = np.arange(n * c * h * w, dtype=np.float64).reshape(shape)
+    try:
+        (out,) = g.run_nodes(members, {x: labels}, [s])
+    except EvaluationError as e:
+        return f"the subgraph cannot be evaluated at size {h}x{w} ({e})"
+    if out.ndim != 4 or out.shape[0] != n:
+        return f"its output has shape {list(out.shape)}, not a space-to-depth of {list(shape)}"
+    _, c2, h2, w2 = out.shape
+    if h2 == 0 or w2 == 0 or h % h2 or w % w2 or h // h2 != w // w2 or h // h2 < 2 or c2 != c * (h // h2) ** 2:
+        return f"its output has shape {list(out.shape)}, not a space-to-depth of {list(shape)}"
+    r = h // h2
+    first = out[0, :, 0, 0].astype(np.int64)
+    ch, rem = first // (h * w), first % (h * w)
+    dy, dx = rem // w, rem % w
+    if (dy >= r).any() or (dx >= r).any() or len(set(zip(ch.tolist(), dy.tolist(), dx.tolist()))) != c2:
+        return "its channels are not the r x r phases of the input"
+    rows = r * np.arange(h2)[None, :] + dy[:, None]
+    cols = r * np.arange(w2)[None, :] + dx[:, None]
+    expected = labels[:, ch[:, None, None], rows[:, :, None], cols[:, None, :]]
+    if not np.array_equal(out, expected):
+        return "its output is not a space-to-depth of the input (measured)"
+    return r, list(zip(ch.tolist(), dy.tolist(), dx.tolist()))
+
+
+def _ints(node: Any, name: str, default: list) -> list:
+    v = _attr(node, name, None)
+    return list(v) if v is not None else list(default)
+
+
+def conv_reason(g: OnnxGraph, conv: Any, channels: int) -> str | None:
+    w = conv.inputs[1] if len(conv.inputs) > 1 else None
+    if w is None or not g.is_const(w):
+        return "its weight is computed at run time"
+    arr = g.const_array(w)
+    if arr.ndim != 4:
+        return "it is not a 2-D convolution"
+    if int(_attr(conv, "group", 1)) != 1:
+        return f"the conv is grouped (group={_attr(conv, 'group', 1)}): no single conv equals it"
+    if any(d != 1 for d in _ints(conv, "dilations", [1, 1])):
+        return "the conv is dilated: no single conv equals it"
+    pad = _attr(conv, "auto_pad", "NOTSET")
+    pad = pad.decode() if isinstance(pad, bytes) else pad
+    if pad not in ("NOTSET", "VALID"):
+        return f"auto_pad={pad}: its padding depends on the input size"
+    if arr.shape[1] != channels:
+        return f"the conv reads {arr.shape[1]} channels, the space-to-depth gives {channels}"
+    return None
+
+
+class FocusToConv(Pass):
+    name = "focus-to-conv"
+    backend = "onnx"
+
+    def prepare(self, ctx: OnnxContext) -> list[str]:
+        torch_only = [flag for flag, key in (("--check-grad", "check_grad"), ("--bench", "bench")) if ctx.options.get(key)]
+        if torch_only:
+            raise BadInput(f"{', '.join(torch_only)}: for PyTorch models only")
+        return []
+
+    def match(self, ctx: OnnxContext) -> Iterable[Match | Skipped]:
+        g = ctx.graph
+        for conv in g.nodes:
+            if conv.op_type != "Conv" or not g.is_default_domain(conv) or not conv.inputs or conv.inputs[0] is None:
+                continue
+            s = conv.inputs[0]
+            found = region(g, s)
+            if found is None:
+                continue
+            label = node_label(conv)
+            if isinstance(found, str):
+                yield Skipped(label, found)
+                continue
+            members, x = found
+            if s.is_graph_output() or any(c is not conv for c in s.consumers()):
+                yield Skipped(label, f"the space-to-depth output is also read by {g.describe_readers(s)}")
+                continue
+            result = self._measure(ctx, members, x, s)
+            if isinstance(result, str):
+                yield Skipped(label, result)
+                continue
+            r, phases = result
+            why = conv_reason(g, conv, len(phases))
+            if why:
+                yield Skipped(label, why)
+                continue
+            yield FocusMatch(target=label, conv=conv, source=x, nodes=members, phases=phases, r=r)
+
+    def _measure(self, ctx: OnnxContext, members: list, x: Any, s: Any):
+        g = ctx.graph
+        decl = shape_of(x)
+        if decl is None or len(decl) != 4:
+            return "the rank of the tensor it splits is unknown" if decl is None else "the tensor it splits is not 4-D"
+        if not isinstance(decl[1], int):
+            return "the channel count of the tensor it splits is symbolic"
+        example = ctx.input_shapes.get(x.name) if x.is_graph_input() else None
+        n = decl[0] if isinstance(decl[0], int) else (example[0] if example else 1)
+        if isinstance(decl[2], int) and isinstance(decl[3], int):
+            sizes = [(decl[2], decl[3])]
+        else:
+            why = _size_independent(g, members, x)
+            if why:
+                return why
+            sizes = list(PROBE_SIZES)
+            if example:
+                sizes.insert(0, tuple(example[2:]))
+        first = None
+        for h, w in sizes:
+            result = probe(g, members, x, s, (n, decl[1], h, w))
+            if isinstance(result, str):
+                return result
+            if first is not None and result != first:
+                return "its channel order depends on the input size"
+            first = result
+        return first
+
+    def rewrite(self, ctx: OnnxContext, m: FocusMatch) -> Applied:
+        from ...rewrite.space_to_depth import merge_weight
+
+        g, ed, conv, r = ctx.graph, ctx.editor, m.conv, m.r
+        w_val = conv.inputs[1]
+        w = g.const_array(w_val)
+        kh, kw = w.shape[2:]
+        k = _ints(conv, "kernel_shape", [kh, kw])
+        st = _ints(conv, "strides", [1, 1])
+        pads = [0, 0, 0, 0] if _attr(conv, "auto_pad", "NOTSET") in ("VALID", b"VALID") else _ints(conv, "pads", [0, 0, 0, 0])
+        new_w = merge_weight(to_f64(w), m.phases, r).numpy()
+        shared = len(w_val.uses()) > 1
+        ed.write_tensor(conv, 1, new_w, w_val.name or f"{m.target}_weight", w.dtype)
+        ed.set_input(conv, 0, m.source)
+        ed.set_attr(conv, "kernel_shape", [r * k[0], r * k[1]])
+        ed.set_attr(conv, "strides", [r * st[0], r * st[1]])
+        ed.set_attr(conv, "pads", [r * p for p in pads])
+        conv.attributes.pop("auto_pad", None)
+        if "dilations" in conv.attributes:
+            ed.set_attr(conv, "dilations", [1, 1])
+        ed.remove_nodes(m.nodes)
+        counts = Counter(n.op_type for n in m.nodes)
+        what = " + ".join(f"{op}×{c}" if c > 1 else op for op, c in counts.items())
+        detail = (f"{what} (r={r}) + Conv k{k[0]} s{st[0]} p{pads[0]} → Conv k{r * k[0]} s{r * st[0]} "
+                  f"p{r * pads[0]} on {m.source.name}")
+        if shared:
+            detail += " (its weight is shared: written as a new initializer)"
+        return Applied(m.target, detail, {
+            "layer": m.target, "factor": r, "source": m.source.name,
+            "removed": [node_label(n) for n in m.nodes],
+            "kernel": [r * k[0], r * k[1]], "stride": [r * st[0], r * st[1]], "padding": [r * p for p in pads],
+        })

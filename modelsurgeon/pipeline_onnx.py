@@ -1,0 +1,189 @@
+"""The pipeline for ONNX inputs, natively (no PyTorch round trip):
+
+    load       modelsurgeon/load/onnx.py      onnx_ir model, external data checked and mapped
+    capture    modelsurgeon/capture/onnx.py   the IR is the graph: readers, constants, evaluation
+    reference  modelsurgeon/verify/onnx.py    the ORIGINAL file run in onnxruntime (optimisations off)
+    passes     modelsurgeon/passes/*/onnx.py  the same run_pass / PassReport as PyTorch
+    cleanup    modelsurgeon/rewrite/onnx.py   dead nodes and initializers removed, topological sort
+    save       modelsurgeon/save/onnx.py      staged write, ONNX checker, parity of the written file,
+                                              then moved into place (external data above 2 GB)
+
+Verification compares every output of the written file, by name, with the original's value
+of the tensor of that name. Function-preserving passes keep the output names, so that is the
+original outputs; a pass that changes the outputs on purpose (truncate) names the tensors the
+references must include in its ``prepare(ctx)``, and is verified by the same rule.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .errors import BadInput, ParityError
+
+
+def storage_dtype(model: Any) -> str:
+    """The float dtype holding most weight elements (sets the default tolerance)."""
+    counts: dict[str, int] = {}
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if t is None or not t.dtype.is_floating_point():
+            continue
+        name = t.dtype.numpy().name if hasattr(t.dtype, "numpy") else "float32"
+        counts[name] = counts.get(name, 0) + int(t.size)
+    return max(counts, key=counts.get) if counts else "float32"
+
+
+def run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
+    from . import passes as registry
+    from .capture.onnx import OnnxContext, OnnxGraph, infer_shapes
+    from .passes.base import PassReport, run_pass
+    from .pipeline import _merge, _worst
+    from .report.stats import onnx_stats
+    from .rewrite.onnx import OnnxEditor
+    from .save.atomic import atomic_files
+    from .save.onnx import check, wants_external, write
+    from .verify.compare import ParityReport, Tolerance
+    from .verify.onnx import OnnxInputs, OnnxReferences, OrtError, session
+
+    status = opts.status or (lambda _msg: None)
+    report.backend = "onnx"
+    if out_fmt != "onnx":
+        raise BadInput(f"an ONNX input is written as .onnx (got {out_path.name!r}): modelsurgeon edits ONNX "
+                       "graphs natively and does not convert them to PyTorch")
+    model = ckpt.container
+    spec = OnnxInputs.from_model(model, opts.input_shapes, opts.dtype, opts.seed)
+    report.inputs = list(spec.shapes)
+    report.notes.extend(spec.notes)
+    report.passes = [PassReport(name) for name in passes]
+    report.parity = ParityReport(trials=opts.trials, checked=opts.verify)
+    report.before = onnx_stats(model)
+    editor = OnnxEditor(model)
+    input_shapes = dict(zip(spec.names, spec.shapes))
+    impls = {name: registry.get(name, "onnx") for name in passes}
+
+    def context(name: str) -> OnnxContext:
+        return OnnxContext(model=model, graph=OnnxGraph(model), editor=editor,
+                           options=opts.pass_options.get(name, {}), input_shapes=input_shapes)
+
+    # --list (truncate): describe the graph and stop
+    for name, p in impls.items():
+        if getattr(p, "listing", None) is not None and opts.pass_options.get(name, {}).get("list"):
+            report.extra["tensors"] = p.listing(context(name))
+            report.output = None
+            report.parity = ParityReport(checked=False, note="(--list: nothing rewritten)")
+            return report
+
+    # options checks + tensors the references must include (before anything runs)
+    extra: list[str] = []
+    for name, p in impls.items():
+        prepare = getattr(p, "prepare", None)
+        if prepare is not None:
+            extra += [n for n in (prepare(context(name)) or []) if n not in extra]
+    original_outputs = [v.name for v in model.graph.outputs]
+    expected = extra if any(not p.preserves_function for p in impls.values()) else original_outputs
+
+    refs = OnnxReferences(spec, opts.trials)
+    t = time.perf_counter()
+    if opts.verify:
+        status(f"recording references ({opts.trials} trial{'s' if opts.trials > 1 else ''})")
+        values = OnnxGraph(model).values_by_name()
+        types = {n: int(values[n].dtype) for n in extra if n in values and values[n].dtype is not None}
+        try:
+            refs.record(ckpt.path, extra, types)
+        except OrtError as e:
+            raise BadInput(f"onnxruntime cannot run {ckpt.path.name} on inputs {spec.describe()}: {e}")
+    report.timings["reference"] = time.perf_counter() - t
+
+    tol = Tolerance.default(storage_dtype(model), opts.atol, opts.rtol)
+    per_pass = {p.name: p for p in report.passes}
+    t = time.perf_counter()
+    for round_ in range(8):
+        changed = False
+        for name in passes:
+            p = impls[name]
+            status(f"{name}: matching")
+            ctx = context(name)
+            ctx.references = refs
+            pr = run_pass(p, ctx, dry_run=opts.dry_run)
+            _merge(per_pass[name], pr, first_round=round_ == 0)
+            if pr.changed and not opts.dry_run:
+                changed = True
+                editor.cleanup()
+                infer_shapes(model)
+                if opts.verify_each and opts.verify:
+                    status(f"{name}: checking parity")
+                    step = _check_in_memory(model, ckpt, refs, tol, expected, name, report)
+                    if not step.passed and not opts.force:
+                        report.parity.merge(step)
+                        raise ParityError(f"parity failed after {name} ({_worst(step)}); nothing written", report)
+        if not (opts.repeat and changed):
+            break
+    report.timings["rewrite"] = time.perf_counter() - t
+    report.after = onnx_stats(model)
+
+    if opts.dry_run:
+        report.parity = ParityReport(checked=False, note="(--dry-run: nothing rewritten)")
+        return report
+    if not opts.verify:
+        report.parity = ParityReport(checked=False, note="(--no-verify)")
+
+    t = time.perf_counter()
+    external = wants_external(model, bool(ckpt.metadata.get("external_data")))
+    status(f"writing {out_path.name}")
+    with atomic_files(out_path) as tmp_dir:
+        tmp = write(model, tmp_dir, out_path.name, external)
+        problem = check(tmp)
+        if problem:
+            original = check(ckpt.path)
+            if original is not None:
+                report.notes.append(f"the input fails the ONNX checker too: {original}")
+            elif not opts.force:
+                raise ParityError(f"the rewritten model fails the ONNX checker: {problem}; nothing written", report)
+            else:
+                report.warnings.append(f"the rewritten model fails the ONNX checker ({problem}); written anyway because of --force")
+        report.timings["save"] = time.perf_counter() - t
+        if opts.verify:
+            t = time.perf_counter()
+            status("verifying the written model")
+            try:
+                result = refs.check(session(tmp), tol, expected)
+            except OrtError as e:
+                raise ParityError(f"onnxruntime cannot run the rewritten model: {e}; nothing written", report)
+            report.parity.merge(result)
+            report.parity.note = ("the written file run in onnxruntime (graph optimisations off) against the "
+                                  "original file, output by output")
+            report.timings["verify"] = time.perf_counter() - t
+            if not result.passed:
+                if not opts.force:
+                    raise ParityError(f"parity failed ({_worst(result)}); nothing written", report)
+                report.warnings.append("parity failed; writing anyway because of --force")
+    if external:
+        report.notes.append(f"tensors written as external data next to the model: {out_path.name}.data")
+    report.written = True
+    return report
+
+
+def _check_in_memory(model, ckpt, refs, tol, expected, pass_name, report):
+    """Parity of the model as it stands (--verify-each), without writing it anywhere."""
+    import onnx_ir as ir
+
+    from .save.onnx import EXTERNAL_THRESHOLD
+    from .verify.onnx import OrtError, session
+
+    inline = sum(int(v.const_value.nbytes) for v in model.graph.initializers.values()
+                 if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor))
+    try:
+        if inline > EXTERNAL_THRESHOLD:
+            import tempfile
+            from pathlib import Path
+
+            from .save.onnx import write
+
+            with tempfile.TemporaryDirectory() as d:
+                sess = session(Path(write(model, Path(d), "model.onnx", external=True)))
+                return refs.check(sess, tol, expected)
+        sess = session(ir.to_proto(model).SerializeToString(), ckpt.path.resolve().parent)
+        return refs.check(sess, tol, expected)
+    except OrtError as e:
+        raise ParityError(f"onnxruntime cannot run the model after {pass_name}: {e}; nothing written", report)

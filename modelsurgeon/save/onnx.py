@@ -1,0 +1,61 @@
+"""Write an edited ONNX model: one ``.onnx`` file, or ``.onnx`` + ``.onnx.data`` external data.
+
+The IR keeps what the input had -- opset imports, IR version, graph input/output names,
+producer, model and graph metadata, doc strings; shapes are re-inferred before writing
+(:func:`modelsurgeon.capture.onnx.infer_shapes`). Tensors go to an external data file named
+after the output when they would not fit a protobuf (2 GB) or when the input kept its weights
+as external data; otherwise everything is inline. The files are first written to a temporary
+directory next to the target, checked (ONNX checker, then parity in onnxruntime by the
+caller), and only then moved into place (:func:`modelsurgeon.save.atomic.atomic_files`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+PROTO_LIMIT = 2 ** 31
+EXTERNAL_THRESHOLD = PROTO_LIMIT - 2 ** 27
+"""Total tensor bytes above which the output keeps its tensors as external data."""
+EXTERNAL_MIN_TENSOR = 1024
+"""Tensors smaller than this stay inline even in external-data outputs."""
+
+
+def tensor_bytes(model: Any) -> int:
+    total = 0
+    for v in model.graph.initializers.values():
+        if v.const_value is not None:
+            total += int(v.const_value.nbytes)
+    for n in model.graph:
+        if n.op_type == "Constant" and "value" in n.attributes:
+            total += int(n.attributes["value"].as_tensor().nbytes)
+    return total
+
+
+def wants_external(model: Any, input_had_external: bool) -> bool:
+    return input_had_external or tensor_bytes(model) > EXTERNAL_THRESHOLD
+
+
+def write(model: Any, directory: Path, name: str, external: bool) -> Path:
+    """Serialize ``model`` to ``directory/name`` (+ ``name.data`` when ``external``)."""
+    import onnx_ir as ir
+
+    target = Path(directory) / name
+    if external:
+        ir.save(model, str(target), external_data=f"{name}.data", size_threshold_bytes=EXTERNAL_MIN_TENSOR)
+    else:
+        ir.external_data.load_to_model(model)
+        target.write_bytes(ir.to_proto(model).SerializeToString())
+    return target
+
+
+def check(path: Path) -> str | None:
+    """The ONNX checker's complaint about the file at ``path``, or ``None``."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:
+        lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+        return (lines[0] if lines else type(e).__name__)[:300]
+    return None

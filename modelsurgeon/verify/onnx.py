@@ -1,0 +1,202 @@
+"""Parity for ONNX models: onnxruntime, graph optimisations off, on seeded random inputs.
+
+* :class:`OnnxInputs` -- the graph's declared inputs (initializers excluded), their dtypes and
+  the shapes to run them at: the declared static dims, ``--input-shape`` for symbolic ones
+  (a symbolic leading batch dim defaults to 1, and says so); values drawn with the same seeding
+  as :class:`~modelsurgeon.verify.inputs.InputSpec`, so a one-input float model gets the same
+  numbers on either back end.
+* :class:`OnnxReferences` -- the ORIGINAL file's outputs, run once per trial before anything
+  is edited (graph optimisations off, so the runtime's own fusions cannot hide a mistake),
+  with any extra tensors a pass asks for exposed as outputs (truncate's ``--at``).
+* :meth:`OnnxReferences.check` -- runs the result and compares every one of its outputs, by
+  name, with the original's value of the tensor of that name (tolerance semantics:
+  :mod:`.compare`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import BadInput
+from .compare import OutputDiff, ParityReport, Tolerance, compare_arrays, summarise
+from .inputs import DTYPES, parse_shape
+
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
+class OrtError(Exception):
+    """onnxruntime refused or failed to run a model."""
+
+
+def _short(e: BaseException) -> str:
+    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text[:400]
+
+
+def session(src: Any, external_dir: Path | None = None):
+    """An onnxruntime CPU session with every graph optimisation off. ``src`` is a path or
+    serialized bytes; ``external_dir`` resolves external data of a model given as bytes."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 4  # errors are reported by us, in one line
+    if external_dir is not None and not isinstance(src, (str, Path)):
+        so.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(external_dir))
+    try:
+        return ort.InferenceSession(str(src) if isinstance(src, Path) else src, so,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise OrtError(_short(e)) from e
+
+
+def run(sess: Any, feeds: dict) -> dict:
+    """``{output name: array}``; feeds for inputs the model does not declare are left out."""
+    names = {i.name for i in sess.get_inputs()}
+    try:
+        outs = sess.run(None, {k: v for k, v in feeds.items() if k in names})
+    except Exception as e:
+        raise OrtError(_short(e)) from e
+    return {o.name: a for o, a in zip(sess.get_outputs(), outs)}
+
+
+def _numpy_dtype(ir_dtype: Any) -> Any:
+    try:
+        return ir_dtype.numpy()
+    except Exception:
+        return None
+
+
+@dataclass
+class OnnxInputs:
+    names: list[str] = field(default_factory=list)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    dtypes: list[Any] = field(default_factory=list)  # numpy dtypes
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_model(cls, model: Any, shapes: Sequence[str] = (), dtype: str = "auto", seed: int = 0) -> "OnnxInputs":
+        import numpy as np
+
+        from ..capture.onnx import shape_of
+
+        if dtype != "auto" and dtype not in DTYPES:
+            raise BadInput(f"--dtype {dtype!r}: choose one of auto, {', '.join(DTYPES)}")
+        g = model.graph
+        declared = [v for v in g.inputs if not v.is_initializer()]
+        given = [parse_shape(s) for s in shapes]
+        if given and len(given) != len(declared):
+            names = ", ".join(v.name for v in declared)
+            raise BadInput(f"the model has {len(declared)} input{'s' if len(declared) != 1 else ''} ({names}): "
+                           f"pass --input-shape once per input, in that order (got {len(given)})")
+        spec = cls(seed=seed)
+        for i, v in enumerate(declared):
+            dt = _numpy_dtype(v.dtype) if v.dtype is not None else None
+            if dt is None or dt.kind not in "fiub":
+                raise BadInput(f"input {v.name!r} has type {v.dtype or 'unknown'}: only numeric tensor inputs can be generated")
+            if dtype != "auto" and dt.kind == "f" and np.dtype(dt).name != dtype:
+                raise BadInput(f"--dtype {dtype}: input {v.name!r} is declared {np.dtype(dt).name} "
+                               "(ONNX inputs are generated in their declared dtype)")
+            decl = shape_of(v)
+            if given:
+                shape = given[i]
+                if decl is not None:
+                    if len(decl) != len(shape) or any(isinstance(d, int) and d != s for d, s in zip(decl, shape)):
+                        raise BadInput(f"--input-shape {','.join(map(str, shape))} does not fit input {v.name!r} "
+                                       f"declared {_fmt(decl)}")
+            else:
+                if decl is None:
+                    raise BadInput(f"input {v.name!r} declares no shape: pass --input-shape")
+                dims = []
+                for j, d in enumerate(decl):
+                    if isinstance(d, int) and d > 0:
+                        dims.append(d)
+                    elif j == 0:
+                        dims.append(1)
+                        spec.notes.append(f"input {v.name!r}: symbolic batch dimension {d or '?'} set to 1 "
+                                          "(pass --input-shape to choose)")
+                    else:
+                        raise BadInput(f"input {v.name!r} has symbolic dimensions {_fmt(decl)}: pass --input-shape "
+                                       f"(e.g. -s {','.join(str(x) if isinstance(x, int) else ('1' if k == 0 else '224') for k, x in enumerate(decl))})")
+                shape = tuple(dims)
+            spec.names.append(v.name)
+            spec.shapes.append(tuple(shape))
+            spec.dtypes.append(dt)
+        return spec
+
+    def make(self, trial: int) -> dict:
+        """Trial ``trial``'s feeds ``{name: array}``: the same numbers for the same seed and trial."""
+        import numpy as np
+        import torch
+
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + trial)
+        feeds = {}
+        for name, shape, dt in zip(self.names, self.shapes, self.dtypes):
+            if dt.kind == "f":
+                a = torch.randn(shape, generator=gen, dtype=torch.float32).numpy().astype(dt)
+            elif dt.kind == "b":
+                a = torch.randint(0, 2, shape, generator=gen).numpy().astype(bool)
+            else:
+                a = torch.randint(0, 2, shape, generator=gen).numpy().astype(dt)
+            feeds[name] = np.require(a, requirements="C")
+        return feeds
+
+    def describe(self) -> str:
+        return "; ".join(f"{n} {','.join(map(str, s))}" for n, s in zip(self.names, self.shapes))
+
+
+def _fmt(shape: tuple) -> str:
+    return "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
+
+
+class OnnxReferences:
+    """The original model's outputs (and any extra tensors) on every trial's inputs."""
+
+    def __init__(self, inputs: OnnxInputs, trials: int):
+        self.spec = inputs
+        self.trials = max(1, trials)
+        self.outputs: list[dict] = []
+
+    def inputs(self, trial: int) -> dict:
+        return self.spec.make(trial)
+
+    def record(self, path: Path, extra: Sequence[str] = (), types: dict | None = None) -> None:
+        """Run the original file (read again from disk, untouched) once per trial; ``extra``
+        tensors are exposed as outputs first."""
+        import onnx
+
+        path = Path(path)
+        if extra:
+            proto = onnx.load(str(path), load_external_data=False)
+            present = {o.name for o in proto.graph.output}
+            for name in extra:
+                if name not in present:
+                    vi = onnx.ValueInfoProto(name=name)
+                    if types and types.get(name) is not None:
+                        vi.type.tensor_type.elem_type = int(types[name])
+                    proto.graph.output.append(vi)
+            sess = session(proto.SerializeToString(), path.parent)
+        else:
+            sess = session(path)
+        self.outputs = [run(sess, self.inputs(t)) for t in range(self.trials)]
+
+    def check(self, sess: Any, tol: Tolerance, expected: Sequence[str] = ()) -> ParityReport:
+        """Compare a session of the result with the references, output by output (by name);
+        every name in ``expected`` must be an output of the result."""
+        per_trial: list[list[OutputDiff]] = []
+        for t in range(self.trials):
+            outs = run(sess, self.inputs(t))
+            diffs = [OutputDiff(n, float("inf"), float("inf"), False, "missing from the result")
+                     for n in expected if n not in outs]
+            for name, arr in outs.items():
+                ref = self.outputs[t].get(name)
+                if ref is None:
+                    diffs.append(OutputDiff(name, float("inf"), float("inf"), False, "no reference for this output"))
+                else:
+                    diffs.append(compare_arrays(name, ref, arr, tol))
+            per_trial.append(diffs)
+        return summarise(per_trial, tol)

@@ -1,0 +1,162 @@
+"""focus-to-conv on ONNX graphs: Slice x4 + Concat in any phase order and spelling,
+SpaceToDepth with or without a channel shuffle, symbolic sizes; exactness checks."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+
+import onnx_graphs as G
+from conftest import run_cli
+from onnx_graphs import Builder, out, tensor
+
+
+def run(tmp_path, model, *args, command="focus-to-conv", name="m"):
+    src = G.save(model, tmp_path / f"{name}.onnx")
+    dst = tmp_path / f"{name}.out.onnx"
+    r = run_cli(command, src, "-o", dst, "--json", *args)
+    assert r.code == 0, r.err
+    return r.json(), src, dst
+
+
+def ops(path) -> list[str]:
+    """Op types, Constant nodes aside (focus-to-conv leaves the exporter's constants alone)."""
+    return [o for o in G.ops(path) if o != "Constant"]
+
+
+def conv_attrs(path) -> dict:
+    conv = next(n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv")
+    return {a.name: list(a.ints) if a.ints else a.i for a in conv.attribute}
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(G.FOCUS_ORDER))[::5])
+def test_focus_any_phase_order(tmp_path, order):
+    rep, src, dst = run(tmp_path, G.focus_stem(order=order, bn=False))
+    assert ops(dst) == ["Conv", "Sigmoid", "Mul"]
+    a = conv_attrs(dst)
+    assert a["kernel_shape"] == [6, 6] and a["strides"] == [2, 2] and a["pads"] == [2, 2, 2, 2]
+    (applied,) = rep["applied"]
+    assert applied["factor"] == 2 and applied["source"] == "x" and len(applied["removed"]) == 5
+    G.assert_same_function(src, dst)
+
+
+@pytest.mark.parametrize("opset,chained,negative,const_nodes,ends", [
+    (11, True, False, True, G.INT64_MAX),
+    (12, False, True, False, 2 ** 31 - 1),
+    (13, True, True, False, G.INT64_MAX),
+    (17, False, False, True, G.INT64_MAX),
+])
+def test_focus_spellings(tmp_path, opset, chained, negative, const_nodes, ends):
+    model = G.focus_stem(opset=opset, chained=chained, negative_axes=negative, const_nodes=const_nodes, ends=ends,
+                         order=((1, 1), (0, 0), (0, 1), (1, 0)))
+    rep, src, dst = run(tmp_path, model)
+    assert G.ops(dst)[0] == "Conv" and "Slice" not in G.ops(dst) and "Concat" not in G.ops(dst)
+    G.assert_same_function(src, dst)
+
+
+def test_focus_stem_target_after_optimize(tmp_path):
+    rep, src, dst = run(tmp_path, G.focus_stem(), command="optimize")
+    assert G.ops(dst) == ["Conv", "Sigmoid", "Mul"]
+    assert [p["name"] for p in rep["passes"]] == ["focus-to-conv", "fold-fusion", "fold-bn"]
+    G.assert_same_function(src, dst)
+
+
+@pytest.mark.parametrize("shuffle", [None, "gather", "transpose"])
+def test_space_to_depth_with_channel_shuffles(tmp_path, shuffle):
+    rep, src, dst = run(tmp_path, G.s2d_conv(shuffle=shuffle))
+    assert G.ops(dst) == ["Conv"]
+    G.assert_same_function(src, dst)
+
+
+def test_space_to_depth_conv_stride_and_valid_padding(tmp_path):
+    rep, src, dst = run(tmp_path, G.s2d_conv(k=2, p=0, s=2))
+    assert G.ops(dst) == ["Conv"]
+    a = conv_attrs(dst)
+    assert a["kernel_shape"] == [4, 4] and a["strides"] == [4, 4] and a["pads"] == [0, 0, 0, 0]
+    G.assert_same_function(src, dst)
+
+
+def test_grouped_conv_after_space_to_depth_is_skipped(tmp_path):
+    rep, src, dst = run(tmp_path, G.s2d_conv(group=4))
+    assert G.ops(dst) == ["SpaceToDepth", "Conv"]
+    (s,) = rep["skipped"]
+    assert s["target"] == "conv" and "grouped" in s["reason"]
+
+
+def test_concat_of_width_blocks_is_left_alone(tmp_path):
+    rep, src, dst = run(tmp_path, G.focus_stem_opset9())
+    assert G.ops(dst) == ["Slice", "Slice", "Concat", "Conv"]
+    assert rep["applied"] == [] and rep["skipped"] == []  # no sub-sampling: not even a candidate
+
+
+def test_incomplete_phases_are_skipped(tmp_path):
+    b = Builder(30)
+    parts = [b.node("Slice", ["x", b.const(np.array([dy, dx], np.int64)), b.const(np.array([G.INT64_MAX] * 2, np.int64)),
+                              b.const(np.array([2, 3], np.int64)), b.const(np.array([2, 2], np.int64))])
+             for dy, dx in ((0, 0), (1, 0), (0, 1), (0, 0))]  # (1, 1) missing, (0, 0) twice
+    y = b.conv(b.node("Concat", parts, axis=1), 12, 4, name="conv")
+    rep, src, dst = run(tmp_path, b.model([tensor("x", ["N", 3, 8, 8])], [out(y, ["N", 4, 4, 4])], 13))
+    assert "Concat" in G.ops(dst)
+    assert "phases" in rep["skipped"][0]["reason"]
+
+
+def test_space_to_depth_read_elsewhere_is_skipped(tmp_path):
+    b = Builder(31)
+    s = b.node("SpaceToDepth", ["x"], name="s2d", blocksize=2)
+    y = b.conv(s, 12, 4, name="conv")
+    model = b.model([tensor("x", ["N", 3, 8, 8])], [out(y, ["N", 4, 4, 4]), out(s, ["N", 12, 4, 4])], 13)
+    rep, src, dst = run(tmp_path, model)
+    assert G.ops(dst) == ["SpaceToDepth", "Conv"]
+    assert "also read" in rep["skipped"][0]["reason"]
+
+
+def test_symbolic_spatial_size(tmp_path):
+    model = G.focus_stem(hw=("H", "W"))
+    src = G.save(model, tmp_path / "hw.onnx")
+    r = run_cli("focus-to-conv", src, "-o", tmp_path / "o.onnx")
+    assert r.code == 2 and "--input-shape" in r.err and r.err.count("\n") == 1
+    rep, src, dst = run(tmp_path, model, "-s", "2,3,32,48", name="hw")
+    assert G.ops(dst)[0] == "Conv" and "Slice" not in G.ops(dst)
+    G.assert_same_function(src, dst, dims={"H": 40, "W": 24})  # another size than the one verified
+
+
+def test_finite_slice_end_on_symbolic_size_is_skipped(tmp_path):
+    rep, src, dst = run(tmp_path, G.focus_stem(hw=("H", "W"), ends=640), "-s", "1,3,32,32")
+    assert "Slice" in G.ops(dst)
+    assert "every input size" in rep["skipped"][0]["reason"]
+
+
+def test_shared_stem_weight_is_duplicated(tmp_path):
+    b = Builder(32)
+    s = b.node("SpaceToDepth", ["x"], name="s2d", blocksize=2)
+    w = b.weight((4, 12, 3, 3), "w")
+    y1 = b.node("Conv", [s, w], name="conv", pads=[1] * 4)
+    y2 = b.node("Conv", ["z", w], name="other", pads=[1] * 4)
+    model = b.model([tensor("x", ["N", 3, 8, 8]), tensor("z", ["N", 12, 4, 4])],
+                    [out(b.node("Add", [y1, y2], name="sum"), ["N", 4, 4, 4])], 13)
+    rep, src, dst = run(tmp_path, model)
+    assert G.ops(dst) == ["Conv", "Conv", "Add"]
+    m = onnx.load(str(dst))
+    other = next(n for n in m.graph.node if n.name == "other")
+    assert other.input[1] == w
+    G.assert_same_function(src, dst)
+
+
+def test_rows_only_subsampling_is_skipped_with_reason(tmp_path):
+    b = Builder(33)
+    parts = [b.node("Slice", ["x", b.const(np.array([dy], np.int64)), b.const(np.array([G.INT64_MAX], np.int64)),
+                              b.const(np.array([2], np.int64)), b.const(np.array([2], np.int64))]) for dy in (0, 1)]
+    y = b.conv(b.node("Concat", parts, axis=1), 6, 4, name="conv")
+    rep, src, dst = run(tmp_path, b.model([tensor("x", ["N", 3, 8, 8])], [out(y, ["N", 4, 4, 8])], 13))
+    assert "Concat" in G.ops(dst)
+    assert "not a space-to-depth" in rep["skipped"][0]["reason"]
+
+
+@pytest.mark.parametrize("flag", ["--check-grad", "--bench"])
+def test_pytorch_only_flags_are_refused(tmp_path, flag):
+    src = G.save(G.s2d_conv(), tmp_path / "m.onnx")
+    r = run_cli("focus-to-conv", src, flag, "-o", tmp_path / "o.onnx")
+    assert r.code == 2 and flag in r.err and not (tmp_path / "o.onnx").exists()
