@@ -36,31 +36,20 @@ def render(report: Report, console: Any) -> None:
         console.print(f"inputs: {'; '.join('x'.join(map(str, s)) for s in report.inputs)}"
                       + (f"   slots: {', '.join(report.slots)}" if len(report.slots) > 1 else ""))
 
-    applied = report.applied
-    if applied:
-        t = Table(title=f"Rewritten ({len(applied)})", title_justify="left", show_lines=False)
-        t.add_column("pass", style="cyan", no_wrap=True)
-        if len(report.slots) > 1:
-            t.add_column("slot")
-        t.add_column("target", style="green")
-        t.add_column("change")
-        for a in applied:
-            row = [a.pass_name] + ([a.slot or ""] if len(report.slots) > 1 else []) + [a.target, a.detail]
-            t.add_row(*row)
-        console.print(t)
+    multi_slot = len(report.slots) > 1
+    if len(report.passes) > 1:  # optimize: one section per pass, in the order they ran
+        if report.extra.get("rounds"):
+            console.print(f"[dim]{len(report.passes)} passes, {report.extra['rounds']} round"
+                          f"{'s' if report.extra['rounds'] != 1 else ''} until nothing changed[/dim]")
+        for p in report.passes:
+            console.print(f"[bold cyan]{p.name}[/bold cyan]: {len(p.applied)} rewritten, {len(p.skipped)} skipped")
+            _tables(console, p.applied, p.skipped, multi_slot, with_pass=False, indent=True)
+            for n in p.notes:
+                console.print(f"  [dim]note:[/dim] {n}")
     else:
-        console.print("[yellow]nothing to rewrite[/yellow]")
-    skipped = report.skipped
-    if skipped:
-        t = Table(title=f"Skipped ({len(skipped)})", title_justify="left")
-        t.add_column("pass", style="cyan", no_wrap=True)
-        if len(report.slots) > 1:
-            t.add_column("slot")
-        t.add_column("target", style="yellow")
-        t.add_column("reason")
-        for s in skipped:
-            t.add_row(*([s.pass_name] + ([s.slot or ""] if len(report.slots) > 1 else []) + [s.target, s.reason]))
-        console.print(t)
+        if not report.applied:
+            console.print("[yellow]nothing to rewrite[/yellow]")
+        _tables(console, report.applied, report.skipped, multi_slot, with_pass=True)
 
     if report.before is not None:
         t = Table(title="Model", title_justify="left")
@@ -102,3 +91,34 @@ def render(report: Report, console: Any) -> None:
         console.print("[bold]dry run:[/bold] nothing written")
     elif report.written:
         console.print(f"[bold green]wrote[/bold green] {report.output}")
+
+
+def _tables(console: Any, applied: list, skipped: list, multi_slot: bool, with_pass: bool, indent: bool = False) -> None:
+    from rich.padding import Padding
+    from rich.table import Table
+
+    def show(t):
+        console.print(Padding(t, (0, 0, 0, 2)) if indent else t)
+
+    if applied:
+        t = Table(title=f"Rewritten ({len(applied)})", title_justify="left", show_lines=False)
+        if with_pass:
+            t.add_column("pass", style="cyan", no_wrap=True)
+        if multi_slot:
+            t.add_column("slot")
+        t.add_column("target", style="green")
+        t.add_column("change")
+        for a in applied:
+            t.add_row(*(([a.pass_name] if with_pass else []) + ([a.slot or ""] if multi_slot else []) + [a.target, a.detail]))
+        show(t)
+    if skipped:
+        t = Table(title=f"Skipped ({len(skipped)})", title_justify="left")
+        if with_pass:
+            t.add_column("pass", style="cyan", no_wrap=True)
+        if multi_slot:
+            t.add_column("slot")
+        t.add_column("target", style="yellow")
+        t.add_column("reason")
+        for s in skipped:
+            t.add_row(*(([s.pass_name] if with_pass else []) + ([s.slot or ""] if multi_slot else []) + [s.target, s.reason]))
+        show(t)
