@@ -13,7 +13,7 @@ from typing import Any
 from ._version import __version__
 from .errors import BadInput, ParityError, SurgeryError, UnsafeCheckpoint
 
-_API = {"load_checkpoint", "fold_bn", "apply_passes", "run", "Options"}
+_API = {"load_checkpoint", "fold_bn", "fold_fusion", "optimize", "apply_passes", "run", "Options"}
 _STAGES = {"load", "verify", "save"}  # callable stage packages (see _callable.py)
 
 __all__ = ["__version__", "BadInput", "ParityError", "SurgeryError", "UnsafeCheckpoint",

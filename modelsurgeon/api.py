@@ -66,6 +66,21 @@ def fold_bn(model: Any, input_shape: Shape | Sequence[Shape] | None = None, **kw
     return apply_passes(model, ["fold-bn"], input_shape, command="fold-bn", **kwargs)
 
 
+def fold_fusion(model: Any, input_shape: Shape | Sequence[Shape] | None = None, **kwargs: Any):
+    """Evaluate fusion weights once and fold them into the convs producing the fused inputs, in place."""
+    return apply_passes(model, ["fold-fusion"], input_shape, command="fold-fusion", **kwargs)
+
+
+def optimize(model: Any, input_shape: Shape | Sequence[Shape] | None = None, *,
+             passes: Sequence[str] | None = None, **kwargs: Any):
+    """Run every exact pass available for PyTorch (or ``passes``), repeated until nothing changes."""
+    from . import passes as registry
+
+    chosen = [p for p in (passes or registry.exact_passes()) if registry.available(p, "torch")]
+    kwargs.setdefault("repeat", True)
+    return apply_passes(model, chosen, input_shape, command="optimize", **kwargs)
+
+
 def verify(model: Any, reference: Any, input_shape: Shape | Sequence[Shape], *, trials: int = 1,
            seed: int = 0, atol: float | None = None, rtol: float | None = None):
     """Compare two models on the same random inputs; returns a ParityReport (does not raise)."""
