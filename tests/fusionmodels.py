@@ -307,3 +307,29 @@ def darknet_mismatch():
 
 def bifpn_node():
     return finish(Neck(BiFPNAdd(8, 8), call="list"))
+
+
+class SizeDependent(nn.Module):
+    """A weighted sum at the recorded size, something else at other sizes: not replaceable."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.rand(2) + 0.1)
+
+    def forward(self, a, b):
+        w = torch.softmax(self.w, 0)
+        if a.shape[-1] == 16:
+            return w[0] * a + w[1] * b
+        return w[0] * a + w[1] * b.flip(-1)
+
+
+class WeightedConcat(nn.Module):
+    """BiFPN-style weighted concatenation (not a sum): reported as not supported."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.rand(2) + 0.1)
+
+    def forward(self, x):
+        w = self.w / (self.w.sum() + 1e-4)
+        return torch.cat([w[0] * x[0], w[1] * x[1]], 1)

@@ -17,8 +17,8 @@ import torch.nn as nn
 import modelsurgeon as ms
 from conftest import ROOT, run_cli
 from fusionmodels import (
-    BiFPNAdd, FastNormalizedFusion, InlineComputed, InlineVector, Neck, RFCRNet, SigmoidFusion, SoftmaxFusion,
-    darknet, finish,
+    BiFPNAdd, FastNormalizedFusion, InlineComputed, InlineVector, Neck, RFCRNet, SigmoidFusion, SizeDependent,
+    SoftmaxFusion, WeightedConcat, darknet, finish,
 )
 from modelsurgeon.capture import capture
 
@@ -243,6 +243,22 @@ def test_batchnorm_without_affine_keeps_the_multiply_until_fold_bn_takes_it():
     # fold-bn folded that BatchNorm together with the kept multiply; fold-fusion then dropped it
     assert len(ff.applied) == 2 and "mul" not in model.fusion.code
     assert report.after.bn == 0 and report.extra["rounds"] == 3
+
+
+def test_fusion_behaving_differently_at_other_sizes_is_not_replaced():
+    model = finish(Neck(SizeDependent()))
+    report, _ = _fold(model, SHAPE)
+    assert not report.applied and len(report.skipped) == 2
+    assert all("differently at other input sizes" in s.reason for s in report.skipped)
+    assert isinstance(model.fusion, SizeDependent)
+
+
+def test_weighted_concatenation_is_reported_as_unsupported():
+    model = finish(Neck(WeightedConcat(), call="list", out=16))
+    report, _ = _fold(model, SHAPE)
+    assert not report.applied
+    (s,) = report.skipped
+    assert s.target == "fusion" and "concatenation" in s.reason
 
 
 def test_second_run_finds_nothing_new():

@@ -224,7 +224,7 @@ def _probe(module, call_args, slot_shapes, groups, out_shape, stop_at, dtype, se
     restore = _cast_module(module, dtype) if dtype == torch.float64 else None
     zeros: dict[int, Any] = {}
     try:
-        def run(feed: dict[int, Any]):
+        def run(feed: dict[int, Any], expect: tuple = tuple(out_shape)):
             def fill(o):
                 if isinstance(o, Slot):
                     t = feed.get(o.index)
@@ -258,8 +258,8 @@ def _probe(module, call_args, slot_shapes, groups, out_shape, stop_at, dtype, se
             finally:
                 if handle is not None:
                     handle.remove()
-            if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(out_shape):
-                raise NotFusion("it does not return one tensor of the recorded shape")
+            if not isinstance(y, torch.Tensor) or tuple(y.shape) != expect:
+                raise NotFusion("it does not return one tensor of the expected shape")
             return y.detach().to(torch.float64)
 
         c_out = out_shape[1]
@@ -274,26 +274,47 @@ def _probe(module, call_args, slot_shapes, groups, out_shape, stop_at, dtype, se
             k = _per_channel(y, tol * 10 * max(1.0, float(y.abs().max())), "weight")
             c = min(shape[1], c_out)
             if bool((k[c:].abs() > tol * 10).any()):
-                raise NotFusion("an input reaches channels beyond its own")
+                raise NotFusion("an input reaches other output channels than its first ones "
+                                "(e.g. a weighted concatenation), which is not supported")
             coefficients.append(k[:c].clone())
         g = torch.Generator().manual_seed(seed)
-        for _ in range(2):
-            xs = [(torch.randn(slot_shapes[s[0]][0], generator=g, dtype=torch.float64) * 3 + 0.5).to(dtype)
-                  for s in groups]
-            y = run({k: x for s, x in zip(groups, xs) for k in s})
-            pred = b_full.clone()
+        # two random trials at the recorded size, one at another spatial size (the replacement
+        # serves every size: a forward behaving differently there must not be replaced)
+        for trial in range(3):
+            grow = [0, 0] + [1 if trial == 2 else 0] * (len(out_shape) - 2)
+            xs = [(torch.randn([d + e for d, e in zip(slot_shapes[s[0]][0], grow)], generator=g,
+                               dtype=torch.float64) * 3 + 0.5).to(dtype) for s in groups]
+            expect = tuple(d + e for d, e in zip(out_shape, grow))
+            try:
+                y = run({k: x for s, x in zip(groups, xs) for k in s}, expect)
+            except NotFusion:
+                if trial == 2:
+                    raise NotFusion("it behaves differently at other input sizes")
+                raise
+            except Exception:
+                if trial == 2:  # it cannot run at that size at all: neither can the original model
+                    continue
+                raise
+            pred = b_full.clone() if trial < 2 else _grown(b_full, expect)
             for x, k in zip(xs, coefficients):
                 c = k.numel()
                 view = [1, c] + [1] * (x.dim() - 2)
                 pred[:, :c] += x[:, :c].to(torch.float64) * k.view(view)
             err = float((y - pred).abs().max()) if y.numel() else 0.0
             if not bool(torch.isfinite(y).all()) or err > tol * 10 * max(1.0, float(y.abs().max())):
-                raise NotFusion("it is not a per-channel weighted sum of its inputs")
+                raise NotFusion("it behaves differently at other input sizes" if trial == 2 else
+                                "it is not a per-channel weighted sum of its inputs")
         has_bias = bool((bias.abs() > 0).any())
         return Probe(c_out, coefficients, bias if has_bias else None)
     finally:
         if restore is not None:
             restore()
+
+
+def _grown(b_full: Any, shape: tuple) -> Any:
+    """The (per-channel constant) term at another spatial size."""
+    per = b_full.movedim(1, -1).reshape(-1, b_full.shape[1])[0]
+    return per.view([1, -1] + [1] * (len(shape) - 2)).expand(shape).clone()
 
 
 def _per_channel(y: Any, tol: float, what: str) -> Any:
