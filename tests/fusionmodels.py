@@ -333,3 +333,16 @@ class WeightedConcat(nn.Module):
     def forward(self, x):
         w = self.w / (self.w.sum() + 1e-4)
         return torch.cat([w[0] * x[0], w[1] * x[1]], 1)
+
+
+class BiasedFusion(nn.Module):
+    """A weighted sum plus a learnt per-channel bias (an additive constant)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.w = nn.Parameter(torch.rand(2) + 0.1)
+        self.bias = nn.Parameter(torch.randn(c))
+
+    def forward(self, a, b):
+        w = torch.softmax(self.w, 0)
+        return w[0] * a + w[1] * b + self.bias.view(1, -1, 1, 1)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import modelsurgeon as ms
 from conftest import ROOT, run_cli
 from fusionmodels import (
-    BiFPNAdd, FastNormalizedFusion, InlineComputed, InlineVector, Neck, RFCRNet, SigmoidFusion, SizeDependent,
+    BiasedFusion, BiFPNAdd, FastNormalizedFusion, InlineComputed, InlineVector, Neck, RFCRNet, SigmoidFusion, SizeDependent,
     SoftmaxFusion, WeightedConcat, darknet, finish,
 )
 from modelsurgeon.capture import capture
@@ -162,6 +162,21 @@ def test_bifpn_node_with_conv_inside_keeps_its_children():
     assert [i["absorbed_by"] for i in a.data["inputs"]] == ["branches.0.conv", "branches.1.conv"]
     assert model.fusion.conv is conv and isinstance(model.fusion.silu, nn.SiLU)
     assert {k for k in model.state_dict() if k.startswith("fusion.")} == {"fusion.conv.weight", "fusion.conv.bias"}
+
+
+@pytest.mark.parametrize("act", ["none", "relu"])
+def test_additive_constant_folds_into_a_bias_or_stays(act):
+    model = finish(Neck(BiasedFusion(), act=act))
+    bias = model.fusion.bias.detach().clone()
+    report, _ = _fold(model)
+    (a,) = report.applied
+    assert a.data["bias"]["values"] == pytest.approx(bias.tolist(), rel=1e-6)
+    buffers = dict(model.fusion.named_buffers())
+    if act == "none":  # the BatchNorm right before takes it into its shift
+        assert a.data["bias"]["absorbed_by"] == "branches.0.bn" and not buffers
+    else:  # a constant cannot cross the ReLU: it stays one add
+        assert a.data["bias"]["absorbed_by"] is None and set(buffers) == {"bias"}
+        assert torch.allclose(buffers["bias"].flatten(), bias)
 
 
 def test_rfcr_inline_scalars_fold_into_the_pointwise_convs():

@@ -77,9 +77,9 @@ def candidate(g: DataflowGraph, call: ModuleCall) -> Candidate | str | None:
     path = call.path
     n = g.call_count(call.module)
     if n > 1:
-        return f"{path} is called {n} times (a shared module)"
+        return f"it is called {n} times (a shared module)"
     if len(call.outputs) != 1:
-        return f"{path} returns {len(call.outputs)} tensors"
+        return f"it returns {len(call.outputs)} tensors"
     chain, const_children = [], []
     for cid in call.children:
         child = g.call(cid)
@@ -93,37 +93,37 @@ def candidate(g: DataflowGraph, call: ModuleCall) -> Candidate | str | None:
         out_value = cur
         for child in chain:
             if child.inputs != (cur,) or len(child.outputs) != 1 or child.start <= last:
-                return f"{path}'s forward mixes child modules into its weighted sum"
+                return "its forward mixes child modules into its weighted sum"
             if not child.path.startswith(path + ".") or g.call_count(child.module) != 1:
-                return f"{path} calls a module that is not its own child or is shared ({child.path})"
+                return f"it calls a module that is not its own child or is shared ({child.path})"
             cur = child.outputs[0]
         if call.outputs != (cur,) or len({id(c.module) for c in chain}) != len(chain):
-            return f"{path}'s forward mixes child modules into its weighted sum"
+            return "its forward mixes child modules into its weighted sum"
     else:
         out_value = call.outputs[0]
     if out_value is None or g.producer(out_value) is None or g.producer(out_value).id not in {e.id for e in active}:
-        return f"{path} does not compute its output from its inputs"
+        return "it does not compute its output from its inputs"
     produced = {o for e in active for o in e.outputs}
     for e in active:
         for i in e.inputs:
             if not g.value(i).const and i not in inputs and i not in produced:
-                return f"{path} reads a tensor that is not among its arguments"
+                return "it reads a tensor that is not among its arguments"
     # no in-place update of an input (or of a view of one): the caller would see it
     views = set(inputs)
     for e in direct:
         if e.name in VIEW_OPS and e.inputs and e.inputs[0] in views:
             views.update(e.outputs)
         if e.inplace and any(g.value(o).version_of in views for o in e.outputs):
-            return f"{path} modifies one of its inputs in place"
+            return "it modifies one of its inputs in place"
     out = g.value(out_value).shape
     if out is None or len(out) < 2:
-        return f"{path}'s output has no channel axis"
+        return "its output has no channel axis"
     for v in read:
         s = g.value(v).shape
         if s is None or len(s) != len(out) or s[0] != out[0] or s[2:] != out[2:]:
-            return f"{path}'s inputs differ from its output in more than the channel count"
+            return "its inputs differ from its output in more than the channel count"
         if not (g.value(v).dtype is not None and g.value(v).dtype.is_floating_point):
-            return f"{path} sums non-floating tensors"
+            return "it sums non-floating tensors"
     slots: dict[int, list[int]] = {}
     for k, v in enumerate(call.inputs):
         slots.setdefault(v, []).append(k)

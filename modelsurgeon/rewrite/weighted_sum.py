@@ -31,9 +31,10 @@ MARKER = "_modelsurgeon_weighted_sum"
 _JSON_DEFAULTS = (int, float, str, bool, type(None))
 
 
-def signature_spec(module: Any, n_args: int) -> tuple[list[dict], str | None] | str:
+def signature_spec(module: Any, n_args: int, keywords: tuple = ()) -> tuple[list[dict], str | None] | str:
     """Positional parameters of ``module.forward`` for a call with ``n_args`` positional
-    arguments: ``([{"name", "default"?}], varargs_name)``, or why they cannot be mirrored."""
+    arguments and ``keywords``: ``([{"name", "default"?}], varargs_name)``, or why they cannot
+    be mirrored."""
     try:
         sig = inspect.signature(module.forward)
     except (TypeError, ValueError):
@@ -58,6 +59,10 @@ def signature_spec(module: Any, n_args: int) -> tuple[list[dict], str | None] | 
             return f"its forward takes the keyword-only argument {p.name}"
     if n_args > len(params) and varargs is None:
         return "it is called with more arguments than its forward declares"
+    names = [p["name"] for p in params]
+    for k in keywords:
+        if k not in names[n_args:]:
+            return f"it is called with the keyword argument {k}, which the replacement cannot take"
     return params, varargs
 
 

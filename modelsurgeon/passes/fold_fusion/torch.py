@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ...capture.graph import OUTPUT, VIEW_OPS, DataflowGraph, ModuleCall, OpEvent, Ref
+from ...capture.graph import OUTPUT, VIEW_OPS, DataflowGraph, OpEvent, Ref
 from ...match.absorb import Absorber, describe_use, describe_value, find_absorber
 from ...match.affine import ADD, DIV, MUL, RSUB, SUB, elementwise_affine
 from ...match.fusion import Candidate, candidate, probe, record_args
@@ -133,22 +133,22 @@ class FoldFusion(Pass):
         call, module = c.call, c.call.module
         ours = bool(getattr(module, weighted_sum.MARKER, False))
         if call_args is None:
-            return f"{call.path} was not called again on the same inputs"
+            return "it was not called again on the same inputs"
         if call_args.kw_tensors:
-            return f"{call.path} receives tensors as keyword arguments"
+            return "it receives tensors as keyword arguments"
         if len(call_args.paths) != len(call.inputs):
-            return f"{call.path}'s arguments changed between two runs"
-        sig = weighted_sum.signature_spec(module, len(call_args.args))
+            return "its arguments changed between two runs"
+        sig = weighted_sum.signature_spec(module, len(call_args.args), tuple(call_args.kwargs))
         if isinstance(sig, str):
-            return f"{call.path}: {sig}"
+            return sig
         out_shape = g.value(c.out_value).shape
         slot_shapes = [(g.value(v).shape, g.value(v).dtype) for v in call.inputs]
         groups = [c.slots[v] for v in c.read]
         p = probe(module, call_args, slot_shapes, groups, out_shape,
                   stop_at=c.chain[0].module if c.chain else None)
         if isinstance(p, str):
-            return f"{call.path}: {p}"
-        allowed = set(range(call.start, call.end))
+            return p
+        allowed = {e.id for e in g.events_in(call, direct=True)}
         terms = []
         for v, k in zip(c.read, p.coefficients):
             t = Term(v, describe_value(g, v, call), g.value(v).shape[1], k, path=call_args.paths[c.slots[v][0]])
@@ -267,7 +267,7 @@ class FoldFusion(Pass):
             for t in ts:
                 if t.absorber is None:
                     note = refused.get(g.event(t.root).scope)
-                    why = t.reason + (f"; the module as a whole is not replaced either: {note}" if note else "")
+                    why = t.reason + (f"; the module as a whole is not replaced either ({note})" if note else "")
                     yield Skipped(t.target, f"{t.desc} ×{_fmt(t.scale)}: {why}")
             if ok:
                 params = list({id(t.param): t.param for t in ok}.values())
