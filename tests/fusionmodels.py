@@ -82,7 +82,7 @@ class DarknetHost(nn.Module):
     """A cfg-style layer list run by the host, dispatching on the layer's class name (as
     Darknet-in-PyTorch ports do). Layer 0 feeds layers 1-3 (three branches); from layer 4 on,
     each layer reads the previous one (``[shortcut]`` also reads ``outputs``, ``[route]`` only
-    ``outputs``)."""
+    ``outputs``). A data-dependent check makes it untraceable by torch.fx."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -94,6 +94,8 @@ class DarknetHost(nn.Module):
 
     def forward(self, x):
         x0 = self.layers[0](x)
+        if float(x0.detach().abs().sum()) < 0:  # decided on data: not symbolically traceable
+            raise RuntimeError("unreachable")
         outputs = [x0] + [self.layers[i](x0) for i in (1, 2, 3)]
         x = outputs[3]
         for m in list(self.layers)[4:]:
@@ -109,12 +111,12 @@ class DarknetHost(nn.Module):
 
 
 def darknet(weights_type="per_feature", normalization="relu", n_inputs=2, mismatch=False, act="leaky",
-            shared_output=False, seed=0):
+            shared_output=False, seed=0, routed=1):
     """Three conv branches feeding one weighted shortcut (x = layer 3, from = layers 1[, 2]),
     then a head conv.
 
     ``mismatch``: layers 1 and 2 have 4 (zero-padded) and 12 (sliced) channels instead of 8;
-    ``shared_output``: layer 1's output is also routed to the end (its multiply must stay)."""
+    ``shared_output``: layer ``routed``'s output is also routed to the end (its multiply must stay)."""
     c = [8, 4, 12] if mismatch else [8, 8, 8]
     cfg = [
         ("conv", 3, 8, "relu", 3),  # 0
@@ -125,7 +127,7 @@ def darknet(weights_type="per_feature", normalization="relu", n_inputs=2, mismat
         ("conv", c[0], 6, "leaky"),  # 5
     ]
     if shared_output:
-        cfg += [("route", [5, 1]), ("conv", 6 + c[1], 5, "none")]  # 6, 7: layer 1 read again
+        cfg += [("route", [5, routed]), ("conv", 6 + c[routed], 5, "none")]  # 6, 7: read again
     return finish(DarknetHost(cfg), seed)
 
 
@@ -324,7 +326,8 @@ class SizeDependent(nn.Module):
 
 
 class WeightedConcat(nn.Module):
-    """BiFPN-style weighted concatenation (not a sum): reported as not supported."""
+    """BiFPN-style weighted concatenation (YOLO BiFPN ports' ``BiFPN_Concat``), here with the
+    inputs concatenated in reverse order."""
 
     def __init__(self):
         super().__init__()
@@ -332,7 +335,19 @@ class WeightedConcat(nn.Module):
 
     def forward(self, x):
         w = self.w / (self.w.sum() + 1e-4)
-        return torch.cat([w[0] * x[0], w[1] * x[1]], 1)
+        return torch.cat([w[1] * x[1], w[0] * x[0]], 1)
+
+
+class Interleaved(nn.Module):
+    """Weighted inputs interleaved channel by channel: neither a sum nor a concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.rand(2) + 0.1)
+
+    def forward(self, x):
+        y = torch.stack([self.w[0] * x[0], self.w[1] * x[1]], 2)
+        return y.flatten(1, 2)
 
 
 class BiasedFusion(nn.Module):

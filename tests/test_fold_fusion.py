@@ -17,7 +17,7 @@ import torch.nn as nn
 import modelsurgeon as ms
 from conftest import ROOT, run_cli
 from fusionmodels import (
-    BiasedFusion, BiFPNAdd, FastNormalizedFusion, InlineComputed, InlineVector, Neck, RFCRNet, SigmoidFusion, SizeDependent,
+    BiasedFusion, BiFPNAdd, FastNormalizedFusion, InlineComputed, Interleaved, InlineVector, Neck, RFCRNet, SigmoidFusion, SizeDependent,
     SoftmaxFusion, WeightedConcat, darknet, finish,
 )
 from modelsurgeon.capture import capture
@@ -85,6 +85,8 @@ def test_darknet_weighted_shortcut(weights_type, normalization, n_inputs):
 
 def test_channel_mismatch_keeps_slice_and_pad_semantics():
     model = darknet("per_channel", "relu", 3, mismatch=True)
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)  # the host cannot be traced; the pass records it instead
     report, original = _fold(model)
     code = model.layers[4].code
     assert "torch.cat" in code and "slice(None, 8, None)" in code and "slice(None, 4, None)" in code
@@ -268,12 +270,31 @@ def test_fusion_behaving_differently_at_other_sizes_is_not_replaced():
     assert isinstance(model.fusion, SizeDependent)
 
 
-def test_weighted_concatenation_is_reported_as_unsupported():
+def test_weighted_concatenation():
     model = finish(Neck(WeightedConcat(), call="list", out=16))
+    w = model.fusion.w.detach()
+    report, _ = _fold(model, SHAPE)
+    (a,) = report.applied
+    assert a.data["layout"] == "cat"
+    assert [(i["input"], i["offset"]) for i in a.data["inputs"]] == [("branches.0", 8), ("branches.1", 0)]
+    assert [i["weight"] for i in a.data["inputs"]] == pytest.approx((w / (w.sum() + 1e-4)).tolist(), rel=1e-6)
+    assert "torch.cat" in model.fusion.code and " * " not in model.fusion.code
+
+
+def test_interleaved_inputs_are_skipped():
+    model = finish(Neck(Interleaved(), call="list", out=16))
     report, _ = _fold(model, SHAPE)
     assert not report.applied
     (s,) = report.skipped
-    assert s.target == "fusion" and "concatenation" in s.reason
+    assert s.target == "fusion" and "rearranged" in s.reason
+
+
+def test_kept_per_channel_weight_of_a_sliced_input():
+    model = darknet("per_channel", "softmax", 3, mismatch=True, shared_output=True, routed=2)
+    report, _ = _fold(model)
+    entries = {i["input"]: i for i in report.applied[0].data["inputs"]}
+    assert entries["layers.2"]["kept"] and entries["layers.2"]["channels"] == 12
+    assert len(entries["layers.2"]["weight"]) == 8  # only the 8 channels that reach the output
 
 
 def test_second_run_finds_nothing_new():

@@ -6,13 +6,14 @@ reshapes -- reading at least two different input tensors, at least one of them m
 a constant -- optionally followed by a chain of child modules (BiFPN nodes: ``conv(act(sum))``).
 
 What it computes is then established numerically, like per-channel affine layers are
-(:mod:`modelsurgeon.match.affine`): called on zeros, on ones in each input in turn and on random
-inputs (in float64 when it allows), it must be
+(:mod:`modelsurgeon.match.affine`): called on zeros, on ones and on channel indices in each input
+in turn, and on random inputs (in float64 when it allows), it must be
 
-    out[:, c] = b[c] + sum_i k_i[c] * x_i[:, c]     for c < channels of x_i
+    out[:, o_i + c] = b[o_i + c] + sum_i k_i[c] * x_i[:, c]     for c < n_i
 
--- a per-channel weighted sum where an input with fewer channels than the output is added into
-the first channels (zero padding) and one with more is cut (Darknet's weighted ``[shortcut]``).
+-- each input placed at a channel offset ``o_i``: all at 0 for a weighted sum (an input with
+fewer channels than the output is added into the first channels -- zero padding -- and one with
+more is cut: Darknet's weighted ``[shortcut]``), one after another for a weighted concatenation.
 The ``k_i`` are the normalised weights, evaluated once.
 
 The module's call arguments are recorded by one plain forward pass with a pre-hook on each
@@ -51,8 +52,9 @@ class Candidate:
 @dataclass
 class Probe:
     out_channels: int
-    coefficients: list[Any]  # per read value: float64 vector over min(C_i, C_out) channels
+    coefficients: list[Any]  # per read value: float64 vector over the n_i channels it reaches
     bias: Any  # float64 vector over C_out channels, or None
+    offsets: list[int] = field(default_factory=list)  # per read value: the output channel its channel 0 lands on
 
 
 class NotFusion(Exception):
@@ -266,17 +268,30 @@ def _probe(module, call_args, slot_shapes, groups, out_shape, stop_at, dtype, se
         b_full = run({})
         scale = max(1.0, float(b_full.abs().max()))
         bias = _per_channel(b_full, tol * 10 * scale, "constant term")
-        coefficients = []
+        coefficients, offsets = [], []
         for slots in groups:
             shape = slot_shapes[slots[0]][0]
             ones = torch.ones(shape, dtype=dtype)
             y = run({k: ones for k in slots}) - b_full
             k = _per_channel(y, tol * 10 * max(1.0, float(y.abs().max())), "weight")
-            c = min(shape[1], c_out)
-            if bool((k[c:].abs() > tol * 10).any()):
-                raise NotFusion("an input reaches other output channels than its first ones "
-                                "(e.g. a weighted concatenation), which is not supported")
-            coefficients.append(k[:c].clone())
+            reached = torch.nonzero(k.abs() > tol * 10).flatten()
+            o = 0
+            if reached.numel() and int(reached.max()) >= min(shape[1], c_out):  # not a prefix: where from?
+                view = [1, -1] + [1] * (len(shape) - 2)
+                index = torch.arange(1, shape[1] + 1, dtype=dtype).view(view).expand(shape).contiguous()
+                yi = _per_channel(run({k_: index for k_ in slots}) - b_full, tol * 10 * shape[1] * max(
+                    1.0, float(k.abs().max())), "weight")
+                source = yi[reached] / k[reached] - 1
+                offset = reached.to(torch.float64) - source
+                o = int(round(float(offset[0])))
+                if float((offset - o).abs().max()) > 1e-3 or o < 0:
+                    raise NotFusion("its inputs' channels are rearranged, not placed one after another")
+            n = min(shape[1], c_out - o)
+            outside = torch.cat([k[:o], k[o + n:]])
+            if n <= 0 or bool((outside.abs() > tol * 10).any()):
+                raise NotFusion("its inputs' channels are rearranged, not placed one after another")
+            coefficients.append(k[o:o + n].clone())
+            offsets.append(o)
         g = torch.Generator().manual_seed(seed)
         # two random trials at the recorded size, one at another spatial size (the replacement
         # serves every size: a forward behaving differently there must not be replaced)
@@ -296,16 +311,16 @@ def _probe(module, call_args, slot_shapes, groups, out_shape, stop_at, dtype, se
                     continue
                 raise
             pred = b_full.clone() if trial < 2 else _grown(b_full, expect)
-            for x, k in zip(xs, coefficients):
+            for x, k, o in zip(xs, coefficients, offsets):
                 c = k.numel()
                 view = [1, c] + [1] * (x.dim() - 2)
-                pred[:, :c] += x[:, :c].to(torch.float64) * k.view(view)
+                pred[:, o:o + c] += x[:, :c].to(torch.float64) * k.view(view)
             err = float((y - pred).abs().max()) if y.numel() else 0.0
             if not bool(torch.isfinite(y).all()) or err > tol * 10 * max(1.0, float(y.abs().max())):
                 raise NotFusion("it behaves differently at other input sizes" if trial == 2 else
                                 "it is not a per-channel weighted sum of its inputs")
         has_bias = bool((bias.abs() > 0).any())
-        return Probe(c_out, coefficients, bias if has_bias else None)
+        return Probe(c_out, coefficients, bias if has_bias else None, offsets)
     finally:
         if restore is not None:
             restore()

@@ -8,6 +8,8 @@ what is left is
 
     out = sum_i  align(x_i [* k_i])  [+ b]        then, optionally, a chain of child modules
 
+or, for a weighted concatenation, ``cat(x_i [* k_i]) [+ b]``.
+
 The replacement is a ``torch.fx.GraphModule`` generated for exactly that computation: it pickles
 with torch alone (its forward is stored as generated Python source and re-traced on load), keeps
 the original class name, takes the original forward's arguments (reading each input at the same
@@ -99,26 +101,21 @@ def build_module(spec: dict, tensors: dict[str, Any] | None = None, children: di
     terms = []
     for i, t in enumerate(spec["terms"]):
         node = read(t["path"])
-        if t.get("scale") is not None:
-            name = f"weight{i}"
-            root[name] = _tensor(tensors, name, t["scale"])
-            node = g.call_function(operator.mul, (node, g.get_attr(name)))
         c = int(t["channels"])
         if c > out_c:
             node = channels(node, None, out_c)
             c = out_c
-        terms.append((node, c))
-    full = [n for n, c in terms if c == out_c]
-    if not full:  # every input narrower than the output: start from zeros
-        first, c0 = terms[0]
-        pad = [0, 0] * (int(spec["ndim"]) - 2) + [0, out_c - c0]
-        acc = g.call_function(torch.nn.functional.pad, (first, pad))
-        rest = terms[1:]
+        if t.get("scale") is not None:
+            name = f"weight{i}"
+            root[name] = _tensor(tensors, name, t["scale"])
+            node = g.call_function(operator.mul, (node, g.get_attr(name)))
+        terms.append((node, c, int(t.get("offset", 0))))
+    if spec.get("layout", "sum") == "cat":  # whole inputs one after another
+        acc = g.call_function(torch.cat, ([n for n, _, _ in sorted(terms, key=lambda t: t[2])], 1))
+        rest = []
     else:
-        start = next(i for i, (_, c) in enumerate(terms) if c == out_c)
-        acc = terms[start][0]
-        rest = terms[:start] + terms[start + 1:]
-    for node, c in rest:
+        acc, rest = _sum_start(g, terms, out_c, int(spec["ndim"]))
+    for node, c, _ in rest:
         if c == out_c:
             acc = g.call_function(operator.add, (acc, node))
         else:  # add into the first c channels, keep the others
@@ -136,6 +133,19 @@ def build_module(spec: dict, tensors: dict[str, Any] | None = None, children: di
     gm._graphmodule_cls_name = type(gm).__name__  # torch restores the class name from this on load
     setattr(gm, MARKER, True)
     return gm
+
+
+def _sum_start(g: Any, terms: list, out_c: int, ndim: int) -> tuple:
+    """The term to start the sum from (a full-width one, else the first zero-padded) and the rest."""
+    import torch
+
+    full = [i for i, (_, c, _) in enumerate(terms) if c == out_c]
+    if not full:  # every input narrower than the output: start from zeros
+        first, c0, _ = terms[0]
+        pad = [0, 0] * (ndim - 2) + [0, out_c - c0]
+        return g.call_function(torch.nn.functional.pad, (first, pad)), terms[1:]
+    start = full[0]
+    return terms[start][0], terms[:start] + terms[start + 1:]
 
 
 def _tensor(tensors: dict | None, name: str, shape: list) -> Any:

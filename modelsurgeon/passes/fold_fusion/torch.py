@@ -43,6 +43,7 @@ class Term:
     absorber: Absorber | None = None
     reason: str | None = None  # why the weight stays a multiply
     path: tuple = ()  # where the module reads it among its arguments
+    offset: int = 0  # output channel its channel 0 lands on (concatenation)
 
     @property
     def one(self) -> bool:
@@ -64,6 +65,7 @@ class ModuleFusion(Match):
     varargs: str | None = None
     dtype: Any = None
     ndim: int = 4
+    layout: str = "sum"  # "sum" | "cat"
 
 
 @dataclass
@@ -150,8 +152,11 @@ class FoldFusion(Pass):
             return p
         allowed = {e.id for e in g.events_in(call, direct=True)}
         terms = []
-        for v, k in zip(c.read, p.coefficients):
-            t = Term(v, describe_value(g, v, call), g.value(v).shape[1], k, path=call_args.paths[c.slots[v][0]])
+        layout = _layout(p, [g.value(v).shape[1] for v in c.read])
+        if layout is None:
+            return "its inputs overlap in some channels and not in others (neither a sum nor a concatenation)"
+        for v, k, o in zip(c.read, p.coefficients, p.offsets):
+            t = Term(v, describe_value(g, v, call), g.value(v).shape[1], k, path=call_args.paths[c.slots[v][0]], offset=o)
             if not t.one:
                 full = torch.ones(t.channels, dtype=torch.float64)
                 full[:k.numel()] = k
@@ -182,7 +187,8 @@ class FoldFusion(Pass):
         args, varargs = sig
         dtype = g.value(c.out_value).dtype
         return ModuleFusion(target=call.path, cand=c, terms=terms, out_channels=p.out_channels, bias=p.bias,
-                            bias_term=bias_term, args=args, varargs=varargs, dtype=dtype, ndim=len(out_shape))
+                            bias_term=bias_term, args=args, varargs=varargs, dtype=dtype, ndim=len(out_shape),
+                            layout=layout)
 
     # -- inline weighted sums --------------------------------------------------------------
     def _inline(self, g: DataflowGraph, replaced: set[int], refused: dict[int, str],
@@ -314,13 +320,13 @@ class FoldFusion(Pass):
         tensors: dict[str, Any] = {}
         spec_terms = []
         for i, t in enumerate(m.terms):
-            entry = {"path": list(t.path), "channels": t.channels, "scale": None}
+            entry = {"path": list(t.path), "channels": t.channels, "offset": t.offset, "scale": None}
             if t.kept:
                 buf = _buffer(t.scale, m.ndim, m.dtype, store)
                 tensors[f"weight{i}"] = buf
                 entry["scale"] = list(buf.shape)
             spec_terms.append(entry)
-        spec = {"kind": weighted_sum.KIND, "class_name": type(module).__name__, "args": m.args,
+        spec = {"kind": weighted_sum.KIND, "class_name": type(module).__name__, "layout": m.layout, "args": m.args,
                 "varargs": m.varargs, "out_channels": m.out_channels, "ndim": m.ndim, "terms": spec_terms,
                 "bias": None, "children": []}
         if m.bias is not None and m.bias_term is None:
@@ -339,6 +345,19 @@ class FoldFusion(Pass):
 
 # --------------------------------------------------------------------------------------------
 # helpers
+
+
+def _layout(p: Any, channels: list[int]) -> str | None:
+    """"sum" when every input starts at channel 0; "cat" when whole inputs follow one another
+    and fill the output; ``None`` otherwise."""
+    if not any(p.offsets):
+        return "sum"
+    pos = 0
+    for o, k, c in sorted(zip(p.offsets, p.coefficients, channels), key=lambda t: t[0]):
+        if o != pos or k.numel() != c:
+            return None
+        pos += c
+    return "cat" if pos == p.out_channels else None
 
 
 def _inline_term(g: DataflowGraph, ev: OpEvent) -> InlineTerm | None:
@@ -461,7 +480,8 @@ def _values(vec: Any) -> Any:
 
 def _module_detail(module: Any, m: ModuleFusion) -> str:
     weights = ", ".join(_fmt(t.scale) for t in m.terms)
-    parts = [f"{type(module).__name__} of {len(m.terms)} inputs, weights [{weights}]"]
+    what = "concatenation" if m.layout == "cat" else "sum"
+    parts = [f"{type(module).__name__}: weighted {what} of {len(m.terms)} inputs, weights [{weights}]"]
     moved = [f"{t.desc} → {t.absorber.describe()}" for t in m.terms if t.absorber is not None and not t.one]
     if moved:
         parts.append("absorbed: " + ", ".join(moved))
@@ -479,10 +499,12 @@ def _module_data(module: Any, m: ModuleFusion) -> dict:
     return {
         "kind": "module",
         "module": type(module).__name__,
+        "layout": m.layout,
         "out_channels": m.out_channels,
         "inputs": [{
             "input": t.desc,
             "channels": t.channels,
+            **({"offset": t.offset} if m.layout == "cat" else {}),
             "weight": _values(t.scale),
             "absorbed_by": t.absorber.path if t.absorber is not None and not t.one else None,
             "through": t.absorber.through if t.absorber is not None and not t.one else [],
