@@ -77,7 +77,8 @@ def test_darknet_weighted_shortcut(weights_type, normalization, n_inputs):
             assert value == pytest.approx(expected, rel=1e-5, abs=1e-6)
     # positive weights move into the BatchNorms before the (positively homogeneous) LeakyReLU
     for entry in data["inputs"]:
-        assert entry["kept"] is False and entry["absorbed_by"].endswith(".bn")
+        assert entry["kept"] is False and entry["absorbed_by"] == entry["input"] + ".bn"
+        assert entry["conv"] == entry["input"] + ".conv"  # where the weight ends up after fold-bn
     assert "mul" not in fused.code and "relu" not in fused.code and "softmax" not in fused.code
     ops = _ops(model, "layers.4")
     assert ops and "softmax" not in ops and "relu" not in ops and not any("mul" in o for o in ops)

@@ -46,6 +46,7 @@ class Absorber:
     bn_bias: Any = None
     bn_module: Any = None
     through: list[str] = field(default_factory=list)  # ops crossed on the way back
+    conv: str | None = None  # the conv/linear carrying the scale in the end (before a BatchNorm: once fold-bn ran)
 
     @property
     def direct(self) -> bool:
@@ -173,7 +174,7 @@ def _conv_absorber(g: DataflowGraph, ev: OpEvent, cur: int, through: list[str]) 
         return f"{unit.path} is a linear layer whose output channels are not on axis 1"
     if shape is None or len(shape) < 2 or shape[1] != unit.out_channels:
         return f"its channels do not match {unit.path}'s outputs"
-    return Absorber("conv", unit.path, unit.out_channels, unit=unit, through=list(through))
+    return Absorber("conv", unit.path, unit.out_channels, unit=unit, through=list(through), conv=unit.path)
 
 
 def _bn_absorber(g: DataflowGraph, ev: OpEvent, cur: int, through: list[str]) -> Absorber | str:
@@ -194,5 +195,11 @@ def _bn_absorber(g: DataflowGraph, ev: OpEvent, cur: int, through: list[str]) ->
         return f"its channels do not match the BatchNorm {where}"
     call = g.call(ev.scope)
     module = call.module if getattr(call.module, "weight", None) is wv.tensor else None
+    src = ev.args[0] if ev.args else None
+    before = g.producer(src.value) if isinstance(src, Ref) else None
+    conv = None
+    if before is not None and before.name in CONV_OPS:
+        unit = conv_unit(g, before)
+        conv = unit.path if not isinstance(unit, str) else None
     return Absorber("bn", where, int(wv.tensor.numel()), bn_weight=wv.tensor, bn_bias=bv.tensor,
-                    bn_module=module, through=list(through))
+                    bn_module=module, through=list(through), conv=conv)

@@ -297,7 +297,7 @@ class FoldFusion(Pass):
         return Applied(m.target, detail, {
             "kind": "inline",
             "inputs": [{"input": t.desc, "weight": _values(t.scale), "absorbed_by": t.absorber.path,
-                        "through": t.absorber.through} for t in m.terms],
+                        "conv": t.absorber.conv, "through": t.absorber.through} for t in m.terms],
             "neutralised": [p.name for p in m.params],
         })
 
@@ -507,6 +507,7 @@ def _module_data(module: Any, m: ModuleFusion) -> dict:
             **({"offset": t.offset} if m.layout == "cat" else {}),
             "weight": _values(t.scale),
             "absorbed_by": t.absorber.path if t.absorber is not None and not t.one else None,
+            "conv": t.absorber.conv if t.absorber is not None and not t.one else None,
             "through": t.absorber.through if t.absorber is not None and not t.one else [],
             "kept": t.kept,
             **({"reason": t.reason} if t.kept else {}),
