@@ -13,7 +13,8 @@ from typing import Any
 from ._version import __version__
 from .errors import BadInput, ParityError, SurgeryError, UnsafeCheckpoint
 
-_API = {"load_checkpoint", "fold_bn", "truncate", "apply_passes", "run", "Options"}
+_API = {"load_checkpoint", "fold_bn", "focus_to_conv", "fold_fusion", "optimize", "truncate",
+        "apply_passes", "run", "Options"}
 _STAGES = {"load", "verify", "save"}  # callable stage packages (see _callable.py)
 
 __all__ = ["__version__", "BadInput", "ParityError", "SurgeryError", "UnsafeCheckpoint",

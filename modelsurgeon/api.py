@@ -82,6 +82,28 @@ def truncate(model: Any, input_shape: Shape | Sequence[Shape] | None = None, *, 
     return apply_passes(model, ["truncate"], input_shape, pass_options=opts, command="truncate", **kwargs)
 
 
+def focus_to_conv(model: Any, input_shape: Shape | Sequence[Shape] | None = None, *, check_grad: bool = False,
+                  **kwargs: Any):
+    """Replace space-to-depth stems (Focus, pixel_unshuffle) + conv by one strided conv, in place."""
+    opts = {"focus-to-conv": {"check_grad": check_grad, "bench": False}}
+    return apply_passes(model, ["focus-to-conv"], input_shape, pass_options=opts, command="focus-to-conv", **kwargs)
+
+
+def fold_fusion(model: Any, input_shape: Shape | Sequence[Shape] | None = None, **kwargs: Any):
+    """Evaluate fusion weights once and fold them into the convs producing the fused inputs, in place."""
+    return apply_passes(model, ["fold-fusion"], input_shape, command="fold-fusion", **kwargs)
+
+
+def optimize(model: Any, input_shape: Shape | Sequence[Shape] | None = None, *,
+             passes: Sequence[str] | None = None, **kwargs: Any):
+    """Run every exact pass available for PyTorch (or ``passes``), repeated until nothing changes."""
+    from . import passes as registry
+
+    chosen = [p for p in (passes or registry.exact_passes()) if registry.available(p, "torch")]
+    kwargs.setdefault("repeat", True)
+    return apply_passes(model, chosen, input_shape, command="optimize", **kwargs)
+
+
 def verify(model: Any, reference: Any, input_shape: Shape | Sequence[Shape], *, trials: int = 1,
            seed: int = 0, atol: float | None = None, rtol: float | None = None):
     """Compare two models on the same random inputs; returns a ParityReport (does not raise)."""

@@ -200,7 +200,7 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
                                report_extra=extra)
             ctx.references = refs
             pr = run_pass(p, ctx, dry_run=opts.dry_run)
-            _merge(per_pass[name], pr, first_round=round_ == 0)
+            _merge(per_pass[name], pr, first_round=round_ == 0, slot=slot_name)
             for check in ctx.checks:  # a pass's own checks (focus-to-conv --check-grad) count as parity
                 report.parity.merge(check, prefix=label)
             _take_warnings(report, ctx, label)
@@ -223,6 +223,8 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
                         raise ParityError(f"parity failed after {name} ({_worst(step)}); nothing written", report)
         if not (opts.repeat and changed):
             break
+    if opts.repeat:
+        report.extra["rounds"] = max(report.extra.get("rounds", 0), round_ + 1)
     report.timings["rewrite"] = report.timings.get("rewrite", 0) + time.perf_counter() - t
     t = time.perf_counter()
     status(f"{label}verifying")
@@ -328,13 +330,13 @@ def _rewritten_runner(pass_name):
     return runner
 
 
-def _merge(into, pr, first_round: bool) -> None:
+def _merge(into, pr, first_round: bool, slot=None) -> None:
+    """Every round's rewrites add up; what is skipped is what the latest round found (earlier
+    rounds' candidates may have been rewritten since, by another pass)."""
     into.applied.extend(pr.applied)
-    if first_round:
-        into.skipped.extend(pr.skipped)
-    else:  # later rounds re-find the same unfoldable candidates: keep new ones only
-        known = {(s.target, s.reason, s.slot) for s in into.skipped}
-        into.skipped.extend(s for s in pr.skipped if (s.target, s.reason, s.slot) not in known)
+    if not first_round:
+        into.skipped = [s for s in into.skipped if s.slot != slot]
+    into.skipped.extend(pr.skipped)
     into.notes.extend(n for n in pr.notes if n not in into.notes)
 
 

@@ -38,7 +38,7 @@ REGISTRY: dict[str, PassInfo] = {
     "fold-fusion": PassInfo(
         "fold-fusion",
         "evaluate parameter-only computations (fusion weight normalisation) and fold constant scales into convs",
-        None,
+        "modelsurgeon.passes.fold_fusion.torch:FoldFusion",
         "modelsurgeon.passes.fold_fusion.onnx:FoldFusion",
     ),
     "fold-bn": PassInfo(

@@ -72,7 +72,8 @@ class Report:
             "inputs": [list(s) for s in self.inputs],
             "applied": [a.to_json() for a in self.applied],
             "skipped": [s.to_json() for s in self.skipped],
-            "passes": [{"name": p.name, "applied": len(p.applied), "skipped": len(p.skipped)} for p in self.passes],
+            "passes": [{"name": p.name, "applied": len(p.applied), "skipped": len(p.skipped), "notes": list(p.notes)}
+                       for p in self.passes],
             "parity": parity,
             "before": self.before.to_json() if self.before else None,
             "after": self.after.to_json() if self.after else None,

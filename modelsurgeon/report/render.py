@@ -45,35 +45,20 @@ def render(report: Report, console: Any) -> None:
         _render_tensors(report.extra["tensors"], console)
         return
 
-    applied = report.applied
-    if applied:
-        t = Table(title=f"Rewritten ({len(applied)})", title_justify="left", show_lines=False)
-        t.add_column("pass", style="cyan", no_wrap=True)
-        if len(report.slots) > 1:
-            t.add_column("slot")
-        t.add_column("target", style="green")
-        t.add_column("change")
-        for a in applied[:MAX_ROWS]:
-            row = [a.pass_name] + ([a.slot or ""] if len(report.slots) > 1 else []) + [a.target, a.detail]
-            t.add_row(*row)
-        if len(applied) > MAX_ROWS:
-            t.add_row(*([f"… {len(applied) - MAX_ROWS} more"] + [""] * (len(t.columns) - 2) + ["(all of them with --json)"]))
-        console.print(t)
-    elif not report.stopped:
-        console.print("[yellow]nothing to rewrite[/yellow]")
-    skipped = report.skipped
-    if skipped:
-        t = Table(title=f"Skipped ({len(skipped)})", title_justify="left")
-        t.add_column("pass", style="cyan", no_wrap=True)
-        if len(report.slots) > 1:
-            t.add_column("slot")
-        t.add_column("target", style="yellow")
-        t.add_column("reason")
-        for s in skipped[:MAX_ROWS]:
-            t.add_row(*([s.pass_name] + ([s.slot or ""] if len(report.slots) > 1 else []) + [s.target, s.reason]))
-        if len(skipped) > MAX_ROWS:
-            t.add_row(*([f"… {len(skipped) - MAX_ROWS} more"] + [""] * (len(t.columns) - 2) + ["(all of them with --json)"]))
-        console.print(t)
+    multi_slot = len(report.slots) > 1
+    if len(report.passes) > 1:  # optimize: one section per pass, in the order they ran
+        if report.extra.get("rounds"):
+            console.print(f"[dim]{len(report.passes)} passes, {report.extra['rounds']} round"
+                          f"{'s' if report.extra['rounds'] != 1 else ''} until nothing changed[/dim]")
+        for p in report.passes:
+            console.print(f"[bold cyan]{p.name}[/bold cyan]: {len(p.applied)} rewritten, {len(p.skipped)} skipped")
+            _tables(console, p.applied, p.skipped, multi_slot, with_pass=False, indent=True)
+            for n in p.notes:
+                console.print(f"  [dim]note:[/dim] {n}")
+    else:
+        if not report.applied and not report.stopped:
+            console.print("[yellow]nothing to rewrite[/yellow]")
+        _tables(console, report.applied, report.skipped, multi_slot, with_pass=True)
 
     if report.before is not None:
         t = Table(title="Model", title_justify="left")
@@ -174,6 +159,7 @@ def _render_truncate(info: dict, console: Any) -> None:
     if info.get("identity_note"):
         console.print(f"[dim]note:[/dim] {info['identity_note']}")
 
+
 def _render_tensors(rows: list, console: Any) -> None:
     from rich.table import Table
 
@@ -183,3 +169,41 @@ def _render_tensors(rows: list, console: Any) -> None:
     for r in rows:
         t.add_row(str(r["index"]), r["name"], r["op"], r["shape"], "output" if r.get("output") else "")
     console.print(t)
+
+
+def _tables(console: Any, applied: list, skipped: list, multi_slot: bool, with_pass: bool, indent: bool = False) -> None:
+    from rich.padding import Padding
+    from rich.table import Table
+
+    def show(t):
+        console.print(Padding(t, (0, 0, 0, 2)) if indent else t)
+
+    if applied:
+        t = Table(title=f"Rewritten ({len(applied)})", title_justify="left", show_lines=False)
+        if with_pass:
+            t.add_column("pass", style="cyan", no_wrap=True)
+        if multi_slot:
+            t.add_column("slot")
+        t.add_column("target", style="green")
+        t.add_column("change")
+        for a in applied[:MAX_ROWS]:
+            t.add_row(*(([a.pass_name] if with_pass else []) + ([a.slot or ""] if multi_slot else []) + [a.target, a.detail]))
+        _more(t, len(applied))
+        show(t)
+    if skipped:
+        t = Table(title=f"Skipped ({len(skipped)})", title_justify="left")
+        if with_pass:
+            t.add_column("pass", style="cyan", no_wrap=True)
+        if multi_slot:
+            t.add_column("slot")
+        t.add_column("target", style="yellow")
+        t.add_column("reason")
+        for s in skipped[:MAX_ROWS]:
+            t.add_row(*(([s.pass_name] if with_pass else []) + ([s.slot or ""] if multi_slot else []) + [s.target, s.reason]))
+        _more(t, len(skipped))
+        show(t)
+
+
+def _more(t: Any, n: int) -> None:
+    if n > MAX_ROWS:
+        t.add_row(*([f"… {n - MAX_ROWS} more"] + [""] * (len(t.columns) - 2) + ["(all of them with --json)"]))

@@ -93,7 +93,7 @@ class FoldBN(Pass):
             else:
                 yield FoldMatch(target=unit.path, unit=unit, steps=steps)
         for ev in g.events:
-            if ev.name in BATCH_NORM and ev.id not in handled:
+            if ev.name in BATCH_NORM and ev.id not in handled and not _neutral_bn(g, ev):
                 yield Skipped(_target(g, ev), self._unfolded_reason(g, ev))
 
     # -- matching ------------------------------------------------------------------------------
@@ -210,10 +210,14 @@ class FoldBN(Pass):
         aff = self._op_affine(g, ev, cur, axis)
         if not isinstance(aff, ChannelAffine):
             return aff
+        if ev.name not in BATCH_NORM and bool((aff.scale == 1).all() and (aff.shift == 0).all()):
+            return None  # ``x * 1`` / ``x + 0``: already neutralised (folded in an earlier round)
         host = g.call(ev.scope).path
         where = f"{host}.forward" if host else "the model's forward"
         label = f"{ev.name} in {where}"
         if ev.name in BATCH_NORM:
+            if _neutral_bn(g, ev):
+                return None  # made the identity in an earlier round
             a = batch_norm_args(ev)
             params = []
             for key, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", "var")):
@@ -331,6 +335,33 @@ def _child_chain(g: DataflowGraph, call: ModuleCall, start_value: int) -> list |
     if len({id(m) for m in chain}) != len(chain):
         return None
     return chain
+
+
+def _neutral_bn(g: DataflowGraph, ev: OpEvent) -> bool:
+    """An inline batch_norm already set to the identity (weight 1, bias 0, mean 0, variance
+    with ``1 / sqrt(var + eps) == 1`` in its dtype) by an earlier fold."""
+    import torch
+
+    a = batch_norm_args(ev)
+    if not a or a.get("training"):
+        return False
+    vals = {}
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        r = a.get(key)
+        if r is None:
+            vals[key] = None
+            continue
+        if not isinstance(r, Ref) or g.value(r.value).tensor is None:
+            return False
+        vals[key] = g.value(r.value).tensor.detach()
+    var = vals["running_var"]
+    if var is None or vals["running_mean"] is None:
+        return False
+    with torch.no_grad():
+        ok = bool((torch.rsqrt(var + float(a.get("eps", 1e-5))) == 1).all()) and bool((vals["running_mean"] == 0).all())
+        ok = ok and (vals["weight"] is None or bool((vals["weight"] == 1).all()))
+        ok = ok and (vals["bias"] is None or bool((vals["bias"] == 0).all()))
+    return ok
 
 
 def _set_identity_var(var: Any, eps: float) -> None:

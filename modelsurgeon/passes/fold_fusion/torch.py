@@ -1,0 +1,520 @@
+"""fold-fusion on PyTorch models: evaluate fusion weights once and move them into the convs.
+
+Two shapes of the same idea, because a module's Python forward cannot be edited:
+
+* **Fusion modules** (Darknet weighted ``[shortcut]``, BiFPN fast-normalised / softmax /
+  sigmoid fusion, a BiFPN node ``conv(act(sum))``...): a module whose forward is a per-channel
+  weighted sum of its inputs (recognised by :mod:`modelsurgeon.match.fusion`, weights read by
+  probing, so any normalisation is evaluated once, exactly as the module computes it). Each
+  input's weight moves into the layer producing that input when nothing else reads it
+  (:mod:`modelsurgeon.match.absorb`); the module is replaced by a generated ``GraphModule``
+  computing the remaining sum with the same channel slicing / zero padding, the weights that
+  could not move kept as constant buffers, its trailing child modules kept
+  (:mod:`modelsurgeon.rewrite.weighted_sum`).
+* **Inline weighted sums** in a host's forward (RFCR: ``self.scale[0] * a + self.scale[1] * b``):
+  a constant multiply whose result is summed with another feature map. When the constant is a
+  parameter (or a view of one) read only by such multiplies, each weight moves into its
+  producing layer and the parameter is set to 1 (the host's multiply stays, by exactly 1).
+  A weight computed inline from parameters (``torch.sigmoid(self.w[0]) * x``) cannot be
+  neutralised without editing the source: reported as skipped, with the computation.
+
+A weight whose input is also read elsewhere stays one constant multiply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from ...capture.graph import OUTPUT, VIEW_OPS, DataflowGraph, OpEvent, Ref
+from ...match.absorb import Absorber, describe_use, describe_value, find_absorber
+from ...match.affine import ADD, DIV, MUL, RSUB, SUB, elementwise_affine
+from ...match.fusion import Candidate, candidate, probe, record_args
+from ...rewrite import weighted_sum
+from ..base import Applied, Match, Pass, Skipped, TorchContext
+
+
+@dataclass
+class Term:
+    value: int
+    desc: str
+    channels: int
+    scale: Any  # float64 weight over min(channels, C_out) channels
+    absorber: Absorber | None = None
+    reason: str | None = None  # why the weight stays a multiply
+    path: tuple = ()  # where the module reads it among its arguments
+    offset: int = 0  # output channel its channel 0 lands on (concatenation)
+
+    @property
+    def one(self) -> bool:
+        return bool((self.scale == 1).all())
+
+    @property
+    def kept(self) -> bool:
+        return self.absorber is None and not self.one
+
+
+@dataclass
+class ModuleFusion(Match):
+    cand: Candidate = None
+    terms: list[Term] = field(default_factory=list)
+    out_channels: int = 0
+    bias: Any = None
+    bias_term: int | None = None  # index of the term whose layer absorbs the bias
+    args: list = field(default_factory=list)
+    varargs: str | None = None
+    dtype: Any = None
+    ndim: int = 4
+    layout: str = "sum"  # "sum" | "cat"
+
+
+@dataclass
+class InlineTerm:
+    event: OpEvent
+    value: int
+    desc: str
+    scale: Any
+    root: int  # event id of the sum this term belongs to
+    host: str
+    target: str = ""
+    param: Any = None  # Value of the parameter the weight is a view of
+    absorber: Absorber | None = None
+    reason: str | None = None
+
+    @property
+    def one(self) -> bool:
+        return bool((self.scale == 1).all())
+
+
+@dataclass
+class InlineFusion(Match):
+    terms: list[InlineTerm] = field(default_factory=list)
+    params: list = field(default_factory=list)  # Values set to 1
+
+
+class FoldFusion(Pass):
+    name = "fold-fusion"
+
+    def match(self, ctx: TorchContext) -> Iterable[Match | Skipped]:
+        g: DataflowGraph = ctx.graph
+        cands: list[Candidate] = []
+        refused: dict[int, str] = {}  # call id -> why the module as a whole is not replaced
+        for call in g.calls:
+            if any(call.start >= c.call.start and call.end <= c.call.end and call is not c.call for c in cands):
+                continue
+            c = candidate(g, call)
+            if isinstance(c, Candidate):
+                cands.append(c)
+            elif isinstance(c, str):
+                refused[call.id] = c
+        replaced: set[int] = set()  # calls handled as a whole (their multiplies are not inline terms)
+        if cands:
+            recorded = record_args(ctx.model, ctx.inputs, [c.call.module for c in cands])
+            for c in cands:
+                m = self._module_match(g, c, recorded.get(id(c.call.module)))
+                if isinstance(m, str):
+                    refused[c.call.id] = m
+                    continue
+                replaced.add(c.call.id)
+                if m is not None:
+                    yield m
+        reported: set[int] = set()
+        for item in self._inline(g, replaced, refused, reported):
+            yield item
+        for cid, reason in refused.items():  # weighted sums nothing else said anything about
+            if cid not in reported:
+                yield Skipped(g.call(cid).path, reason)
+
+    # -- fusion modules --------------------------------------------------------------------
+    def _module_match(self, g: DataflowGraph, c: Candidate, call_args) -> ModuleFusion | Skipped | str | None:
+        """A match; a Skipped (replaceable but nothing to gain); ``None`` (one of ours, already
+        done); or why the module cannot be replaced as a whole (then its multiplies are
+        looked at as inline ones)."""
+        import torch
+
+        call, module = c.call, c.call.module
+        ours = bool(getattr(module, weighted_sum.MARKER, False))
+        if call_args is None:
+            return "it was not called again on the same inputs"
+        if call_args.kw_tensors:
+            return "it receives tensors as keyword arguments"
+        if len(call_args.paths) != len(call.inputs):
+            return "its arguments changed between two runs"
+        sig = weighted_sum.signature_spec(module, len(call_args.args), tuple(call_args.kwargs))
+        if isinstance(sig, str):
+            return sig
+        out_shape = g.value(c.out_value).shape
+        slot_shapes = [(g.value(v).shape, g.value(v).dtype) for v in call.inputs]
+        groups = [c.slots[v] for v in c.read]
+        p = probe(module, call_args, slot_shapes, groups, out_shape,
+                  stop_at=c.chain[0].module if c.chain else None)
+        if isinstance(p, str):
+            return p
+        allowed = {e.id for e in g.events_in(call, direct=True)}
+        terms = []
+        layout = _layout(p, [g.value(v).shape[1] for v in c.read])
+        if layout is None:
+            return "its inputs overlap in some channels and not in others (neither a sum nor a concatenation)"
+        for v, k, o in zip(c.read, p.coefficients, p.offsets):
+            t = Term(v, describe_value(g, v, call), g.value(v).shape[1], k, path=call_args.paths[c.slots[v][0]], offset=o)
+            if not t.one:
+                full = torch.ones(t.channels, dtype=torch.float64)
+                full[:k.numel()] = k
+                a = find_absorber(g, v, full, allowed)
+                if isinstance(a, str):
+                    t.reason = a
+                else:
+                    t.absorber = a
+            terms.append(t)
+        bias_term = None
+        if p.bias is not None:
+            for i, t in enumerate(terms):
+                if t.absorber is not None and t.absorber.can_shift() and t.channels >= p.out_channels:
+                    bias_term = i
+                    break
+                if t.one and t.channels >= p.out_channels:  # a plain input: its layer may take the bias
+                    a = find_absorber(g, t.value, torch.ones(t.channels, dtype=torch.float64), allowed)
+                    if isinstance(a, Absorber) and a.can_shift():
+                        t.absorber, bias_term = a, i
+                        break
+        absorbed = any(t.absorber is not None for t in terms)
+        kept = sum(1 for t in terms if t.kept)
+        if not (c.computed or absorbed or kept < c.multiplies):
+            if ours:
+                return None
+            why = "; ".join(f"{t.desc}: {t.reason}" for t in terms if t.reason)
+            return Skipped(call.path, f"its weights are plain parameters and no layer can absorb them ({why})")
+        args, varargs = sig
+        dtype = g.value(c.out_value).dtype
+        return ModuleFusion(target=call.path, cand=c, terms=terms, out_channels=p.out_channels, bias=p.bias,
+                            bias_term=bias_term, args=args, varargs=varargs, dtype=dtype, ndim=len(out_shape),
+                            layout=layout)
+
+    # -- inline weighted sums --------------------------------------------------------------
+    def _inline(self, g: DataflowGraph, replaced: set[int], refused: dict[int, str],
+                reported: set[int]) -> Iterable[Match | Skipped]:
+        inside = set()
+        for cid in replaced:
+            c = g.call(cid)
+            inside.update(range(c.start, c.end))
+        terms: list[InlineTerm] = []
+        for ev in g.events:
+            if ev.id in inside or (ev.name not in MUL and ev.name not in DIV):
+                continue
+            t = _inline_term(g, ev)
+            if t is not None:
+                terms.append(t)
+        if not terms:
+            return
+        # name each sum: host path + its index among the weighted sums of that host
+        roots: dict[str, list[int]] = {}
+        for t in terms:
+            lst = roots.setdefault(t.host, [])
+            if t.root not in lst:
+                lst.append(t.root)
+        for t in terms:
+            lst = roots[t.host]
+            host = t.host or "the model"
+            t.target = f"{host}: weighted sum" + (f" {lst.index(t.root) + 1}" if len(lst) > 1 else "")
+        by_event = {t.event.id: t for t in terms}
+        live = [t for t in terms if not t.one]
+        for t in live:
+            operand = _const_operand(t.event)
+            root = g.const_root(operand) if operand is not None else None
+            if root is None:
+                t.reason = (f"its weight is computed inline in {t.host or 'the model'}.forward "
+                            f"({_computation(g, operand)}); without editing that code the multiply stays")
+                continue
+            t.param = root
+            a = find_absorber(g, t.value, t.scale, {t.event.id})
+            if isinstance(a, str):
+                t.reason = a
+            else:
+                t.absorber = a
+        # a parameter is set to 1 only if every read of it is a weight that moves (or is 1)
+        by_param: dict[int, list[InlineTerm]] = {}
+        for t in live:
+            if t.param is not None:
+                by_param.setdefault(t.param.id, []).append(t)
+        for pid, ts in by_param.items():
+            pv = g.value(pid)
+            problem = None
+            if any(w.version_of == pid for w in g.values):
+                problem = f"{pv.name} is modified in the forward"
+            for e in _view_leaves(g, pid):
+                if problem:
+                    break
+                u = by_event.get(e)
+                if u is None:
+                    problem = f"{pv.name} is also read by {describe_use(g, e)}"
+                elif not u.one and u.absorber is None:
+                    problem = f"{pv.name} also weighs {u.desc}, whose weight cannot move ({u.reason})"
+            if problem:
+                for t in ts:
+                    if t.reason is None:
+                        t.reason, t.absorber = problem, None
+        # one match per group of sums linked by a shared parameter
+        parent: dict[int, int] = {}
+
+        def find(x: int) -> int:
+            while parent.setdefault(x, x) != x:
+                x = parent[x]
+            return x
+
+        for t in live:
+            if t.param is not None:
+                parent[find(t.root)] = find(-1 - t.param.id)
+        groups: dict[int, list[InlineTerm]] = {}
+        for t in live:
+            groups.setdefault(find(t.root), []).append(t)
+        for ts in groups.values():
+            ok = [t for t in ts if t.absorber is not None]
+            reported.update(g.event(t.root).scope for t in ts)
+            for t in ts:
+                if t.absorber is None:
+                    note = refused.get(g.event(t.root).scope)
+                    why = t.reason + (f"; the module as a whole is not replaced either ({note})" if note else "")
+                    yield Skipped(t.target, f"{t.desc} ×{_fmt(t.scale)}: {why}")
+            if ok:
+                params = list({id(t.param): t.param for t in ok}.values())
+                yield InlineFusion(target=ok[0].target, terms=ok, params=params)
+
+    # -- rewriting -------------------------------------------------------------------------
+    def rewrite(self, ctx: TorchContext, m: Match) -> Applied | Skipped:
+        if isinstance(m, InlineFusion):
+            return self._rewrite_inline(ctx, m)
+        return self._rewrite_module(ctx, m)
+
+    def _rewrite_inline(self, ctx: TorchContext, m: InlineFusion) -> Applied:
+        ed = ctx.editor
+        for t in m.terms:
+            t.absorber.apply(ed, t.scale)
+        for p in m.params:
+            ed.neutralise(p.tensor, 1.0)
+        parts = [f"{t.desc} ×{_fmt(t.scale)} → {t.absorber.describe()}" for t in m.terms]
+        names = ", ".join(p.name for p in m.params)
+        detail = "; ".join(parts) + f"; {names} set to 1"
+        return Applied(m.target, detail, {
+            "kind": "inline",
+            "inputs": [{"input": t.desc, "weight": _values(t.scale), "absorbed_by": t.absorber.path,
+                        "conv": t.absorber.conv, "through": t.absorber.through} for t in m.terms],
+            "neutralised": [p.name for p in m.params],
+        })
+
+    def _rewrite_module(self, ctx: TorchContext, m: ModuleFusion) -> Applied:
+        import torch
+
+        ed = ctx.editor
+        c, module = m.cand, m.cand.call.module
+        shift = None
+        for i, t in enumerate(m.terms):
+            if t.absorber is None:
+                continue
+            full = torch.ones(t.channels, dtype=torch.float64)
+            full[:t.scale.numel()] = t.scale
+            if i == m.bias_term:
+                shift = torch.zeros(t.channels, dtype=torch.float64)
+                shift[:m.out_channels] = m.bias
+            t.absorber.apply(ed, full, shift if i == m.bias_term else None)
+        store = ed.storage.default_dtype if ed.storage is not None else None
+        tensors: dict[str, Any] = {}
+        spec_terms = []
+        for i, t in enumerate(m.terms):
+            entry = {"path": list(t.path), "channels": t.channels, "offset": t.offset, "scale": None}
+            if t.kept:
+                buf = _buffer(t.scale, m.ndim, m.dtype, store)
+                tensors[f"weight{i}"] = buf
+                entry["scale"] = list(buf.shape)
+            spec_terms.append(entry)
+        spec = {"kind": weighted_sum.KIND, "class_name": type(module).__name__, "layout": m.layout, "args": m.args,
+                "varargs": m.varargs, "out_channels": m.out_channels, "ndim": m.ndim, "terms": spec_terms,
+                "bias": None, "children": []}
+        if m.bias is not None and m.bias_term is None:
+            buf = _buffer(m.bias, m.ndim, m.dtype, store)
+            tensors["bias"] = buf
+            spec["bias"] = list(buf.shape)
+        children = {}
+        for child in c.chain:
+            rel = child.path[len(c.call.path) + 1:]
+            children[rel] = child.module
+            spec["children"].append({"name": rel, "module": ed.spec_for(child.module)})
+        new = weighted_sum.build_module(spec, tensors, children)
+        ed.replace(module, new, spec)
+        return Applied(m.target, _module_detail(module, m), _module_data(module, m))
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _layout(p: Any, channels: list[int]) -> str | None:
+    """"sum" when every input starts at channel 0; "cat" when whole inputs follow one another
+    and fill the output; ``None`` otherwise."""
+    if not any(p.offsets):
+        return "sum"
+    pos = 0
+    for o, k, c in sorted(zip(p.offsets, p.coefficients, channels), key=lambda t: t[0]):
+        if o != pos or k.numel() != c:
+            return None
+        pos += c
+    return "cat" if pos == p.out_channels else None
+
+
+def _inline_term(g: DataflowGraph, ev: OpEvent) -> InlineTerm | None:
+    """``x * w`` / ``w * x`` / ``x / w`` with ``w`` a constant tensor and the product summed
+    with another feature map."""
+    a0, a1 = (ev.args + (None, None))[:2]
+    refs = [a for a in (a0, a1) if isinstance(a, Ref)]
+    if len(refs) != 2 or not ev.outputs:
+        return None
+    var = [r for r in refs if not g.value(r.value).const]
+    const = [r for r in refs if g.value(r.value).const]
+    if len(var) != 1 or len(const) != 1:
+        return None
+    x = var[0].value
+    if ev.name in DIV and a0 != var[0]:
+        return None
+    r = elementwise_affine(g, ev, x, 1)
+    if r is None:
+        return None
+    uses = g.uses(ev.outputs[0])
+    if len(uses) != 1 or uses[0] == OUTPUT:
+        return None
+    nxt = g.event(uses[0])
+    if nxt.name not in ADD | SUB | RSUB:
+        return None
+    if not any(i != ev.outputs[0] and not g.value(i).const for i in nxt.inputs):
+        return None
+    root = nxt
+    while root.outputs:
+        u = g.uses(root.outputs[0])
+        if len(u) != 1 or u[0] == OUTPUT:
+            break
+        e = g.event(u[0])
+        if e.name not in ADD | SUB | RSUB or e.scope != root.scope:
+            break
+        root = e
+    host = g.call(root.scope).path
+    scope_call = g.call(root.scope)
+    return InlineTerm(ev, x, describe_value(g, x, scope_call), r[0].scale, root.id, host)
+
+
+def _const_operand(ev: OpEvent) -> int | None:
+    for a in ev.args[:2]:
+        if isinstance(a, Ref):
+            return a.value
+    return None
+
+
+def _computation(g: DataflowGraph, vid: int | None) -> str:
+    """``relu, sum, add, div of w`` for a constant computed from parameters."""
+    if vid is None:
+        return "a computation"
+    ops: list[str] = []
+    params: list[str] = []
+    stack, seen = [vid], set()
+    while stack and len(seen) < 64:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        val = g.value(v)
+        if val.is_param:
+            if val.name and val.name not in params:
+                params.append(val.name)
+            continue
+        ev = g.producer(v)
+        if ev is None:
+            continue
+        name = ev.name.replace("Tensor.", "").strip("_")
+        if name not in ops:
+            ops.insert(0, name)
+        stack.extend(ev.inputs)
+    what = ", ".join(ops) or "a computation"
+    return f"{what} of {', '.join(params)}" if params else what
+
+
+def _view_leaves(g: DataflowGraph, vid: int) -> list[int]:
+    """Events reading value ``vid`` through pure views (the views themselves excluded)."""
+    out, stack, seen = [], [vid], set()
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        for e in g.uses(v):
+            if e == OUTPUT:
+                out.append(e)
+                continue
+            ev = g.event(e)
+            if ev.name in VIEW_OPS and ev.inputs and ev.inputs[0] == v and not ev.inplace:
+                stack.extend(ev.outputs)
+            else:
+                out.append(e)
+    return list(dict.fromkeys(out))
+
+
+def _buffer(vec: Any, ndim: int, dtype: Any, store: Any) -> Any:
+    """A constant for the replacement: a 0-d tensor if all channels share one value, else
+    ``(1, C, 1, ...)``; rounded to the dtype it will be saved in."""
+    import torch
+
+    v = vec.to(torch.float64)
+    t = v[0].clone() if bool((v == v[0]).all()) else v.view([1, -1] + [1] * (ndim - 2))
+    if store is not None and store != dtype:
+        t = t.to(store)
+    return t.to(dtype).contiguous()
+
+
+def _fmt(vec: Any) -> str:
+    if vec.numel() == 1 or bool((vec == vec[0]).all()):
+        return f"{float(vec[0]):.4g}"
+    return f"per-channel[{vec.numel()}] {float(vec.min()):.3g}…{float(vec.max()):.3g}"
+
+
+def _values(vec: Any) -> Any:
+    if vec.numel() == 1 or bool((vec == vec[0]).all()):
+        return float(vec[0])
+    return [float(x) for x in vec]
+
+
+def _module_detail(module: Any, m: ModuleFusion) -> str:
+    weights = ", ".join(_fmt(t.scale) for t in m.terms)
+    what = "concatenation" if m.layout == "cat" else "sum"
+    parts = [f"{type(module).__name__}: weighted {what} of {len(m.terms)} inputs, weights [{weights}]"]
+    moved = [f"{t.desc} → {t.absorber.describe()}" for t in m.terms if t.absorber is not None and not t.one]
+    if moved:
+        parts.append("absorbed: " + ", ".join(moved))
+    kept = [f"{t.desc} ({t.reason})" for t in m.terms if t.kept]
+    if kept:
+        parts.append("multiply kept: " + ", ".join(kept))
+    if m.bias is not None:
+        parts.append("constant term " + (f"→ {m.terms[m.bias_term].absorber.describe()}" if m.bias_term is not None else "kept"))
+    if m.cand.chain:
+        parts.append("then " + " → ".join(type(c.module).__name__ for c in m.cand.chain))
+    return "; ".join(parts)
+
+
+def _module_data(module: Any, m: ModuleFusion) -> dict:
+    return {
+        "kind": "module",
+        "module": type(module).__name__,
+        "layout": m.layout,
+        "out_channels": m.out_channels,
+        "inputs": [{
+            "input": t.desc,
+            "channels": t.channels,
+            **({"offset": t.offset} if m.layout == "cat" else {}),
+            "weight": _values(t.scale),
+            "absorbed_by": t.absorber.path if t.absorber is not None and not t.one else None,
+            "conv": t.absorber.conv if t.absorber is not None and not t.one else None,
+            "through": t.absorber.through if t.absorber is not None and not t.one else [],
+            "kept": t.kept,
+            **({"reason": t.reason} if t.kept else {}),
+        } for t in m.terms],
+        "bias": None if m.bias is None else {
+            "values": _values(m.bias),
+            "absorbed_by": m.terms[m.bias_term].absorber.path if m.bias_term is not None else None},
+        "replaced_by": "torch.fx.GraphModule",
+        "chain": [c.path for c in m.cand.chain],
+    }

@@ -1,0 +1,364 @@
+"""fold-fusion on PyTorch models: fusion weights are evaluated once and move into the layers
+producing the fused inputs; what cannot move stays one constant multiply; the rest is skipped
+with a reason. Fusion weights, BatchNorm statistics and affine parameters are random in every
+test, and parity is re-checked independently of the pass, on fresh inputs of other shapes."""
+
+from __future__ import annotations
+
+import copy
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import modelsurgeon as ms
+from conftest import ROOT, run_cli
+from fusionmodels import (
+    BiasedFusion, BiFPNAdd, FastNormalizedFusion, InlineComputed, Interleaved, InlineVector, Neck, RFCRNet, SigmoidFusion, SizeDependent,
+    SoftmaxFusion, WeightedConcat, darknet, finish,
+)
+from modelsurgeon.capture import capture
+
+SHAPE = (1, 3, 16, 16)
+OTHER_SHAPES = [(2, 3, 24, 20)]
+
+
+def _fold(model, shape=SHAPE):
+    original = copy.deepcopy(model)
+    report = ms.fold_fusion(model, shape)
+    assert report.parity.passed
+    for s in [shape, *OTHER_SHAPES]:
+        independent = ms.verify(model, original, s, trials=2, seed=11)
+        assert independent.passed, (s, independent.outputs)
+    return report, original
+
+
+def _ops(model, within: str, shape=SHAPE) -> list[str]:
+    """Ops run inside module ``within`` in one forward."""
+    g, _, _ = capture(model, [torch.randn(shape)])
+    return [e.name for e in g.events if g.call(e.scope).path.startswith(within)]
+
+
+def _expected_weights(w: list[float], normalization: str) -> list[float]:
+    if normalization == "relu":
+        r = [max(x, 0.0) for x in w]
+        return [x / (sum(r) + 1e-4) for x in r]
+    if normalization == "softmax":
+        e = [math.exp(x) for x in w]
+        return [x / sum(e) for x in e]
+    return list(w)
+
+
+@pytest.mark.parametrize("n_inputs", [2, 3])
+@pytest.mark.parametrize("normalization", ["none", "relu", "softmax"])
+@pytest.mark.parametrize("weights_type", ["per_feature", "per_channel"])
+def test_darknet_weighted_shortcut(weights_type, normalization, n_inputs):
+    model = darknet(weights_type, normalization, n_inputs, mismatch=n_inputs == 3, seed=n_inputs)
+    w = model.layers[4].w.detach().clone()
+    report, _ = _fold(model)
+    assert [a.target for a in report.applied] == ["layers.4"] and not report.skipped
+    fused = model.layers[4]
+    assert isinstance(fused, torch.fx.GraphModule)
+    assert type(fused).__name__ == "ShortcutLayer"  # the host dispatches on the class name
+    assert fused.layers == ([1] if n_inputs == 2 else [1, 2])  # attributes the host may read
+    assert not any(n.endswith(".w") for n, _ in model.named_parameters())
+    data = report.applied[0].data
+    assert [i["input"] for i in data["inputs"]] == ["layers.3", "layers.1", "layers.2"][:n_inputs]
+    # the reported weights are the normalised ones, evaluated once
+    columns = w.t() if weights_type == "per_channel" else w.view(1, -1)  # one row per channel
+    for i, entry in enumerate(data["inputs"]):
+        got = entry["weight"] if isinstance(entry["weight"], list) else [entry["weight"]]
+        for c, value in enumerate(got):
+            expected = _expected_weights([float(x) for x in columns[c if weights_type == "per_channel" else 0]],
+                                         normalization)[i]
+            assert value == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    # positive weights move into the BatchNorms before the (positively homogeneous) LeakyReLU
+    for entry in data["inputs"]:
+        assert entry["kept"] is False and entry["absorbed_by"] == entry["input"] + ".bn"
+        assert entry["conv"] == entry["input"] + ".conv"  # where the weight ends up after fold-bn
+    assert "mul" not in fused.code and "relu" not in fused.code and "softmax" not in fused.code
+    ops = _ops(model, "layers.4")
+    assert ops and "softmax" not in ops and "relu" not in ops and not any("mul" in o for o in ops)
+
+
+def test_channel_mismatch_keeps_slice_and_pad_semantics():
+    model = darknet("per_channel", "relu", 3, mismatch=True)
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)  # the host cannot be traced; the pass records it instead
+    report, original = _fold(model)
+    code = model.layers[4].code
+    assert "torch.cat" in code and "slice(None, 8, None)" in code and "slice(None, 4, None)" in code
+    # the narrow input only reaches the first 4 output channels, the wide one is cut to 8
+    x = torch.randn(1, 8, 5, 5)
+    outputs = [None, torch.randn(1, 4, 5, 5), torch.randn(1, 12, 5, 5)]
+    y = model.layers[4](x, outputs)
+    expected = x.clone()
+    expected[:, :4] += outputs[1]
+    expected += outputs[2][:, :8]
+    assert torch.equal(y, expected)
+
+
+def test_negative_weights_and_shared_outputs_keep_one_constant_multiply():
+    model = darknet("per_feature", "none", 3, mismatch=True, shared_output=True)
+    with torch.no_grad():
+        model.layers[4].w.copy_(torch.tensor([-0.7, 0.4, 1.3]))
+    report, _ = _fold(model)
+    entries = {i["input"]: i for i in report.applied[0].data["inputs"]}
+    assert entries["layers.3"]["kept"] and "negative" in entries["layers.3"]["reason"]
+    assert entries["layers.1"]["kept"] and "also read by cat" in entries["layers.1"]["reason"]
+    assert entries["layers.2"]["absorbed_by"] == "layers.2.bn"
+    fused = model.layers[4]
+    kept = dict(fused.named_buffers())
+    assert set(kept) == {"weight0", "weight1"}
+    assert float(kept["weight0"]) == pytest.approx(-0.7) and float(kept["weight1"]) == pytest.approx(0.4)
+    assert fused.code.count(" * ") == 2
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_bifpn_fast_normalised_fusion(n):
+    fusion = FastNormalizedFusion(n)
+    model = finish(Neck(fusion, n=n, act="relu", upsample=n == 3), seed=n)
+    w = torch.relu(fusion.w.detach())
+    expected = (w / (w.sum() + 1e-4)).tolist()
+    report, _ = _fold(model)
+    (a,) = report.applied
+    assert [i["weight"] for i in a.data["inputs"]] == pytest.approx(expected, rel=1e-6)
+    assert all(i["absorbed_by"] for i in a.data["inputs"])
+    if n == 3:  # the upsampled input's weight moved back through the upsampling and the ReLU
+        up = next(i for i in a.data["inputs"] if i["input"] == "up")
+        assert up["absorbed_by"] == "branches.1.bn" and any("interpolate" in t for t in up["through"])
+    assert "*xs" in model.fusion.code  # called with varargs, as the original
+    assert not dict(model.fusion.named_buffers())
+
+
+def test_softmax_fusion_whose_input_also_feeds_elsewhere_keeps_that_multiply():
+    model = finish(Neck(SoftmaxFusion(2), call="list", side=True))
+    w = torch.softmax(model.fusion.w.detach(), 0)
+    report, _ = _fold(model)
+    (a,) = report.applied
+    first, second = a.data["inputs"]
+    assert first["input"] == "branches.0" and first["kept"] and "side" in first["reason"]
+    assert second["absorbed_by"] == "branches.1.bn"
+    (buf,) = model.fusion.buffers()
+    assert float(buf) == pytest.approx(float(w[0]), rel=1e-6)
+    assert "softmax" not in _ops(model, "fusion") and "stack" not in _ops(model, "fusion")
+
+
+def test_sigmoid_fusion_after_silu_is_evaluated_once_with_multiplies_kept():
+    model = finish(Neck(SigmoidFusion(3), n=3, call="list", act="silu"))
+    expected = (torch.sigmoid(model.fusion.w.detach()) * 2 / 3).tolist()
+    report, _ = _fold(model)
+    (a,) = report.applied
+    assert all(i["kept"] and "silu" in i["reason"] for i in a.data["inputs"])
+    assert [float(b) for b in model.fusion.buffers()] == pytest.approx(expected, rel=1e-6)
+    assert "sigmoid" not in _ops(model, "fusion")
+
+
+def test_bifpn_node_with_conv_inside_keeps_its_children():
+    model = finish(Neck(BiFPNAdd(8, 8), call="list", bn=False))
+    conv = model.fusion.conv
+    report, _ = _fold(model)
+    (a,) = report.applied
+    assert [i["absorbed_by"] for i in a.data["inputs"]] == ["branches.0.conv", "branches.1.conv"]
+    assert model.fusion.conv is conv and isinstance(model.fusion.silu, nn.SiLU)
+    assert {k for k in model.state_dict() if k.startswith("fusion.")} == {"fusion.conv.weight", "fusion.conv.bias"}
+
+
+@pytest.mark.parametrize("act", ["none", "relu"])
+def test_additive_constant_folds_into_a_bias_or_stays(act):
+    model = finish(Neck(BiasedFusion(), act=act))
+    bias = model.fusion.bias.detach().clone()
+    report, _ = _fold(model)
+    (a,) = report.applied
+    assert a.data["bias"]["values"] == pytest.approx(bias.tolist(), rel=1e-6)
+    buffers = dict(model.fusion.named_buffers())
+    if act == "none":  # the BatchNorm right before takes it into its shift
+        assert a.data["bias"]["absorbed_by"] == "branches.0.bn" and not buffers
+    else:  # a constant cannot cross the ReLU: it stays one add
+        assert a.data["bias"]["absorbed_by"] is None and set(buffers) == {"bias"}
+        assert torch.allclose(buffers["bias"].flatten(), bias)
+
+
+def test_rfcr_inline_scalars_fold_into_the_pointwise_convs():
+    model = finish(RFCRNet())
+    scales = [float(p.detach()) for p in model.rfcr.scale]
+    weights = [c.weight.detach().clone() for c in model.rfcr.pwconv]
+    report, _ = _fold(model)
+    (a,) = report.applied
+    assert a.target == "rfcr: weighted sum" and a.data["kind"] == "inline"
+    assert [i["absorbed_by"] for i in a.data["inputs"]] == ["rfcr.pwconv.0", "rfcr.pwconv.1", "rfcr.pwconv.2"]
+    assert [float(p.detach()) for p in model.rfcr.scale] == [1.0, 1.0, 1.0]
+    for conv, w, s in zip(model.rfcr.pwconv, weights, scales):
+        assert torch.allclose(conv.weight, w * s, rtol=1e-6, atol=0)
+
+
+def test_inline_weights_computed_from_parameters_are_skipped_with_the_reason():
+    model = finish(InlineComputed())
+    before = copy.deepcopy(model.state_dict())
+    report, _ = _fold(model)
+    assert not report.applied
+    assert len(report.skipped) == 2
+    assert all("computed inline" in s.reason and "sigmoid" in s.reason for s in report.skipped)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_inline_weight_vector_is_set_to_ones_only_if_every_weight_moves():
+    model = finish(InlineVector())
+    report, _ = _fold(model)
+    (a,) = report.applied
+    assert a.data["neutralised"] == ["w"] and torch.equal(model.w.detach(), torch.ones(2))
+    model = finish(InlineVector(side=True))
+    w = model.w.detach().clone()
+    report, _ = _fold(model)
+    assert not report.applied and len(report.skipped) == 2
+    assert torch.equal(model.w.detach(), w)
+
+
+class SharedWeighted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.3, 1.7]))
+
+    def forward(self, a, b):
+        return self.w[0] * a + self.w[1] * b
+
+
+class TwoNodes(nn.Module):
+    """One fusion module called twice (shared): it cannot be replaced, but its weights are a
+    plain parameter whose every read moves into a conv, so the parameter becomes ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(3, 4, 1) for _ in range(4))
+        self.fuse = SharedWeighted()
+
+    def forward(self, x):
+        c = [m(x) for m in self.convs]
+        return self.fuse(c[0], c[1]) * self.fuse(c[2], c[3])
+
+
+def test_shared_fusion_module_is_folded_through_its_parameter():
+    model = TwoNodes().eval()
+    report, _ = _fold(model)
+    (a,) = report.applied
+    assert a.data["kind"] == "inline" and len(a.data["inputs"]) == 4
+    assert torch.equal(model.fuse.w.detach(), torch.ones(2))
+
+
+def test_batchnorm_without_affine_keeps_the_multiply_until_fold_bn_takes_it():
+    model = finish(Neck(SoftmaxFusion(2), call="list"))
+    model.branches[0].bn = nn.BatchNorm2d(8, affine=False)
+    finish(model)
+    original = copy.deepcopy(model)
+    report = ms.optimize(model, SHAPE)
+    assert ms.verify(model, original, (2, 3, 20, 12), trials=2).passed
+    ff = next(p for p in report.passes if p.name == "fold-fusion")
+    first = ff.applied[0].data["inputs"][0]
+    assert first["kept"] and "no affine" in first["reason"]
+    # fold-bn folded that BatchNorm together with the kept multiply; fold-fusion then dropped it
+    assert len(ff.applied) == 2 and "mul" not in model.fusion.code
+    assert report.after.bn == 0 and report.extra["rounds"] == 3
+
+
+def test_fusion_behaving_differently_at_other_sizes_is_not_replaced():
+    model = finish(Neck(SizeDependent()))
+    report, _ = _fold(model, SHAPE)
+    assert not report.applied and len(report.skipped) == 2
+    assert all("differently at other input sizes" in s.reason for s in report.skipped)
+    assert isinstance(model.fusion, SizeDependent)
+
+
+def test_weighted_concatenation():
+    model = finish(Neck(WeightedConcat(), call="list", out=16))
+    w = model.fusion.w.detach()
+    report, _ = _fold(model, SHAPE)
+    (a,) = report.applied
+    assert a.data["layout"] == "cat"
+    assert [(i["input"], i["offset"]) for i in a.data["inputs"]] == [("branches.0", 8), ("branches.1", 0)]
+    assert [i["weight"] for i in a.data["inputs"]] == pytest.approx((w / (w.sum() + 1e-4)).tolist(), rel=1e-6)
+    assert "torch.cat" in model.fusion.code and " * " not in model.fusion.code
+
+
+def test_interleaved_inputs_are_skipped():
+    model = finish(Neck(Interleaved(), call="list", out=16))
+    report, _ = _fold(model, SHAPE)
+    assert not report.applied
+    (s,) = report.skipped
+    assert s.target == "fusion" and "rearranged" in s.reason
+
+
+def test_kept_per_channel_weight_of_a_sliced_input():
+    model = darknet("per_channel", "softmax", 3, mismatch=True, shared_output=True, routed=2)
+    report, _ = _fold(model)
+    entries = {i["input"]: i for i in report.applied[0].data["inputs"]}
+    assert entries["layers.2"]["kept"] and entries["layers.2"]["channels"] == 12
+    assert len(entries["layers.2"]["weight"]) == 8  # only the 8 channels that reach the output
+
+
+def test_second_run_finds_nothing_new():
+    model = darknet("per_feature", "none", 3, mismatch=True, shared_output=True)
+    ms.fold_fusion(model, SHAPE)
+    again = ms.fold_fusion(model, SHAPE)
+    assert not again.applied and not again.skipped
+
+
+def test_models_without_fusion_are_untouched():
+    from zoo import randomize
+    from zoo.resnet import resnet
+
+    model = randomize(resnet(), 2).eval()
+    before = copy.deepcopy(model.state_dict())
+    report = ms.fold_fusion(model, (1, 3, 32, 32))
+    assert not report.applied and not report.skipped
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_rewritten_model_pickles_and_runs_without_modelsurgeon(tmp_path):
+    model = darknet("per_channel", "softmax", 3, mismatch=True, shared_output=True)
+    _fold(model)
+    x = torch.randn(2, 3, 12, 12)
+    expected = model(x)
+    torch.save(model, tmp_path / "m.pt")
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys; sys.modules['modelsurgeon'] = None\n"
+        "import torch\n"
+        f"m = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        "print(type(m.layers[4]).__name__, sorted(dict(m.layers[4].named_buffers())))\n"
+        f"torch.save(m(x), {str(tmp_path / 'y.pt')!r})\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={"PYTHONPATH": str(ROOT / "tests"), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == "ShortcutLayer" and "weight1" in r.stdout
+    assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+
+
+@pytest.mark.parametrize("arch,ext", [("fusionmodels:darknet_mismatch", "pt"), ("fusionmodels:bifpn_node", "safetensors")])
+def test_state_dict_outputs_rebuild_the_replacement_from_the_recipe(arch, ext, tmp_path):
+    src = tmp_path / "sd.pt"
+    factory = getattr(__import__("fusionmodels"), arch.split(":")[1])
+    torch.save(factory().state_dict(), src)
+    out = tmp_path / f"out.{ext}"
+    r = run_cli("fold-fusion", src, "--arch", arch, "--code-path", ROOT / "tests", "-s", "1,3,16,16", "-o", out, "--json")
+    assert r.code == 0, r.err
+    assert len(r.json()["applied"]) == 1
+    original = ms.load(src, arch=arch)
+    folded = ms.load(out)
+    fused = folded.layers[4] if hasattr(folded, "layers") else folded.fusion
+    assert isinstance(fused, torch.fx.GraphModule) and type(fused).__name__ in ("ShortcutLayer", "BiFPNAdd")
+    assert ms.verify(folded, original, (2, 3, 16, 24), trials=2).passed
+
+
+def test_cli_dry_run_reports_and_changes_nothing(tmp_path):
+    src = tmp_path / "m.pt"
+    torch.save(darknet("per_feature", "relu", 3), src)
+    r = run_cli("fold-fusion", src, "--trust-pickle", "--code-path", ROOT / "tests", "-s", "1,3,16,16",
+                "--dry-run", "--json")
+    assert r.code == 0, r.err
+    rep = r.json()
+    assert rep["written"] is False and [a["target"] for a in rep["applied"]] == ["layers.4"]
