@@ -37,7 +37,7 @@ def apply_passes(model: Any, passes: Sequence[str], input_shape: Shape | Sequenc
     """Run passes on ``model`` in place and verify; returns the :class:`~modelsurgeon.report.Report`."""
     from .load.prepare import prepare
     from .passes.base import PassReport
-    from .pipeline import _worst, operate
+    from .pipeline import operate
     from .report import Report
     from .rewrite.recipe import Recipe
     from .verify.compare import ParityReport
@@ -59,7 +59,7 @@ def apply_passes(model: Any, passes: Sequence[str], input_shape: Shape | Sequenc
     if report.stopped:
         report.parity = ParityReport(checked=False, note=f"({report.stopped}: nothing rewritten)")
     if verify and not report.parity.passed:
-        raise ParityError(f"parity failed ({_worst(report.parity)})", report)
+        raise ParityError(f"parity failed ({report.parity.worst()})", report)
     return report
 
 

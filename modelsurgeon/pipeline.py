@@ -135,7 +135,7 @@ def _run_torch(command, passes, opts, ckpt, report, out_path, out_fmt) -> Report
     report.inputs = list(spec.shapes)
     if opts.verify and not report.parity.passed:
         if not opts.force:
-            raise ParityError(f"parity failed ({_worst(report.parity)}); nothing written", report)
+            raise ParityError(f"parity failed ({report.parity.worst()}); nothing written", report)
         report.warnings.append("parity failed; writing anyway because of --force")
     if ckpt.format == "container" and report.applied and ckpt.container.get("optimizer") is not None:
         report.warnings.append("the checkpoint's optimizer state was kept as is; it does not match the "
@@ -200,7 +200,7 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
                                report_extra=extra)
             ctx.references = refs
             pr = run_pass(p, ctx, dry_run=opts.dry_run)
-            _merge(per_pass[name], pr, first_round=round_ == 0, slot=slot_name)
+            per_pass[name].add_round(pr, first_round=round_ == 0, slot=slot_name)
             for check in ctx.checks:  # a pass's own checks (focus-to-conv --check-grad) count as parity
                 report.parity.merge(check, prefix=label)
             _take_warnings(report, ctx, label)
@@ -220,7 +220,7 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
                     step = refs.check(model, tol, runner=_rewritten_runner(name))
                     if not step.passed and not opts.force:
                         report.parity.merge(step, prefix=label)
-                        raise ParityError(f"parity failed after {name} ({_worst(step)}); nothing written", report)
+                        raise ParityError(f"parity failed after {name} ({step.worst()}); nothing written", report)
         if not (opts.repeat and changed):
             break
     if opts.repeat:
@@ -330,24 +330,6 @@ def _rewritten_runner(pass_name):
     return runner
 
 
-def _merge(into, pr, first_round: bool, slot=None) -> None:
-    """Every round's rewrites add up; what is skipped is what the latest round found (earlier
-    rounds' candidates may have been rewritten since, by another pass)."""
-    into.applied.extend(pr.applied)
-    if not first_round:
-        into.skipped = [s for s in into.skipped if s.slot != slot]
-    into.skipped.extend(pr.skipped)
-    into.notes.extend(n for n in pr.notes if n not in into.notes)
-
-
-def _worst(parity) -> str:
-    bad = [o for o in parity.outputs if not o.passed] or parity.outputs
-    if not bad:
-        return "no outputs"
-    o = max(bad, key=lambda o: o.max_rel)
-    return f"{o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}" + (f", {o.note}" if o.note else "")
-
-
 def _save(ckpt, opts, report, out_path, out_fmt, primary, refs) -> None:
     from .save.onnx_export import export, ort_run
     from .save.atomic import atomic_path
@@ -379,7 +361,7 @@ def _save(ckpt, opts, report, out_path, out_fmt, primary, refs) -> None:
                                       + ("rewritten torch model (the pass changes the function on purpose)"
                                          if getattr(refs, "rewritten", False) else "original torch model"))
                 if not onnx_parity.passed and not opts.force:
-                    raise ParityError(f"onnxruntime parity failed ({_worst(onnx_parity)}); nothing written", report)
+                    raise ParityError(f"onnxruntime parity failed ({onnx_parity.worst()}); nothing written", report)
             if len(ckpt.slots) > 1:
                 report.notes.append(f"exported the '{primary.name}' model")
         for s in ckpt.slots:

@@ -38,7 +38,6 @@ def run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
     from . import passes as registry
     from .capture.onnx import OnnxContext, OnnxGraph, infer_shapes
     from .passes.base import PassReport, run_pass
-    from .pipeline import _merge, _worst
     from .report.stats import onnx_stats
     from .rewrite.onnx import OnnxEditor
     from .save.atomic import atomic_files
@@ -106,7 +105,7 @@ def run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
             ctx = context(name)
             ctx.references = refs
             pr = run_pass(p, ctx, dry_run=opts.dry_run)
-            _merge(per_pass[name], pr, first_round=round_ == 0)
+            per_pass[name].add_round(pr, first_round=round_ == 0)
             if pr.changed and not opts.dry_run:
                 changed = True
                 editor.cleanup()
@@ -116,7 +115,7 @@ def run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
                     step = _check_in_memory(model, ckpt, refs, tol, expected, name, report)
                     if not step.passed and not opts.force:
                         report.parity.merge(step)
-                        raise ParityError(f"parity failed after {name} ({_worst(step)}); nothing written", report)
+                        raise ParityError(f"parity failed after {name} ({step.worst()}); nothing written", report)
         if not (opts.repeat and changed):
             break
     report.timings["rewrite"] = time.perf_counter() - t
@@ -156,7 +155,7 @@ def run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
             report.timings["verify"] = time.perf_counter() - t
             if not result.passed:
                 if not opts.force:
-                    raise ParityError(f"parity failed ({_worst(result)}); nothing written", report)
+                    raise ParityError(f"parity failed ({result.worst()}); nothing written", report)
                 report.warnings.append("parity failed; writing anyway because of --force")
     if external:
         report.notes.append(f"tensors written as external data next to the model: {out_path.name}.data")

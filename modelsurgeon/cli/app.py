@@ -15,6 +15,7 @@ import typer
 
 from .._version import __version__
 from .options import surgery_command
+from .run import ExitWith
 
 app = typer.Typer(
     name="modelsurgeon",
@@ -24,11 +25,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-class ExitWith(Exception):
-    def __init__(self, code: int):
-        self.code = code
 
 
 def _version(value: bool) -> None:

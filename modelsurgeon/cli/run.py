@@ -9,12 +9,18 @@ from typing import Any, Callable
 from ..errors import ParityError, SurgeryError
 
 
+class ExitWith(Exception):
+    """Raised when a command finished: carries its exit code to ``app.main``."""
+
+    def __init__(self, code: int):
+        self.code = code
+
+
 def execute(name: str, passes: Any, fn: Callable[..., dict], own: dict, common: dict,
             verify_each: bool = False, repeat: bool = False) -> None:
     from rich.console import Console
 
     from ..pipeline import Options, run
-    from .app import ExitWith
 
     quiet, as_json = common["quiet"], common["json_"]
     err = Console(stderr=True, highlight=False)

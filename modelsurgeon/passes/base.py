@@ -67,6 +67,16 @@ class PassReport:
     def changed(self) -> bool:
         return bool(self.applied)
 
+    def add_round(self, other: "PassReport", first_round: bool, slot: str | None = None) -> None:
+        """Take in one more run of the same pass: every round's rewrites add up; what is skipped
+        is what the latest round found (earlier rounds' candidates may have been rewritten
+        since, by another pass)."""
+        self.applied.extend(other.applied)
+        if not first_round:
+            self.skipped = [s for s in self.skipped if s.slot != slot]
+        self.skipped.extend(other.skipped)
+        self.notes.extend(n for n in other.notes if n not in self.notes)
+
 
 @dataclass
 class TorchContext:

@@ -63,6 +63,14 @@ class ParityReport:
     def max_rel(self) -> float:
         return max((o.max_rel for o in self.outputs), default=0.0)
 
+    def worst(self) -> str:
+        """One line about the worst output (a failing one if any), for error messages."""
+        bad = [o for o in self.outputs if not o.passed] or self.outputs
+        if not bad:
+            return "no outputs"
+        o = max(bad, key=lambda o: o.max_rel)
+        return f"{o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}" + (f", {o.note}" if o.note else "")
+
     def merge(self, other: "ParityReport", prefix: str = "") -> None:
         for o in other.outputs:
             self.outputs.append(OutputDiff(prefix + o.name, o.max_abs, o.max_rel, o.passed, o.note))
