@@ -36,8 +36,8 @@ def storage_dtype(model: Any) -> str:
 
 def run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
     from . import passes as registry
-    from .capture.onnx import OnnxContext, OnnxGraph, infer_shapes
-    from .passes.base import PassReport, run_pass
+    from .capture.onnx import OnnxGraph, infer_shapes
+    from .passes.base import OnnxContext, PassReport, run_pass
     from .report.stats import onnx_stats
     from .rewrite.onnx import OnnxEditor
     from .save.atomic import atomic_files
@@ -65,14 +65,6 @@ def run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
         return OnnxContext(model=model, graph=OnnxGraph(model), editor=editor,
                            options=opts.pass_options.get(name, {}), input_shapes=input_shapes)
 
-    # --list (truncate): describe the graph and stop
-    for name, p in impls.items():
-        if getattr(p, "listing", None) is not None and opts.pass_options.get(name, {}).get("list"):
-            report.extra["tensors"] = p.listing(context(name))
-            report.output = None
-            report.parity = ParityReport(checked=False, note="(--list: nothing rewritten)")
-            return report
-
     # options checks + tensors the references must include (before anything runs)
     extra: list[str] = []
     for name, p in impls.items():
@@ -83,16 +75,20 @@ def run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
     expected = extra if any(not p.preserves_function for p in impls.values()) else original_outputs
 
     refs = OnnxReferences(spec, opts.trials)
-    t = time.perf_counter()
-    if opts.verify:
-        status(f"recording references ({opts.trials} trial{'s' if opts.trials > 1 else ''})")
-        values = OnnxGraph(model).values_by_name()
-        types = {n: int(values[n].dtype) for n in extra if n in values and values[n].dtype is not None}
-        try:
-            refs.record(ckpt.path, extra, types)
-        except OrtError as e:
-            raise BadInput(f"onnxruntime cannot run {ckpt.path.name} on inputs {spec.describe()}: {e}")
-    report.timings["reference"] = time.perf_counter() - t
+    values = OnnxGraph(model).values_by_name()
+    types = {n: int(values[n].dtype) for n in extra if n in values and values[n].dtype is not None}
+
+    def references() -> OnnxReferences:
+        """The original FILE's outputs, run on first need (the in-memory model may be edited)."""
+        if not refs.outputs:
+            t = time.perf_counter()
+            status(f"recording references ({opts.trials} trial{'s' if opts.trials > 1 else ''})")
+            try:
+                refs.record(ckpt.path, extra, types)
+            except OrtError as e:
+                raise BadInput(f"onnxruntime cannot run {ckpt.path.name} on inputs {spec.describe()}: {e}")
+            report.timings["reference"] = time.perf_counter() - t
+        return refs
 
     tol = Tolerance.default(storage_dtype(model), opts.atol, opts.rtol)
     per_pass = {p.name: p for p in report.passes}
@@ -106,13 +102,20 @@ def run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
             ctx.references = refs
             pr = run_pass(p, ctx, dry_run=opts.dry_run)
             per_pass[name].add_round(pr, first_round=round_ == 0)
+            report.warnings.extend(w for w in ctx.warnings if w not in report.warnings)
+            report.extra.update(ctx.report_extra)
+            if ctx.stop:  # an inspection answered (truncate --list): end the run here
+                report.stopped = ctx.stop
+                report.output = None
+                report.parity = ParityReport(checked=False, note=f"({ctx.stop})")
+                return report
             if pr.changed and not opts.dry_run:
                 changed = True
                 editor.cleanup()
                 infer_shapes(model)
                 if opts.verify_each and opts.verify:
                     status(f"{name}: checking parity")
-                    step = _check_in_memory(model, ckpt, refs, tol, expected, name, report)
+                    step = _check_in_memory(model, ckpt, references(), tol, expected, name, report)
                     if not step.passed and not opts.force:
                         report.parity.merge(step)
                         raise ParityError(f"parity failed after {name} ({step.worst()}); nothing written", report)
@@ -146,7 +149,7 @@ def run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
             t = time.perf_counter()
             status("verifying the written model")
             try:
-                result = refs.check(session(tmp), tol, expected)
+                result = references().check(session(tmp), tol, expected)
             except OrtError as e:
                 raise ParityError(f"onnxruntime cannot run the rewritten model: {e}; nothing written", report)
             report.parity.merge(result)

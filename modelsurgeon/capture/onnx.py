@@ -13,12 +13,11 @@ contents. Constants are
   generators and (de)quantisation, which must stay in the graph.
 
 Edits go through :class:`modelsurgeon.rewrite.onnx.OnnxEditor`; a pass gets both in an
-:class:`OnnxContext`.
+:class:`~modelsurgeon.passes.base.OnnxContext`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 # Ops never evaluated at surgery time: random generators (a different draw each run) and
@@ -32,20 +31,6 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 
 class EvaluationError(Exception):
     """A constant subgraph could not be evaluated by the reference evaluator."""
-
-
-@dataclass
-class OnnxContext:
-    """What an ONNX pass works on (the counterpart of :class:`~modelsurgeon.passes.base.TorchContext`)."""
-
-    model: Any  # onnx_ir.Model, edited in place
-    graph: "OnnxGraph"
-    editor: Any  # modelsurgeon.rewrite.onnx.OnnxEditor
-    options: dict = field(default_factory=dict)
-    input_shapes: dict = field(default_factory=dict)  # graph input name -> example shape
-    slot: str | None = None
-    notes: list[str] = field(default_factory=list)
-    references: Any = None  # modelsurgeon.verify.onnx.OnnxReferences (None before recording)
 
 
 def node_label(node: Any) -> str:

@@ -81,7 +81,7 @@ def prepare(model: Any, check_finite: bool = True) -> StorageState:
     state.default_dtype = max(counts, key=counts.get) if counts else torch.float32
     if check_finite:
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t is not None and t.is_floating_point() and not _finite(t):
                 raise BadInput(f"weights are not finite: {name} holds NaN or Inf values")
     model.eval()
     if any(dt in (torch.float16, torch.bfloat16) for dt in counts):
@@ -96,6 +96,20 @@ def prepare(model: Any, check_finite: bool = True) -> StorageState:
                         mod._buffers[name] = b.float()
                         state.dtypes[id(mod._buffers[name])] = state.dtypes.pop(id(b), b.dtype)
     return state
+
+
+def _finite(t: Any) -> bool:
+    """All elements finite? A finite sum proves it in one pass without allocating (NaN and Inf
+    propagate into it); only a non-finite sum -- which may also be an overflow -- needs the
+    elementwise test, done in chunks so it never allocates a tensor-sized mask."""
+    import torch
+
+    with torch.no_grad():
+        if bool(torch.isfinite(t.sum())):
+            return True
+        flat = t.reshape(-1)
+        step = 1 << 20
+        return all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step))
 
 
 def compute_dtype(state: StorageState) -> Any:

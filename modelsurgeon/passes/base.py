@@ -78,24 +78,41 @@ class PassReport:
         self.notes.extend(n for n in other.notes if n not in self.notes)
 
 
+@dataclass(kw_only=True)
+class PassContext:
+    """What every pass gets besides its back end's model and graph; the pipeline merges back
+    what a pass leaves here."""
+
+    options: dict = field(default_factory=dict)  # the pass's own options (from its command)
+    slot: str | None = None  # "model" / "ema" in a multi-model checkpoint
+    references: Any = None  # the original model's outputs (torch References / OnnxReferences)
+    notes: list[str] = field(default_factory=list)  # into the pass's section of the report
+    warnings: list[str] = field(default_factory=list)  # into Report.warnings
+    report_extra: dict = field(default_factory=dict)  # pass sections of the report (Report.extra)
+    checks: list = field(default_factory=list)  # ParityReports a pass measured itself (gradients)
+    # A pass sets ``stop`` (a one-line reason) in ``match`` when it has answered an inspection
+    # (``truncate --list``): the run ends after that pass; nothing is rewritten, verified or written.
+    stop: str | None = None
+
+
 @dataclass
-class TorchContext:
+class TorchContext(PassContext):
     """What a PyTorch pass works on."""
 
     model: Any
     graph: Any  # DataflowGraph of the current model on ``inputs``
     inputs: list  # the example inputs (trial 0)
     editor: Any  # ModuleEditor
-    options: dict = field(default_factory=dict)
-    slot: str | None = None
-    notes: list[str] = field(default_factory=list)
-    checks: list = field(default_factory=list)  # ParityReports a pass measured itself (e.g. gradients)
-    # Set by the pipeline, shared by the passes of one run on one model:
-    warnings: list[str] = field(default_factory=list)  # merged into Report.warnings
-    report_extra: dict = field(default_factory=dict)  # merged into Report.extra (pass sections)
-    # A pass sets ``stop`` (a one-line reason) in ``match`` when it has answered an inspection
-    # (``truncate --list``): the run ends after that pass; nothing is rewritten, verified or written.
-    stop: str | None = None
+
+
+@dataclass
+class OnnxContext(PassContext):
+    """What an ONNX pass works on."""
+
+    model: Any  # onnx_ir.Model, edited in place
+    graph: Any  # modelsurgeon.capture.onnx.OnnxGraph
+    editor: Any  # modelsurgeon.rewrite.onnx.OnnxEditor
+    input_shapes: dict = field(default_factory=dict)  # graph input name -> example shape
 
 
 class Pass:

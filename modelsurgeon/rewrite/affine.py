@@ -42,11 +42,15 @@ def scale_output_channels_(weight: Any, scale: Any, kind: str, groups: int = 1,
     rows = weight.shape[0]
     per_row = max(1, weight[0].numel()) if rows else 1
     step = max(1, BLOCK_ELEMENTS // per_row)
+    buf = None
     with torch.no_grad():
         for r0 in range(0, rows, step):
             r = slice(r0, min(rows, r0 + step))
-            block = weight[r].to(torch.float64).mul_(_row_scale(s, kind, groups, r, weight))
-            weight[r].copy_(cast(block) if cast is not None else block)
+            rows_view = weight[r]
+            if buf is None or buf.shape != rows_view.shape:
+                buf = torch.empty(rows_view.shape, dtype=torch.float64)
+            torch.mul(rows_view, _row_scale(s, kind, groups, r, weight), out=buf)  # exact products
+            rows_view.copy_(cast(buf) if cast is not None else buf)  # one rounding
 
 
 def scale_output_channels(weight: Any, scale: Any, kind: str, groups: int = 1) -> Any:

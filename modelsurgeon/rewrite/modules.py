@@ -128,8 +128,7 @@ class ModuleEditor:
 
         dt = self.storage.storage_dtype(param, module) if self.storage is not None else param.dtype
 
-        def cast(block: Any) -> Any:
-            return block.to(dt).to(param.dtype)
+        cast = None if dt == param.dtype else (lambda block: block.to(dt))  # round to what is saved
 
         if self._shares_storage(param):
             self.set_param(param, scale_output_channels(param.data, scale64, kind, groups), module)

@@ -28,10 +28,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ...capture.onnx import EvaluationError, OnnxContext, OnnxGraph, node_label, shape_of
+from ...capture.onnx import EvaluationError, OnnxGraph, node_label, shape_of
 from ...errors import BadInput
 from ...match.onnx import _attr, to_f64
-from ..base import Applied, Match, Pass, Skipped
+from ..base import Applied, Match, OnnxContext, Pass, Skipped
 
 SHUFFLE = {"Gather", "Transpose", "Reshape", "Identity"}
 MOVES = SHUFFLE | {"Slice", "Concat", "SpaceToDepth"}

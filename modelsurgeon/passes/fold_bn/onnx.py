@@ -22,10 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from ...capture.onnx import OnnxContext, node_label
+from ...capture.onnx import node_label
 from ...match.onnx import LINEAR, LinearUnit, Step, walk, linear_unit, _bn_training
 from ...rewrite.onnx import fold_affine
-from ..base import Applied, Match, Pass, Skipped
+from ..base import Applied, Match, OnnxContext, Pass, Skipped
 
 
 @dataclass

@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ...capture.onnx import EvaluationError, OnnxContext, OnnxGraph, node_label
+from ...capture.onnx import EvaluationError, OnnxGraph, node_label
 from ...match.onnx import LINEAR
-from ..base import Applied, Match, Pass, Skipped
+from ..base import Applied, Match, OnnxContext, Pass, Skipped
 from ..fold_bn.onnx import FoldMatch, apply_fold, find_folds
 
 MAX_GROWTH_BYTES = 1 << 20

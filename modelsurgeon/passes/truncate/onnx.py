@@ -17,9 +17,9 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from ...capture.onnx import OnnxContext, OnnxGraph, format_shape, node_label, shape_of
+from ...capture.onnx import OnnxGraph, format_shape, node_label, shape_of
 from ...errors import BadInput
-from ..base import Applied, Match, Pass, Skipped
+from ..base import Applied, Match, OnnxContext, Pass, Skipped
 
 
 @dataclass
@@ -52,6 +52,8 @@ class Truncate(Pass):
         if torch_only:
             raise BadInput(f"{', '.join(torch_only)}: for PyTorch models; on an ONNX model use --at TENSOR "
                            "(--list shows the candidates)")
+        if opts.get("list"):
+            return []
         at = list(dict.fromkeys(opts.get("at") or []))
         if not at:
             raise BadInput("truncate on an ONNX model needs --at TENSOR (repeatable); --list shows the candidates")
@@ -71,6 +73,10 @@ class Truncate(Pass):
 
     def match(self, ctx: OnnxContext) -> Iterable[Match | Skipped]:
         at = self.prepare(ctx)
+        if ctx.options.get("list"):  # an inspection: list the candidates, change nothing
+            ctx.report_extra["tensors"] = self.listing(ctx)
+            ctx.stop = "--list: candidate tensors listed, nothing rewritten"
+            return
         values = ctx.graph.values_by_name()
         yield CutMatch(target=", ".join(at), values=[values[n] for n in at])
 
