@@ -9,6 +9,9 @@
 | mobilenetv2.pt            | plain state_dict of a MobileNetV2 layout    | --arch zoo.mobilenetv2:mobilenet_v2 --code-path examples |
 | mobilenetv2.safetensors   | the same weights as safetensors             | --arch zoo.mobilenetv2:mobilenet_v2 --code-path examples |
 | yolov5s-focus.pt          | YOLOv5-style dict: fp16 model + ema, optimizer, epoch | --trust-pickle --code-path examples/yolo |
+| bifpn.pt                  | full module: BiFPN neck with fast normalised fusion | --trust-pickle --code-path examples |
+| resnet.onnx               | the ResNet exported with its BatchNormalization nodes | (ONNX: nothing needed) |
+| yolov5s-focus.onnx        | the YOLOv5-style model exported: Focus as 4 Slice + Concat, BN nodes | (ONNX) |
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ sys.path[:0] = [str(HERE), str(HERE / "yolo")]
 import torch  # noqa: E402
 
 from zoo import randomize  # noqa: E402
+from zoo.bifpn import bifpn  # noqa: E402
 from zoo.caffe import caffenet  # noqa: E402
 from zoo.mobilenetv2 import mobilenet_v2  # noqa: E402
 from zoo.resnet import resnet  # noqa: E402
@@ -59,7 +63,22 @@ def build(out: Path) -> list[Path]:
     save({"epoch": 299, "best_fitness": 0.51, "model": copy.deepcopy(model).half(),
           "ema": ema.half(), "updates": 12000, "optimizer": opt.state_dict(),
           "opt": {"img_size": [64, 64], "batch_size": 16}, "date": "2026-11-29"}, "yolov5s-focus.pt")
+    save(randomize(bifpn(), 5).eval(), "bifpn.pt")
+    # ONNX files as an exporter writes them when asked not to fold (BatchNormalization kept)
+    export_onnx(randomize(resnet(), 1).eval(), (1, 3, 64, 64), out / "resnet.onnx")
+    export_onnx(model.float().eval(), (1, 3, 64, 64), out / "yolov5s-focus.onnx")
+    written += [out / "resnet.onnx", out / "yolov5s-focus.onnx"]
     return written
+
+
+def export_onnx(model, shape, path: Path) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(shape),), str(path), dynamo=False, opset_version=13,
+                          do_constant_folding=False, input_names=["images"],
+                          dynamic_axes={"images": {0: "batch"}})
 
 
 def main() -> None:
