@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-BLOCK_ELEMENTS = 1 << 21
-"""Rows of a weight are processed in blocks of about this many elements (16 MB in float64)."""
+BLOCK_ELEMENTS = 1 << 22
+"""Rows of a weight are processed in blocks of about this many elements (32 MB in float64)."""
 
 
 def _row_scale(scale: Any, kind: str, groups: int, rows: slice, weight: Any) -> Any:
