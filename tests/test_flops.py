@@ -79,3 +79,22 @@ def test_per_module_flops_match_flop_counter_mode():
     assert g.module_flops[""] == total
     for path in ("layer1", "layer4", "layer4.1.conv2", "fc"):
         assert g.module_flops[path] == ref[path] > 0
+
+
+def test_onnx_flops_equal_the_torch_models(tmp_path):
+    """FLOPs of an exported graph equal the PyTorch model's (same formulas, inferred shapes)."""
+    import warnings
+
+    from modelsurgeon.load.onnx import load_onnx
+    from modelsurgeon.report.flops import onnx_flops
+    from zoo.resnet import resnet
+
+    model = resnet().eval()
+    x = torch.randn(1, 3, 32, 32)
+    path = tmp_path / "r.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=13, do_constant_folding=False,
+                          input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    _, _, flops = capture(model, [x], count_flops=True)
+    assert onnx_flops(load_onnx(path).container) == flops > 0

@@ -92,3 +92,45 @@ def event_flops(graph: Any, ev: Any) -> int:
     except (TypeError, IndexError, KeyError):  # an argument we cannot read: not counted
         return 0
     return 0
+
+
+def onnx_flops(model: Any) -> int | None:
+    """FLOPs of an ONNX graph (Conv, ConvTranspose, Gemm, MatMul) from its inferred shapes,
+    with the same ``torch.utils.flop_counter`` formulas; symbolic dimensions count as 1 (a
+    batch of one). ``None`` when shapes are unknown."""
+    import torch
+    from torch.utils.flop_counter import flop_registry
+
+    from ..capture.onnx import shape_of
+
+    aten = torch.ops.aten
+
+    def dims(value: Any) -> tuple[int, ...] | None:
+        shape = shape_of(value)
+        return None if shape is None else tuple(d if isinstance(d, int) else 1 for d in shape)
+
+    total, known = 0, True
+    for node in model.graph:
+        op = node.op_type
+        if op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        shapes = [dims(v) if v is not None else None for v in list(node.inputs[:2]) + [node.outputs[0]]]
+        if any(s is None for s in shapes):
+            known = False
+            continue
+        a, b, out = shapes
+        try:
+            if op in ("Conv", "ConvTranspose"):
+                total += int(flop_registry[aten.convolution](a, b, None, None, None, None, op == "ConvTranspose",
+                                                             out_val=out))
+            elif op == "Gemm":
+                ta = node.attributes.get("transA")
+                tb = node.attributes.get("transB")
+                a = a[::-1] if ta is not None and ta.as_int() else a
+                b = b[::-1] if tb is not None and tb.as_int() else b
+                total += int(flop_registry[aten.mm](a, b))
+            else:
+                total += _matmul_flops(flop_registry, aten, a, b)
+        except (TypeError, IndexError, KeyError, ValueError):
+            known = False
+    return total if known or total else None

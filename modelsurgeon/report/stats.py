@@ -23,11 +23,13 @@ def torch_stats(model: Any, graph: Any = None, flops: int | None = None) -> Mode
 
 def onnx_stats(model: Any) -> ModelStats:
     """Before/after figures of an ONNX model: elements of the constant tensors (initializers and
-    ``Constant`` nodes), BatchNormalization nodes, nodes of the main graph (reported as both
-    ``modules`` and ``ops``). No FLOP count."""
+    ``Constant`` nodes), FLOPs of its Conv/Gemm/MatMul nodes (batch of one), BatchNormalization
+    nodes, nodes of the main graph (reported as both ``modules`` and ``ops``)."""
+    from .flops import onnx_flops
+
     nodes = list(model.graph)
     params = sum(int(v.const_value.size) for v in model.graph.initializers.values() if v.const_value is not None)
     params += sum(int(n.attributes["value"].as_tensor().size) for n in nodes
                   if n.op_type == "Constant" and "value" in n.attributes)
-    return ModelStats(params=params, flops=None, bn=sum(n.op_type == "BatchNormalization" for n in nodes),
+    return ModelStats(params=params, flops=onnx_flops(model), bn=sum(n.op_type == "BatchNormalization" for n in nodes),
                       modules=len(nodes), ops=len(nodes))
