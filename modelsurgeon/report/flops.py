@@ -96,8 +96,9 @@ def event_flops(graph: Any, ev: Any) -> int:
 
 def onnx_flops(model: Any) -> int | None:
     """FLOPs of an ONNX graph (Conv, ConvTranspose, Gemm, MatMul) from its inferred shapes,
-    with the same ``torch.utils.flop_counter`` formulas; symbolic dimensions count as 1 (a
-    batch of one). ``None`` when shapes are unknown."""
+    with the same ``torch.utils.flop_counter`` formulas, for a batch of one (a symbolic leading
+    dimension counts as 1). ``None`` when any other dimension of those nodes is unknown: no
+    count rather than a wrong one."""
     import torch
     from torch.utils.flop_counter import flop_registry
 
@@ -107,7 +108,9 @@ def onnx_flops(model: Any) -> int | None:
 
     def dims(value: Any) -> tuple[int, ...] | None:
         shape = shape_of(value)
-        return None if shape is None else tuple(d if isinstance(d, int) else 1 for d in shape)
+        if shape is None or not all(isinstance(d, int) for d in shape[1:]):
+            return None
+        return tuple(d if isinstance(d, int) else 1 for d in shape)
 
     total, known = 0, True
     for node in model.graph:
@@ -133,4 +136,4 @@ def onnx_flops(model: Any) -> int | None:
                 total += _matmul_flops(flop_registry, aten, a, b)
         except (TypeError, IndexError, KeyError, ValueError):
             known = False
-    return total if known or total else None
+    return total if known else None
