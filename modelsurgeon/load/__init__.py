@@ -70,7 +70,12 @@ def load_checkpoint(
     kwargs = parse_kwargs(arch_kwargs)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        from .onnx import load_onnx
+        try:
+            from .onnx import load_onnx
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.onnx":
+                raise
+            raise BadInput(f"{path.name}: reading ONNX models is not supported by this modelsurgeon build")
 
         ckpt = load_onnx(path)
         ckpt.size_bytes = size

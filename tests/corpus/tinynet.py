@@ -1,0 +1,8 @@
+"""The architecture the bad-input corpus's state_dicts are written for (``--arch tinynet:tiny``)."""
+
+import torch.nn as nn
+
+
+def tiny(width: int = 4) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.Conv2d(width, 2, 1))
