@@ -89,13 +89,13 @@ def io_errno(exc: BaseException) -> int | None:
 
 
 class _CheckedWriter:
-    """A binary file for writers that hide I/O errors (``torch.save`` turns a failed write into
-    a RuntimeError about the zip position): every write is complete or raises, and the first
-    OSError is kept so that the caller can report it."""
+    """A binary file for writers that hide what went wrong in a write (``torch.save`` turns a
+    full disk, or a Ctrl-C arriving mid-write, into a RuntimeError about the zip position):
+    every write is complete or raises, and the first exception is kept for the caller."""
 
     def __init__(self, f):
         self._f = f
-        self.error: OSError | None = None
+        self.error: BaseException | None = None
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
@@ -103,7 +103,7 @@ class _CheckedWriter:
             done = 0
             while done < len(view):
                 done += os.write(self._f.fileno(), view[done:])
-        except OSError as e:
+        except BaseException as e:  # OSError, KeyboardInterrupt
             self.error = self.error or e
             raise
         return len(view)
@@ -124,7 +124,7 @@ def atomic_file(path: Path) -> Iterator:
             try:
                 yield w
             except Exception as e:
-                if w.error is not None and not isinstance(e, OSError):
+                if w.error is not None and e is not w.error:
                     raise w.error from e
                 raise
 
