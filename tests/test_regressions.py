@@ -109,3 +109,64 @@ def test_all_zero_outputs_are_reported_as_uninformative():
     report = ms.fold_bn(m, (1, 3, 8, 8))
     assert report.parity.trials == 5
     assert any("every output is zero" in w for w in report.warnings)
+
+
+class InlineBN(nn.Module):
+    """``F.batch_norm`` in the host forward, on the host's own tensors: folded, then the
+    statistics are set so that the op is the identity (nothing to remove)."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.eps = eps
+        self.register_buffer("running_mean", torch.zeros(4))
+        self.register_buffer("running_var", torch.ones(4))
+        self.weight = nn.Parameter(torch.ones(4))
+        self.bias = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        return F.batch_norm(self.conv(x), self.running_mean, self.running_var, self.weight, self.bias,
+                            False, 0.0, self.eps)
+
+
+def _inline_bn(eps: float, dtype) -> nn.Module:
+    m = InlineBN(eps)
+    with torch.no_grad():
+        m.running_mean.normal_()
+        m.running_var.uniform_(0.5, 1.5)
+        m.weight.normal_(1.0, 0.3)
+        m.bias.normal_()
+    return m.to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_inline_batch_norm_in_low_precision_keeps_what_was_verified(dtype):
+    """The identity running_var (1 - eps) was computed in float32 and only rounded to bf16/fp16
+    when the model was cast back: the kept model differed from the verified one (by 8e-4 with
+    eps=0.1 in bf16). It is now chosen among values the storage dtype holds, and the scale
+    the op keeps is folded into the conv."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_properties import apply, assert_verified_is_kept
+
+    m = _inline_bn(0.1, dtype)
+    seen: dict = {}
+    cfg = {"input_shape": [2, 3, 8, 8], "dtype": str(dtype).replace("torch.", "")}
+    report = apply("fold-bn", m, cfg, seen)
+    assert len(report.applied) == 1 and m.running_var.dtype == dtype
+    assert_verified_is_kept(m, cfg, seen)
+
+
+def test_inline_batch_norm_with_eps_above_one_keeps_a_positive_variance():
+    """With eps >= 1 the identity variance 1 - eps is negative: it was written as is (a file
+    modelsurgeon then refuses to read back). A positive variance is kept, its scale folded."""
+    m = _inline_bn(2.0, torch.float32)
+    original = copy.deepcopy(m)
+    ms.fold_bn(m, (2, 3, 8, 8))
+    assert bool((m.running_var > 0).all())
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), original(x), rtol=1e-4, atol=1e-5)
+    ms.fold_bn(m, (2, 3, 8, 8))  # the result is valid input again

@@ -263,6 +263,19 @@ class FoldBN(Pass):
         total = m.steps[0].affine
         for s in m.steps[1:]:
             total = total.then(s.affine)
+        # an inline batch_norm is neutralised through its running_var, which can only get as
+        # close to the identity as the storage dtype allows: the scale it keeps is folded too
+        variances, residual = [], 1.0
+        for s in m.steps:
+            for tensor, fill in s.removal.params:
+                if isinstance(fill, str):
+                    stored = ed.storage.storage_dtype(tensor) if ed.storage is not None else tensor.dtype
+                    v, r = _identity_var(tensor.dtype, stored, float(fill.split(":", 1)[1]))
+                    variances.append((tensor, v))
+                    residual *= r
+        if residual != 1.0:
+            total = total.then(ChannelAffine(torch.full_like(total.scale, 1.0 / residual),
+                                             torch.zeros_like(total.shift)))
         w, b = fold(unit.weight, unit.bias, total.scale, total.shift, unit.kind, unit.groups)
         ed.set_param(unit.weight, w, unit.module)
         bias_added = unit.bias is None
@@ -280,10 +293,11 @@ class FoldBN(Pass):
                 ed.replace(r.module, new)
             else:
                 for tensor, fill in r.params:
-                    if isinstance(fill, str):
-                        _set_identity_var(tensor, float(fill.split(":", 1)[1]))
-                    else:
+                    if not isinstance(fill, str):
                         ed.neutralise(tensor, fill)
+        with torch.no_grad():
+            for tensor, v in variances:
+                tensor.data = torch.full_like(tensor.data, v)
         detail = f"{unit.describe()} ← " + " → ".join(s.label for s in m.steps)
         return Applied(unit.path, detail, {
             "layer": unit.path,
@@ -333,15 +347,23 @@ def _child_chain(g: DataflowGraph, call: ModuleCall, start_value: int) -> list |
     return chain
 
 
-def _set_identity_var(var: Any, eps: float) -> None:
-    """Running variance that makes ``1 / sqrt(var + eps)`` exactly 1 in the tensor's dtype."""
+def _identity_var(compute: Any, stored: Any, eps: float) -> tuple[float, float]:
+    """A positive running variance ``v``, exactly representable in the ``stored`` dtype, that
+    makes ``1 / sqrt(v + eps)`` (evaluated in ``compute``) as close to 1 as it gets; returns
+    ``(v, r)`` with ``r`` that remaining scale. With ``eps >= 1`` no positive ``v`` gives 1:
+    ``v = 1`` then, and ``r`` is folded all the same."""
     import torch
 
-    with torch.no_grad():
-        one = torch.ones((), dtype=var.dtype)
-        v = (one - eps).clone()
+    def scale(c):
+        return float(torch.rsqrt(c.to(compute) + torch.tensor(eps, dtype=compute)))
+
+    start = torch.tensor(1.0 - eps if eps < 1.0 else 1.0, dtype=torch.float64).to(stored)
+    candidates = [start]
+    for direction in (float("inf"), float("-inf")):
+        c = start
         for _ in range(4):
-            if float(torch.rsqrt(v + eps)) == 1.0:
-                break
-            v = torch.nextafter(v, one if float(v + eps) < 1.0 else -one)
-        var.data = torch.full_like(var.data, float(v))
+            c = torch.nextafter(c, torch.tensor(direction, dtype=stored))
+            candidates.append(c)
+    positive = [c for c in candidates if float(c) > 0]
+    best = min(positive, key=lambda c: abs(scale(c) - 1.0))
+    return float(best), scale(best)
