@@ -331,19 +331,23 @@ def check_fold_bn_report(cfg: dict, original: nn.Module, model: nn.Module, repor
 
 @dataclass
 class PassSpec:
+    """How the property tests exercise one pass (or one pass list, e.g. ``optimize``)."""
+
     configs: Any  # hypothesis strategy of configuration dicts
-    check_report: Callable[[dict, nn.Module, nn.Module, Any], None] | None = None
-    command: str | None = None  # CLI command running the pass (default: the pass name)
-    onnx_configs: Any = None  # configurations exportable to ONNX for the ONNX back end
+    check_report: Callable[[dict, nn.Module, nn.Module, Any], None] | None = None  # (cfg, original, rewritten, report)
+    command: str | None = None  # CLI command / report name (default: the entry's name)
+    passes: list[str] | None = None  # passes to run (default: [the entry's name])
+    repeat: bool = False  # run the pass list until nothing changes (optimize)
+    exact: bool = True  # function-preserving: parity with the original is the property
+    onnx_configs: Any = None  # configurations torch.onnx.export and onnxruntime handle
 
 
 PROPERTY_PASSES: dict[str, PassSpec] = {
     "fold-bn": PassSpec(
         conv_norm_configs(),
         check_report=check_fold_bn_report,
-        # what torch.onnx.export handles: no circular padding, no training-mode BN, no
-        # memory-format conversion inside forward; float32 (onnxruntime's CPU kernels)
-        onnx_configs=conv_norm_configs(dtypes=("float32",), padding_modes=("zeros", "reflect", "replicate"),
-                                       variants=("plain", "two_readers"), channels_last=(False,)),
+        # what torch.onnx.export handles: no training-mode BN, no memory-format conversion
+        # inside forward; float32 (onnxruntime's CPU kernels)
+        onnx_configs=conv_norm_configs(dtypes=("float32",), variants=("plain", "two_readers"), channels_last=(False,)),
     ),
 }

@@ -247,7 +247,8 @@ def test_full_disk_in_place_keeps_the_input(good, full_disk):
 def _can_mount_tmpfs() -> bool:
     if shutil.which("unshare") is None:
         return False
-    p = subprocess.run(["unshare", "-m", "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d"],
+    p = subprocess.run(["unshare", "-m", "sh", "-c",
+                        'd=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs "$d"; rc=$?; umount "$d"; rmdir "$d"; exit $rc'],
                        capture_output=True)
     return p.returncode == 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,8 @@ def apply(pass_name: str, model, cfg: dict, seen: dict | None = None):
 
     References.check = check
     try:
-        return ms.apply_passes(model, [pass_name], tuple(cfg["input_shape"]), command=spec.command or pass_name)
+        return ms.apply_passes(model, spec.passes or [pass_name], tuple(cfg["input_shape"]),
+                               command=spec.command or pass_name, repeat=spec.repeat)
     finally:
         References.check = real_check
 
@@ -191,6 +193,10 @@ def check_api(pass_name: str, cfg: dict) -> str:
     if seen:
         assert_verified_is_kept(model, cfg, seen)
     outcome = "rewritten" if report.applied else ("skipped with reason" if report.skipped else "nothing to do")
+    if not spec.exact:  # changes the function on purpose: its own verify() is the judge
+        if spec.check_report is not None:
+            spec.check_report(cfg, original, model, report)
+        return outcome
     if storage_dtype(cfg) != torch.float64:
         assert_rounded_twin(model, exact_twin(pass_name, cfg, original))
     try:
@@ -230,9 +236,10 @@ def check_file(pass_name: str, cfg: dict, tmp: Path, src_suffix: str, out_suffix
     _save_input(cfg, model, src)
     data = src.read_bytes()
     opts = ms.Options(input=src, output=out, arch="strategies:build", arch_kwargs=dict(cfg),
-                      code_paths=[TESTS], input_shapes=[",".join(map(str, cfg["input_shape"]))])
+                      code_paths=[TESTS], input_shapes=[",".join(map(str, cfg["input_shape"]))],
+                      repeat=spec.repeat)
     try:
-        ms.run(command, [pass_name], opts)
+        ms.run(command, spec.passes or [pass_name], opts)
     except ms.ParityError:
         assert not out.exists(), "nothing may be written when parity fails"
         return "parity error (refused)"
@@ -244,7 +251,7 @@ def check_file(pass_name: str, cfg: dict, tmp: Path, src_suffix: str, out_suffix
         assert src.read_bytes() == data, "the input changed"
         assert not [p.name for p in tmp.iterdir() if p.name.endswith(".tmp")], "temporary file left"
     assert out.exists()
-    if out_suffix == ".onnx":
+    if out_suffix == ".onnx" and spec.exact:
         tol = Tolerance.default(storage_dtype(cfg))
         for t in range(2):
             x = fresh_batches(cfg, t)
@@ -252,6 +259,8 @@ def check_file(pass_name: str, cfg: dict, tmp: Path, src_suffix: str, out_suffix
             got = np.concatenate([ort_outputs(out, xi) for xi in x])
             assert_within(ref, got, tol, f"{pass_name} → .onnx, trial {t}")
         return "written (onnx)"
+    if out_suffix == ".onnx":
+        return "written (onnx, not compared: the pass changes the function)"
     again = ms.load(out, arch="strategies:build", arch_kwargs=dict(cfg))
     assert_storage_kept(model, again)
     # the file holds exactly what the API computes in memory (whose correctness check_api
@@ -265,7 +274,7 @@ def check_file(pass_name: str, cfg: dict, tmp: Path, src_suffix: str, out_suffix
     assert list(sd) == list(sd_api), sorted(set(sd) ^ set(sd_api))
     for k in sd:
         assert sd[k].dtype == sd_api[k].dtype and torch.equal(sd[k], sd_api[k]), k
-    if storage_dtype(cfg) in (torch.float32, torch.float64):
+    if spec.exact and storage_dtype(cfg) in (torch.float32, torch.float64):
         assert_parity(model, again, cfg, f"{pass_name} {src_suffix} → {out_suffix} reloaded")
     return "written"
 
@@ -291,16 +300,24 @@ def check_onnx_input(pass_name: str, cfg: dict, tmp: Path) -> str:
     for p in (src, out):
         p.unlink(missing_ok=True)
     x0 = fresh_batches(cfg, 99)[0]
-    torch.onnx.export(model, (x0,), str(src), dynamo=False, opset_version=17, input_names=["input"])
-    data = src.read_bytes()
-    opts = ms.Options(input=src, output=out, input_shapes=[",".join(map(str, cfg["input_shape"]))])
     try:
-        ms.run(spec.command or pass_name, [pass_name], opts)
+        torch.onnx.export(model, (x0,), str(src), dynamo=False, opset_version=17, input_names=["input"])
+        ort_outputs(src, x0)
+    except Exception:  # not a valid input for this route (exporter / onnxruntime limits)
+        return "not exportable to a runnable ONNX model"
+    data = src.read_bytes()
+    opts = ms.Options(input=src, output=out, input_shapes=[",".join(map(str, cfg["input_shape"]))],
+                      repeat=spec.repeat)
+    try:
+        ms.run(spec.command or pass_name, spec.passes or [pass_name], opts)
     except ms.ParityError:
         assert not out.exists()
         return "parity error (refused)"
     finally:
         assert src.read_bytes() == data, "the input changed"
+        assert not [p.name for p in tmp.iterdir() if p.name.endswith(".tmp")], "temporary file left"
+    if not spec.exact:
+        return "written (onnx, not compared: the pass changes the function)"
     tol = Tolerance.default(storage_dtype(cfg))
     for t in range(2):
         x = fresh_batches(cfg, t)
@@ -324,21 +341,39 @@ def _configs(pass_name: str, onnx: bool = False):
     return spec.onnx_configs if onnx and spec.onnx_configs is not None else spec.configs
 
 
+TRACE = os.environ.get("MODELSURGEON_PROPERTY_TRACE")
+"""A file to write each configuration to before checking it: finds one that crashes the
+interpreter itself (a segfault leaves no hypothesis report)."""
+
+
+def _trace(cfg: dict) -> None:
+    if TRACE:
+        with open(TRACE, "w") as f:
+            f.write(json.dumps(cfg) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def _api(pass_name, data):
     cfg = data.draw(_configs(pass_name), label="configuration")
+    _trace(cfg)
     event(check_api(pass_name, cfg))
     event(f"storage {cfg['dtype']}")
 
 
 def _files(pass_name, src, out, tmp_path, data):
     cfg = data.draw(_configs(pass_name, onnx=out == ".onnx"), label="configuration")
+    _trace(cfg)
     event(check_file(pass_name, cfg, tmp_path, src, out))
 
 
 def _onnx_backend(pass_name, tmp_path, data):
-    if not registry.available(pass_name, "onnx"):
-        pytest.skip(f"{pass_name} has no ONNX back end on this branch")
+    spec = PROPERTY_PASSES[pass_name]
+    missing = [p for p in spec.passes or [pass_name] if not registry.available(p, "onnx")]
+    if missing:
+        pytest.skip(f"{', '.join(missing)}: no ONNX back end on this branch")
     cfg = data.draw(_configs(pass_name, onnx=True), label="configuration")
+    _trace(cfg)
     event(check_onnx_input(pass_name, cfg, tmp_path))
 
 
