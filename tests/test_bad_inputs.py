@@ -259,10 +259,9 @@ def test_really_full_disk(good, tmp_path, out):
     """A real ENOSPC: the console script writes to a 64 KiB tmpfs (in a private mount
     namespace, gone when the shell exits) an output of ~300 KB."""
     sys.path.insert(0, str(CORPUS))
-    from make_corpus import _model  # noqa: F401  (the arch below widens the tiny net)
+    from tinynet import tiny
 
     big = tmp_path / "big.pt"
-    from tinynet import tiny
 
     m = tiny(width=2048)
     with torch.no_grad():

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import pickle
-import subprocess
 import sys
 from collections import OrderedDict
 from pathlib import Path

@@ -7,6 +7,7 @@ one, never half a file; on any error (and on Ctrl-C) the temporary file is remov
 from __future__ import annotations
 
 import contextlib
+import errno  # noqa: F401  (kept for writers of this module that map errno codes)
 import os
 import re
 import tempfile
