@@ -177,6 +177,9 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
     except ModelRunError as e:
         raise BadInput(f"the model cannot run on inputs {spec.describe()}: {e}")
     del out0
+    if refs.uninformative:
+        report.warnings.append(f"{label}every output is zero on {refs.trials} random inputs: parity cannot "
+                               "tell a right rewrite from a wrong one (choose other --input-shape/--seed)")
     report.timings["reference"] = report.timings.get("reference", 0) + time.perf_counter() - t
     editor = ModuleEditor(model, storage, recipe)
     inputs0 = refs.inputs(0)

@@ -59,5 +59,15 @@ def ckpts(tmp_path_factory) -> Path:
     return out
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` (long property runs) only run when asked for: ``pytest -m slow``."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="long run: select it with pytest -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def files_in(d: Path) -> set[str]:
     return {p.name for p in Path(d).iterdir()}

@@ -242,7 +242,7 @@ def test_recipe_rebuilds_a_new_sequential_from_safetensors(tmp_path):
     r = run_cli("focus-to-conv", src, "--arch", "test_focus_to_conv:pixel_unshuffle_net", "-s", "1,3,16,16",
                 "-o", out, "-q")
     assert r.code == 0, r.err
-    rebuilt = ms.load(out)  # the arch and the recipe are in the file's metadata
+    rebuilt = ms.load(out, arch="test_focus_to_conv:pixel_unshuffle_net")  # + the recipe in the file
     assert [type(c) for c in rebuilt.stem] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
     assert rebuilt.stem[0].weight.shape == (8, 3, 6, 6)
     assert ms.verify(rebuilt, m, (1, 3, 16, 16), trials=2).passed

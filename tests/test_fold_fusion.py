@@ -348,7 +348,7 @@ def test_state_dict_outputs_rebuild_the_replacement_from_the_recipe(arch, ext, t
     assert r.code == 0, r.err
     assert len(r.json()["applied"]) == 1
     original = ms.load(src, arch=arch)
-    folded = ms.load(out)
+    folded = ms.load(out, arch=arch)
     fused = folded.layers[4] if hasattr(folded, "layers") else folded.fusion
     assert isinstance(fused, torch.fx.GraphModule) and type(fused).__name__ in ("ShortcutLayer", "BiFPNAdd")
     assert ms.verify(folded, original, (2, 3, 16, 24), trials=2).passed

@@ -159,7 +159,7 @@ def test_state_dict_to_safetensors_rebuilds(tmp_path):
     r, rep = _optimize(src, "--arch", "fusionmodels:darknet_mismatch", "--code-path", TESTS, "-s", "1,3,16,16", "-o", out)
     assert r.code == 0, r.err
     original = ms.load(src, arch="fusionmodels:darknet_mismatch")
-    rebuilt = ms.load(out)
+    rebuilt = ms.load(out, arch="fusionmodels:darknet_mismatch")
     assert isinstance(rebuilt.layers[4], torch.fx.GraphModule)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in rebuilt.modules())
     assert ms.verify(rebuilt, original, (1, 3, 20, 20), trials=2).passed

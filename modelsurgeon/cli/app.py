@@ -141,8 +141,11 @@ def _main(argv: list[str]) -> int:
     debug = "--debug" in argv
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="modelsurgeon", standalone_mode=False)
-        return 0
+        rv = command.main(args=argv, prog_name="modelsurgeon", standalone_mode=False)
+        if rv == 130:  # typer turns a KeyboardInterrupt into Exit(130) and returns its code
+            _error("interrupted")
+            return 130
+        return rv if isinstance(rv, int) else 0
     except ExitWith as e:
         return e.code
     except SurgeryError as e:

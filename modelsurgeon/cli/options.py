@@ -44,8 +44,8 @@ COMMON: list[inspect.Parameter] = [
     _P("arch_kwargs", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[str], typer.Option(
         "--arch-kwargs", help="JSON object of keyword arguments for --arch.", show_default=False)]),
     _P("trust_pickle", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
-        "--trust-pickle", help="Allow unpickling code objects (full modules, YOLO dicts). Runs code from "
-        "the file: only for checkpoints you trust.")]),
+        "--trust-pickle", help="Allow unpickling code objects (full modules, YOLO dicts), and importing the "
+        "model factory a modelsurgeon-written file names. Runs code the file chooses: only for checkpoints you trust.")]),
     _P("code_path", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[List[Path]], typer.Option(
         "--code-path", help="Directory to put on the import path (the model's source tree); repeatable.",
         show_default=False)]),

@@ -70,25 +70,30 @@ def load_checkpoint(
     kwargs = parse_kwargs(arch_kwargs)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        from .onnx import load_onnx
+        try:
+            from .onnx import load_onnx
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.onnx":
+                raise
+            raise BadInput(f"{path.name}: reading ONNX models is not supported by this modelsurgeon build")
 
         ckpt = load_onnx(path)
         ckpt.size_bytes = size
         return ckpt
     if suffix == ".safetensors":
-        ckpt = _load_safetensors(path, arch, kwargs)
+        ckpt = _load_safetensors(path, arch, kwargs, trust_pickle)
     else:
         from .pickle_safety import torch_load
 
         obj = torch_load(path, trust_pickle)
-        ckpt = _classify(path, obj, arch, kwargs)
+        ckpt = _classify(path, obj, arch, kwargs, trust_pickle)
     ckpt.size_bytes = size
     if ckpt.recipe is None:
         ckpt.recipe = Recipe()
     return ckpt
 
 
-def _classify(path: Path, obj: Any, arch: str | None, kwargs: dict) -> Checkpoint:
+def _classify(path: Path, obj: Any, arch: str | None, kwargs: dict, trust: bool = False) -> Checkpoint:
     import torch
 
     if isinstance(obj, torch.nn.Module):
@@ -104,7 +109,8 @@ def _classify(path: Path, obj: Any, arch: str | None, kwargs: dict) -> Checkpoin
         sd, sd_key = _find_state_dict(obj)
         if sd is not None:
             meta = obj.get(META_KEY) if sd_key is not None else None
-            return _from_state_dict(path, obj, sd, sd_key, arch, kwargs, meta if isinstance(meta, dict) else None)
+            return _from_state_dict(path, obj, sd, sd_key, arch, kwargs, meta if isinstance(meta, dict) else None,
+                                    trust=trust)
         keys = ", ".join(map(str, list(obj.keys())[:8]))
         raise BadInput(f"{path.name}: no model or state_dict found (top-level keys: {keys})")
     raise BadInput(f"{path.name}: holds a {type(obj).__name__}, not a model, checkpoint dict or state_dict")
@@ -128,15 +134,23 @@ def _find_state_dict(obj: Mapping) -> tuple[Mapping | None, str | None]:
 
 def _from_state_dict(path: Path, container: Any, sd: Mapping, sd_key: str | None,
                      arch: str | None, kwargs: dict, meta: dict | None,
-                     fmt: str = "state_dict") -> Checkpoint:
+                     fmt: str = "state_dict", trust: bool = False) -> Checkpoint:
     from ..rewrite.recipe import Recipe, apply
     from .arch import build_model, load_state, strip_prefix
 
     recipe = Recipe()
     if meta:
-        arch = arch or meta.get("arch")
-        if not kwargs:
-            kwargs = dict(meta.get("arch_kwargs") or {})
+        recorded, recorded_kwargs = meta.get("arch"), meta.get("arch_kwargs") or {}
+        if not isinstance(recorded, (str, type(None))) or not isinstance(recorded_kwargs, dict):
+            raise BadInput(f"{path.name}: corrupt modelsurgeon metadata: arch / arch_kwargs")
+        if not arch and recorded and not trust:
+            # importing and calling a factory the file names would let a weights-only file run
+            # code (say "subprocess:run" with its arguments in arch_kwargs)
+            raise BadInput(f"{path.name} was written for --arch {recorded}: pass --arch {recorded} to rebuild "
+                           f"it (modelsurgeon does not import code a file names unless told to trust it)")
+        if not kwargs and (not arch or arch == recorded):
+            kwargs = dict(recorded_kwargs)
+        arch = arch or recorded
         try:
             recipe = Recipe.from_json(meta.get("recipe", []))
         except ValueError as e:
@@ -162,7 +176,7 @@ def _from_state_dict(path: Path, container: Any, sd: Mapping, sd_key: str | None
     return ckpt
 
 
-def _load_safetensors(path: Path, arch: str | None, kwargs: dict) -> Checkpoint:
+def _load_safetensors(path: Path, arch: str | None, kwargs: dict, trust: bool = False) -> Checkpoint:
     try:
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -180,7 +194,7 @@ def _load_safetensors(path: Path, arch: str | None, kwargs: dict) -> Checkpoint:
             raise BadInput(f"{path.name}: corrupt modelsurgeon metadata")
     if not sd:
         raise BadInput(f"{path.name}: holds no tensors")
-    ckpt = _from_state_dict(path, None, sd, None, arch, kwargs, meta, fmt="safetensors")
+    ckpt = _from_state_dict(path, None, sd, None, arch, kwargs, meta, fmt="safetensors", trust=trust)
     ckpt.metadata = metadata
     return ckpt
 
@@ -197,9 +211,10 @@ def load(
 
     * a pickled module or YOLO-style dict: the module (``ema`` when present) -- needs
       ``trust_pickle=True``, since unpickling runs code;
-    * a state_dict ``.pt`` or ``.safetensors`` (with ``arch``, or the arch recorded in the file
-      by modelsurgeon): the model rebuilt by the factory, with the file's recorded structural
-      edits replayed, and the weights loaded;
+    * a state_dict ``.pt`` or ``.safetensors`` (with ``arch``; or the arch recorded in the file
+      by modelsurgeon, with ``trust_pickle=True`` since that imports and calls code the file
+      names): the model rebuilt by the factory, with the file's recorded structural edits
+      replayed, and the weights loaded;
     * an ``.onnx`` file: the ``onnx.ModelProto``.
     """
     ckpt = load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,

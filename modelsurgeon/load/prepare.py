@@ -83,6 +83,7 @@ def prepare(model: Any, check_finite: bool = True) -> StorageState:
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if t is not None and t.is_floating_point() and not _finite(t):
                 raise BadInput(f"weights are not finite: {name} holds NaN or Inf values")
+        check_statistics(model)
     model.eval()
     if any(dt in (torch.float16, torch.bfloat16) for dt in counts):
         state.upcast = True
@@ -110,6 +111,21 @@ def _finite(t: Any) -> bool:
         flat = t.reshape(-1)
         step = 1 << 20
         return all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step))
+
+
+def check_statistics(model: Any) -> None:
+    """Refuse BatchNorm statistics no trained model has: a running variance that is zero or
+    negative (any module's ``running_var`` buffer: torch BatchNorm/InstanceNorm classes, frozen
+    BN, BN+activation classes). Such a checkpoint is corrupt or hand-edited, and folding it would
+    turn the damage into plausible-looking weights."""
+    for name, t in model.named_buffers():
+        if t is None or not t.is_floating_point() or name.rsplit(".", 1)[-1] != "running_var":
+            continue
+        neg, zero = int((t < 0).sum()), int((t == 0).sum())
+        if neg or zero:
+            what = " and ".join(f"{n} {w}" for n, w in ((neg, "negative"), (zero, "zero")) if n)
+            raise BadInput(f"invalid BatchNorm statistics: {name} holds {what} value{'s' if neg + zero > 1 else ''} "
+                           f"(a running variance must be positive)")
 
 
 def compute_dtype(state: StorageState) -> Any:

@@ -227,8 +227,12 @@ def _probe(module: Any, shape, axis: int, dtype, seed: int, cast: bool = True) -
             a = _constant_along(a_full, axis, tol, "scale")
             b = _constant_along(b_full, axis, tol, "shift")
             g = torch.Generator().manual_seed(seed)
-            for _ in range(2):
-                x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3.0 + 0.5).to(dtype)
+            # random inputs at growing amplitudes: a module that is only affine over a range
+            # (an activation saturated by a large BN shift looks linear near 0) is caught by
+            # inputs sweeping far past that range
+            big = min(1e6, float(torch.finfo(dtype).max) ** 0.25)
+            for amplitude, offset in ((3.0, 0.5), (3.0, -0.5), (big ** 0.5, 0.0), (big, 0.0)):
+                x = (torch.randn(shape, generator=g, dtype=torch.float64) * amplitude + offset).to(dtype)
                 y = _single_tensor(module(x), shape).to(torch.float64)
                 view = [1] * len(shape)
                 view[axis] = -1

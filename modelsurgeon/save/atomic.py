@@ -7,13 +7,14 @@ one, never half a file; on any error (and on Ctrl-C) the temporary file is remov
 from __future__ import annotations
 
 import contextlib
-import errno
+import errno  # noqa: F401  (kept for writers of this module that map errno codes)
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import BadInput
+from ..errors import BadInput, SurgeryError
 
 
 def check_output_path(path: Path, input_path: Path | None = None, in_place: bool = False) -> None:
@@ -55,22 +56,78 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
         _fsync_dir(parent)
+    except SurgeryError:
+        _unlink(tmp_path)
+        raise
     except OSError as e:
         _unlink(tmp_path)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EFBIG):
-            raise BadInput(f"cannot write {path}: {os.strerror(e.errno)}") from e
-        raise BadInput(f"cannot write {path}: {e.strerror or e}") from e
+        raise BadInput(f"cannot write {path}: {os.strerror(e.errno) if e.errno else e.strerror or e}") from e
+    except Exception as e:
+        _unlink(tmp_path)
+        code = io_errno(e)
+        if code is not None:  # a writer (torch, safetensors) reported the OS error its own way
+            raise BadInput(f"cannot write {path}: {os.strerror(code)}") from e
+        raise
     except BaseException:
         _unlink(tmp_path)
         raise
+
+
+def io_errno(exc: BaseException) -> int | None:
+    """The OS error number behind a writer's exception: an ``OSError`` in its chain, or the
+    ``(os error N)`` that Rust writers (safetensors) put in their messages."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m:
+            return int(m.group(1))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+class _CheckedWriter:
+    """A binary file for writers that hide what went wrong in a write (``torch.save`` turns a
+    full disk, or a Ctrl-C arriving mid-write, into a RuntimeError about the zip position):
+    every write is complete or raises, and the first exception is kept for the caller."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error: BaseException | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            done = 0
+            while done < len(view):
+                done += os.write(self._f.fileno(), view[done:])
+        except BaseException as e:  # OSError, KeyboardInterrupt
+            self.error = self.error or e
+            raise
+        return len(view)
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self._f.fileno()
 
 
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator:
     """Yield a binary file object; on success its content replaces ``path`` atomically."""
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            yield f
+        with open(tmp, "wb", buffering=0) as f:
+            w = _CheckedWriter(f)
+            try:
+                yield w
+            except Exception as e:
+                if w.error is not None and e is not w.error:
+                    raise w.error from e
+                raise
 
 
 def _unlink(p: Path) -> None:

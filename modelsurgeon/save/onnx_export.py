@@ -21,6 +21,8 @@ def export(model: Any, inputs: list, path: Path, opset: int = 17) -> None:
         try:
             torch.onnx.export(model, tuple(inputs), str(path), dynamo=False, opset_version=opset,
                               do_constant_folding=True, input_names=names_in)
+        except OSError:
+            raise  # the write failed: reported by the atomic writer as "cannot write"
         except Exception as e:
             raise BadInput(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 

@@ -39,6 +39,24 @@ def detach(out: Any) -> Any:
     return out
 
 
+EXTRA_TRIALS = 4
+
+
+def _informative(out: Any) -> bool:
+    """Whether an output holds any non-zero value (an all-zero reference proves nothing)."""
+    import torch
+
+    from .compare import flatten_outputs
+
+    for _, leaf in flatten_outputs(out):
+        if isinstance(leaf, torch.Tensor):
+            if leaf.numel() and bool((leaf != 0).any()):
+                return True
+        elif isinstance(leaf, (int, float)) and not isinstance(leaf, bool) and leaf != 0:
+            return True
+    return False
+
+
 class References:
     """Outputs of the original model on every trial's inputs, taken before any rewrite."""
 
@@ -48,15 +66,26 @@ class References:
         self.dtype = dtype
         self.outputs: list[Any] = []
         self.rewritten = False  # outputs re-recorded from a model whose function changed on purpose
+        self.uninformative = False
 
     def inputs(self, trial: int) -> list:
         return self.spec.make(trial, self.dtype)
 
     def record(self, model: Any, first_output: Any = None) -> None:
-        """Store references; ``first_output`` is trial 0's output if already computed."""
+        """Store references; ``first_output`` is trial 0's output if already computed.
+
+        References that are zero everywhere (a ReLU-clipped logit, say) would let any rewrite
+        pass: up to :data:`EXTRA_TRIALS` more trials are added until one output is not; if
+        none is, ``uninformative`` is set for the report."""
         self.outputs = [detach(first_output)] if first_output is not None else []
         for t in range(len(self.outputs), self.trials):
             self.outputs.append(detach(run(model, self.inputs(t))))
+        extra = 0
+        while extra < EXTRA_TRIALS and not any(_informative(o) for o in self.outputs):
+            self.outputs.append(detach(run(model, self.inputs(self.trials))))
+            self.trials += 1
+            extra += 1
+        self.uninformative = not any(_informative(o) for o in self.outputs)
 
     def check(self, model: Any, tol: Tolerance, first_output: Any = None,
               runner: Callable[[Any, list], Any] = run) -> ParityReport:

@@ -267,6 +267,19 @@ class FoldBN(Pass):
         total = m.steps[0].affine
         for s in m.steps[1:]:
             total = total.then(s.affine)
+        # an inline batch_norm is neutralised through its running_var, which can only get as
+        # close to the identity as the storage dtype allows: the scale it keeps is folded too
+        variances, residual = [], 1.0
+        for s in m.steps:
+            for tensor, fill in s.removal.params:
+                if isinstance(fill, str):
+                    stored = ed.storage.storage_dtype(tensor) if ed.storage is not None else tensor.dtype
+                    v, r = _identity_var(tensor.dtype, stored, float(fill.split(":", 1)[1]))
+                    variances.append((tensor, v))
+                    residual *= r
+        if residual != 1.0:
+            total = total.then(ChannelAffine(torch.full_like(total.scale, 1.0 / residual),
+                                             torch.zeros_like(total.shift)))
         b = fold_bias(unit.bias, total.scale, total.shift)
         ed.scale_weight(unit.weight, total.scale, unit.kind, unit.groups, unit.module)
         bias_added = unit.bias is None
@@ -284,10 +297,11 @@ class FoldBN(Pass):
                 ed.replace(r.module, new)
             else:
                 for tensor, fill in r.params:
-                    if isinstance(fill, str):
-                        _set_identity_var(tensor, float(fill.split(":", 1)[1]))
-                    else:
+                    if not isinstance(fill, str):
                         ed.neutralise(tensor, fill)
+        with torch.no_grad():
+            for tensor, v in variances:
+                tensor.data = torch.full_like(tensor.data, v)
         detail = f"{unit.describe()} ← " + " → ".join(s.label for s in m.steps)
         return Applied(unit.path, detail, {
             "layer": unit.path,
@@ -338,8 +352,9 @@ def _child_chain(g: DataflowGraph, call: ModuleCall, start_value: int) -> list |
 
 
 def _neutral_bn(g: DataflowGraph, ev: OpEvent) -> bool:
-    """An inline batch_norm already set to the identity (weight 1, bias 0, mean 0, variance
-    with ``1 / sqrt(var + eps) == 1`` in its dtype) by an earlier fold."""
+    """An inline batch_norm already made the identity by an earlier fold: weight 1, bias 0,
+    mean 0, and the running variance :func:`_identity_var` chooses (for the tensor's dtype or a
+    half-precision storage dtype) -- so ``optimize``'s repeated rounds do not fold it again."""
     import torch
 
     a = batch_norm_args(ev)
@@ -357,22 +372,32 @@ def _neutral_bn(g: DataflowGraph, ev: OpEvent) -> bool:
     var = vals["running_var"]
     if var is None or vals["running_mean"] is None:
         return False
+    eps = float(a.get("eps", 1e-5))
+    identity = {_identity_var(var.dtype, stored, eps)[0] for stored in (var.dtype, torch.float16, torch.bfloat16)}
     with torch.no_grad():
-        ok = bool((torch.rsqrt(var + float(a.get("eps", 1e-5))) == 1).all()) and bool((vals["running_mean"] == 0).all())
+        ok = any(bool((var == v).all()) for v in identity) and bool((vals["running_mean"] == 0).all())
         ok = ok and (vals["weight"] is None or bool((vals["weight"] == 1).all()))
         ok = ok and (vals["bias"] is None or bool((vals["bias"] == 0).all()))
     return ok
 
 
-def _set_identity_var(var: Any, eps: float) -> None:
-    """Running variance that makes ``1 / sqrt(var + eps)`` exactly 1 in the tensor's dtype."""
+def _identity_var(compute: Any, stored: Any, eps: float) -> tuple[float, float]:
+    """A positive running variance ``v``, exactly representable in the ``stored`` dtype, that
+    makes ``1 / sqrt(v + eps)`` (evaluated in ``compute``) as close to 1 as it gets; returns
+    ``(v, r)`` with ``r`` that remaining scale. With ``eps >= 1`` no positive ``v`` gives 1:
+    ``v = 1`` then, and ``r`` is folded all the same."""
     import torch
 
-    with torch.no_grad():
-        one = torch.ones((), dtype=var.dtype)
-        v = (one - eps).clone()
+    def scale(c):
+        return float(torch.rsqrt(c.to(compute) + torch.tensor(eps, dtype=compute)))
+
+    start = torch.tensor(1.0 - eps if eps < 1.0 else 1.0, dtype=torch.float64).to(stored)
+    candidates = [start]
+    for direction in (float("inf"), float("-inf")):
+        c = start
         for _ in range(4):
-            if float(torch.rsqrt(v + eps)) == 1.0:
-                break
-            v = torch.nextafter(v, one if float(v + eps) < 1.0 else -one)
-        var.data = torch.full_like(var.data, float(v))
+            c = torch.nextafter(c, torch.tensor(direction, dtype=stored))
+            candidates.append(c)
+    positive = [c for c in candidates if float(c) > 0]
+    best = min(positive, key=lambda c: abs(scale(c) - 1.0))
+    return float(best), scale(best)
