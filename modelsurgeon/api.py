@@ -131,14 +131,14 @@ def save(model: Any, path: str | Path, input_shape: Shape | Sequence[Shape] | No
     import torch
 
     from .save import output_format
-    from .save.atomic import atomic_file, atomic_path, check_output_path
+    from .save.atomic import atomic_path, check_output_path
+    from .save.torch import write_pt
 
     path = Path(path)
     fmt = output_format(path)
     check_output_path(path)
     if fmt == "pt":
-        with atomic_file(path) as f:
-            torch.save(model, f)
+        write_pt(model, path)
     elif fmt == "safetensors":
         from safetensors.torch import save_file
 

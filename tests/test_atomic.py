@@ -173,23 +173,19 @@ def test_keyboard_interrupt_is_exit_130_in_process(monkeypatch, tmp_path):
 def test_interrupt_inside_torch_save_is_not_an_internal_error(monkeypatch, tmp_path):
     """A Ctrl-C arriving in the middle of torch.save's writes used to come out as a RuntimeError
     from the zip writer (exit 3); it is an interrupt (130), and the temporary file is gone."""
-    import os
+    from modelsurgeon.save.torch import write_pt
 
-    from modelsurgeon.save import atomic
-
-    real = os.write
+    real = torch.save
     calls = {"n": 0}
 
-    def write(fd, data):  # Ctrl-C lands during the third write of the temporary file
+    def save(obj, f, *a, **k):  # Ctrl-C lands once the staged file has been partly written
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(fd, data)
+        real({"partial": torch.ones(100)}, f)
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(torch, "save", save)
     out = tmp_path / "o.pt"
     with pytest.raises(KeyboardInterrupt):
-        with atomic.atomic_file(out) as f:
-            torch.save({"w": torch.ones(1000), "v": torch.zeros(10)}, f)
-    assert calls["n"] == 3
+        write_pt({"w": torch.ones(1000), "v": torch.zeros(10)}, out)
+    assert calls["n"] == 1
     assert list(tmp_path.iterdir()) == []

@@ -198,9 +198,10 @@ def _enospc():
 
 @pytest.fixture
 def full_disk(monkeypatch):
-    """Every writer modelsurgeon uses fails with ENOSPC after writing part of the file:
-    ``os.write`` on the temporary file (``.pt``), safetensors' writer (raises its own error
-    type, with the OS error in the message), the ONNX exporter's file write."""
+    """Every writer modelsurgeon uses fails with ENOSPC after writing part of the file: torch's
+    C++ zip writer (``.pt``: reports a position mismatch, the free space tells), ``os.write``,
+    safetensors' writer (raises its own error type, with the OS error in the message), the ONNX
+    exporter's file write."""
     import safetensors.torch
 
     real_write = os.write
@@ -225,7 +226,19 @@ def full_disk(monkeypatch):
             fh.write(b"\0" * 1000)
             raise _enospc()
 
+    real_save = torch.save
+
+    def torch_save(obj, f, *a, **k):  # torch's C++ zip writer hides ENOSPC as a position error
+        if isinstance(f, (str, Path)) and ".tmp" in str(f):
+            Path(f).write_bytes(b"\0" * 700)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return real_save(obj, f, *a, **k)
+
+    import modelsurgeon.save.torch as save_torch
+
     monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(torch, "save", torch_save)
+    monkeypatch.setattr(save_torch, "disk_full", lambda d: True)  # what statvfs says then
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     monkeypatch.setattr(torch.onnx, "export", export)
 

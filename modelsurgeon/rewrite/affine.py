@@ -31,10 +31,12 @@ def _row_scale(scale: Any, kind: str, groups: int, rows: slice, weight: Any) -> 
 
 
 def scale_output_channels_(weight: Any, scale: Any, kind: str, groups: int = 1,
-                           cast: Callable[[Any], Any] | None = None) -> None:
+                           cast: Callable[[Any], Any] | None = None, workspace: Any = None) -> None:
     """Multiply ``weight`` by ``scale`` per output channel, in place, in float64 blocks.
 
     ``cast`` rounds a float64 block to what will be stored (default: the weight's dtype).
+    ``workspace`` is a reusable float64 buffer (:func:`workspace`): with it the loop allocates
+    nothing, which keeps the allocator from growing a heap it never returns.
     """
     import torch
 
@@ -42,15 +44,25 @@ def scale_output_channels_(weight: Any, scale: Any, kind: str, groups: int = 1,
     rows = weight.shape[0]
     per_row = max(1, weight[0].numel()) if rows else 1
     step = max(1, BLOCK_ELEMENTS // per_row)
-    buf = None
     with torch.no_grad():
         for r0 in range(0, rows, step):
             r = slice(r0, min(rows, r0 + step))
             rows_view = weight[r]
-            if buf is None or buf.shape != rows_view.shape:
+            n = rows_view.numel()
+            if workspace is not None and workspace.numel() >= n:
+                buf = workspace[:n].view(rows_view.shape)
+            else:
                 buf = torch.empty(rows_view.shape, dtype=torch.float64)
-            torch.mul(rows_view, _row_scale(s, kind, groups, r, weight), out=buf)  # exact products
+            buf.copy_(rows_view)  # exact widening
+            buf.mul_(_row_scale(s, kind, groups, r, weight))  # float64 products
             rows_view.copy_(cast(buf) if cast is not None else buf)  # one rounding
+
+
+def workspace() -> Any:
+    """A float64 buffer of :data:`BLOCK_ELEMENTS`, for :func:`scale_output_channels_`."""
+    import torch
+
+    return torch.empty(BLOCK_ELEMENTS, dtype=torch.float64)
 
 
 def scale_output_channels(weight: Any, scale: Any, kind: str, groups: int = 1) -> Any:

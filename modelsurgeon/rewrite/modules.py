@@ -63,6 +63,7 @@ class ModuleEditor:
         self.storage = storage
         self.recipe = recipe if recipe is not None else Recipe()
         self._storage_count: dict[int, int] | None = None
+        self._workspace = None  # float64 buffer reused by every in-place weight scaling
 
     # -- paths -------------------------------------------------------------------------------
     def paths_of(self, module: Any) -> list[str]:
@@ -124,7 +125,7 @@ class ModuleEditor:
         is written instead so the other reader is not changed."""
         import torch
 
-        from .affine import scale_output_channels, scale_output_channels_
+        from .affine import scale_output_channels, scale_output_channels_, workspace
 
         dt = self.storage.storage_dtype(param, module) if self.storage is not None else param.dtype
 
@@ -133,7 +134,9 @@ class ModuleEditor:
         if self._shares_storage(param):
             self.set_param(param, scale_output_channels(param.data, scale64, kind, groups), module)
         else:
-            scale_output_channels_(param.data, scale64, kind, groups, cast)
+            if self._workspace is None:
+                self._workspace = workspace()
+            scale_output_channels_(param.data, scale64, kind, groups, cast, self._workspace)
 
     def _shares_storage(self, tensor: Any) -> bool:
         if self._storage_count is None:

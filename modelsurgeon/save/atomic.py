@@ -7,7 +7,7 @@ one, never half a file; on any error (and on Ctrl-C) the temporary file is remov
 from __future__ import annotations
 
 import contextlib
-import errno  # noqa: F401  (kept for writers of this module that map errno codes)
+import errno
 import os
 import re
 import tempfile
@@ -89,47 +89,6 @@ def io_errno(exc: BaseException) -> int | None:
     return None
 
 
-class _CheckedWriter:
-    """A binary file for writers that hide what went wrong in a write (``torch.save`` turns a
-    full disk, or a Ctrl-C arriving mid-write, into a RuntimeError about the zip position):
-    every write is complete or raises, and the first exception is kept for the caller."""
-
-    def __init__(self, f):
-        self._f = f
-        self.error: BaseException | None = None
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        try:
-            done = 0
-            while done < len(view):
-                done += os.write(self._f.fileno(), view[done:])
-        except BaseException as e:  # OSError, KeyboardInterrupt
-            self.error = self.error or e
-            raise
-        return len(view)
-
-    def flush(self) -> None:
-        pass
-
-    def fileno(self) -> int:
-        return self._f.fileno()
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator:
-    """Yield a binary file object; on success its content replaces ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb", buffering=0) as f:
-            w = _CheckedWriter(f)
-            try:
-                yield w
-            except Exception as e:
-                if w.error is not None and e is not w.error:
-                    raise w.error from e
-                raise
-
-
 def _unlink(p: Path) -> None:
     try:
         p.unlink()
@@ -179,9 +138,24 @@ def atomic_files(path: Path) -> Iterator[Path]:
         for f in files:
             os.replace(f, parent / f.name)
         _fsync_dir(parent)
+    except SurgeryError:
+        raise
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EFBIG):
-            raise BadInput(f"cannot write {path}: {os.strerror(e.errno)}") from e
-        raise BadInput(f"cannot write {path}: {e.strerror or e}") from e
+        raise BadInput(f"cannot write {path}: {os.strerror(e.errno) if e.errno else e.strerror or e}") from e
+    except Exception as e:
+        code = io_errno(e)
+        if code is not None:  # a writer (onnx, safetensors) reported the OS error its own way
+            raise BadInput(f"cannot write {path}: {os.strerror(code)}") from e
+        raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def disk_full(directory: Path, margin: int = 1 << 20) -> bool:
+    """Is (almost) no space left where ``directory`` lives? For writers whose errors lose the
+    OS error (torch's C++ zip writer reports a full disk as a position mismatch)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < margin

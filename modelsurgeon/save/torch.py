@@ -10,7 +10,7 @@ from .._version import __version__
 from ..errors import BadInput
 from ..load import META_KEY
 from ..load.checkpoint import Checkpoint, ModelSlot
-from .atomic import atomic_file, atomic_path
+from .atomic import atomic_files, atomic_path, disk_full, io_errno
 
 
 def meta_for(ckpt: Checkpoint, slot: ModelSlot) -> dict:
@@ -64,8 +64,29 @@ def save_pt(ckpt: Checkpoint, path: Path) -> None:
             obj[META_KEY] = meta
         else:
             obj = {"state_dict": sd, META_KEY: meta}
-    with atomic_file(path) as f:
-        torch.save(obj, f)
+    write_pt(obj, path)
+
+
+def write_pt(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` atomically, through torch's own C++ file writer (a Python file
+    object halves its speed). The staged file is named ``archive.pt``: a zip's record prefix is
+    its file's stem, so the bytes are exactly those of a save to a file object, whatever the
+    output is called."""
+    import errno
+    import os
+
+    import torch
+
+    path = Path(path)
+    with atomic_files(path) as tmp_dir:
+        staged = tmp_dir / "archive.pt"
+        try:
+            torch.save(obj, str(staged))
+        except RuntimeError as e:
+            code = io_errno(e) or (errno.ENOSPC if disk_full(tmp_dir) else None)
+            reason = os.strerror(code) if code else str(e).strip().splitlines()[0][:200]
+            raise BadInput(f"cannot write {path}: {reason}") from e
+        staged.rename(tmp_dir / path.name)
 
 
 def save_safetensors(ckpt: Checkpoint, path: Path) -> str:
