@@ -105,6 +105,33 @@ def bench_fold_bn(ckpt: Path, work: Path, n: int, warmup: int, shape: str) -> di
     return res
 
 
+BASELINE_TIMED = (
+    "import json, os, sys, time, torch\n"
+    "sys.path.insert(0, sys.argv[3])\n"
+    "t0 = time.perf_counter(); m = torch.load(sys.argv[1], weights_only=False); t1 = time.perf_counter()\n"
+    "torch.save(m, sys.argv[2]); t2 = time.perf_counter()\n"
+    "print(json.dumps({'load': t1 - t0, 'save': t2 - t1}))\n"
+)
+
+
+def breakdown(ckpt: Path, work: Path, shape: str) -> dict:
+    """Where the time goes: modelsurgeon's own stage timings (``--json``) beside the baseline's
+    load and save, one run each after a flush of the page cache."""
+    import subprocess
+
+    out = work / "breakdown.out.pt"
+    os.sync()
+    r = subprocess.run(_exe() + ["fold-bn", str(ckpt), "--trust-pickle", "--code-path", str(EXAMPLES), "-s", shape,
+                                 "-o", str(out), "--json"], capture_output=True, text=True)
+    ours = json.loads(r.stdout)["timings"] if r.returncode == 0 else {}
+    os.sync()
+    r = subprocess.run([sys.executable, "-c", BASELINE_TIMED, str(ckpt), str(out), str(EXAMPLES)],
+                       capture_output=True, text=True)
+    base = json.loads(r.stdout) if r.returncode == 0 else {}
+    out.unlink(missing_ok=True)
+    return {"modelsurgeon": {k: round(v, 3) for k, v in ours.items()}, "baseline": {k: round(v, 3) for k, v in base.items()}}
+
+
 def bench_startup(n: int, warmup: int) -> dict:
     return {arg: repeat(_exe() + [arg], n=n, warmup=warmup) for arg in ("--help", "--version")}
 
@@ -121,7 +148,18 @@ def _latency(fn, min_time: float) -> float:
     return float(m.median)
 
 
-def _ort_latency(model, x, min_time: float, work: Path, name: str) -> float | None:
+def _latencies(fns: dict, min_time: float, rounds: int = 5) -> dict:
+    """Median latency of each callable, measured in alternating rounds (A B C A B C ...) so
+    that the machine's drift affects all of them alike."""
+    per: dict = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            per[k].append(_latency(fn, min_time / rounds))
+    return {k: statistics.median(v) for k, v in per.items()}
+
+
+def _ort_session(model, x, work: Path, name: str):
+    """A callable running ``model`` exported to ONNX in onnxruntime (default optimisations)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -132,10 +170,9 @@ def _ort_latency(model, x, min_time: float, work: Path, name: str) -> float | No
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: np.asarray(x.numpy())}
-    t = _latency(lambda: sess.run(None, feed), min_time)
     path.unlink(missing_ok=True)
-    return t
+    feed = {sess.get_inputs()[0].name: np.asarray(x.numpy())}
+    return lambda: sess.run(None, feed)
 
 
 def _bn_calls(model, x) -> int:
@@ -187,22 +224,22 @@ def bench_models(work: Path, min_time: float, smoke: bool) -> list[dict]:
 
             row = {"model": name, "input": list(shape),
                    "bn_calls": {"original": _bn_calls(original, x), "modelsurgeon": _bn_calls(ours, x)},
-                   "max_rel_error_vs_float64": {"original": err64(original), "modelsurgeon": err64(ours)},
-                   "torch_latency_s": {"original": _latency(lambda: original(x), min_time),
-                                       "modelsurgeon": _latency(lambda: ours(x), min_time)}}
+                   "max_rel_error_vs_float64": {"original": err64(original), "modelsurgeon": err64(ours)}}
+            runners = {"original": lambda: original(x), "modelsurgeon": lambda: ours(x)}
             try:
                 from torch.fx.experimental.optimization import fuse
 
                 fused = fuse(copy.deepcopy(original))
                 row["bn_calls"]["fx_fuse"] = _bn_calls(fused, x)
                 row["max_rel_error_vs_float64"]["fx_fuse"] = err64(fused)
-                row["torch_latency_s"]["fx_fuse"] = _latency(lambda: fused(x), min_time)
+                runners["fx_fuse"] = lambda: fused(x)
             except Exception as e:  # symbolic tracing fails on data-dependent control flow
                 row["fx_fuse"] = f"fails: {type(e).__name__}"
-            row["onnxruntime_latency_s"] = {
-                "original": _ort_latency(original, x, min_time, work, "orig"),
-                "modelsurgeon": _ort_latency(ours, x, min_time, work, "ours"),
-            }
+            row["torch_latency_s"] = _latencies(runners, min_time * len(runners))
+            row["onnxruntime_latency_s"] = _latencies({
+                "original": _ort_session(original, x, work, "orig"),
+                "modelsurgeon": _ort_session(ours, x, work, "ours"),
+            }, min_time * 2)
         rows.append(row)
     return rows
 
@@ -256,6 +293,14 @@ def markdown(res: dict) -> str:
             f"| **{r['ratio_wall']['median']:.2f}** [{r['ratio_wall']['min']:.2f}–{r['ratio_wall']['max']:.2f}] "
             f"| {a['peak_rss_mb']['median']:.0f} MiB | {b['peak_rss_mb']['median']:.0f} MiB "
             f"| **{r['ratio_rss']['median']:.2f}** [{r['ratio_rss']['min']:.2f}–{r['ratio_rss']['max']:.2f}] |")
+    lines += ["", "Where the time goes (one run each, seconds; modelsurgeon's `--json` timings; the verification "
+              "input is 1×3×64×64, so *capture* and *verify* are one forward pass each):", "",
+              "| checkpoint | import torch | load | capture | rewrite | verify | save (incl. fsync) | baseline load | baseline save |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["fold_bn"]:
+        o, b = r.get("breakdown", {}).get("modelsurgeon", {}), r.get("breakdown", {}).get("baseline", {})
+        lines.append(f"| {r['checkpoint']} | " + " | ".join(_fmt(o.get(k)) for k in ("import", "load", "capture", "rewrite", "verify", "save"))
+                     + f" | {_fmt(b.get('load'))} | {_fmt(b.get('save'))} |")
     if res.get("scaling"):
         s = res["scaling"]
         lines += ["", f"Surgery time against size: {s['seconds_per_gb']:.2f} s per GB above a fixed "
@@ -266,8 +311,8 @@ def markdown(res: dict) -> str:
     for k, v in st.items():
         lines.append(f"| `modelsurgeon {k}` | {v['wall_s']['median']:.3f} s | {v['wall_s']['min']:.3f}–{v['wall_s']['max']:.3f} s |")
     lines += ["", "## Rewritten models: latency, BatchNorm calls and accuracy", "",
-              "Latency is the median per forward (torch.utils.benchmark; onnxruntime with its default "
-              "optimisations, as deployed). Error: each model's float32 weights evaluated in float64 "
+              "Latency is the median per forward (torch.utils.benchmark, the models measured in "
+              "alternating rounds; onnxruntime with its default optimisations, as deployed). Error: each model's float32 weights evaluated in float64 "
               "arithmetic, largest |out − ref| / max|ref| against the original model in float64 -- "
               "so it measures only the rounding of the folded weights.", "",
               "| model | input | BN calls (orig → ours / fx) | torch eager ms (orig / ours / fx) | speed-up vs orig | onnxruntime ms (orig / ours) | rel. error (orig / ours / fx) |",
@@ -346,7 +391,9 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = build_checkpoint(args.out, size)
         n = args.runs or (1 if args.smoke else (3 if size > 500 else 5))
         print(f"fold-bn vs load+save on {ckpt.name} ({ckpt.stat().st_size / 1e6:.0f} MB), {n} runs", flush=True)
-        res["fold_bn"].append(bench_fold_bn(ckpt, args.out, n, 0 if args.smoke else 1, "1,3,64,64"))
+        row = bench_fold_bn(ckpt, args.out, n, 0 if args.smoke else 1, "1,3,64,64")
+        row["breakdown"] = breakdown(ckpt, args.out, "1,3,64,64")
+        res["fold_bn"].append(row)
     res["scaling"] = scaling(res["fold_bn"])
     print("CLI start-up", flush=True)
     res["startup"] = bench_startup(n=3 if args.smoke else 10, warmup=0 if args.smoke else 2)
