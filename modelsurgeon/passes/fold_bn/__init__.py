@@ -1,0 +1,1 @@
+"""fold-bn: BatchNorm and any per-channel affine layer folded into the conv / transposed conv / linear before it."""
