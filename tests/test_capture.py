@@ -89,3 +89,21 @@ def test_parameter_only_expressions_are_constants():
     assert consts.count(True) == 1 and consts.count(False) == 1
     k = next(g.value(i) for i in mul.inputs if g.value(i).const)
     assert torch.allclose(k.tensor.reshape(-1), torch.softmax(m.w, 0))
+
+
+def test_capture_leaves_no_global_module_hooks_behind():
+    """The recorder's global hooks (one with kwargs) are all removed afterwards: torch's handle
+    does not drop a with_kwargs flag by itself, and torch.compile warns about global hooks."""
+    import torch.nn.modules.module as module_mod
+
+    import modelsurgeon as ms
+
+    registries = ("_global_forward_hooks", "_global_forward_hooks_with_kwargs", "_global_forward_pre_hooks",
+                  "_global_forward_hooks_always_called")
+    before = {r: dict(getattr(module_mod, r, {})) for r in registries}
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+    ms.optimize(m, (1, 3, 8, 8))
+    assert {r: dict(getattr(module_mod, r, {})) for r in registries} == before

@@ -234,3 +234,23 @@ def randomize_all(model: nn.Module, seed: int = 0) -> nn.Module:
                 elif name in ("bias", "beta") and not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
                     t.copy_(torch.randn(t.shape, generator=g) * 0.3)
     return model
+
+
+class NonPersistentScale(nn.Module):
+    """``conv(x) * scale`` with the scale in a non-persistent buffer (a state_dict does not hold
+    it), then a foldable conv + BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.register_buffer("scale", torch.linspace(0.5, 2.0, 6).view(1, 6, 1, 1), persistent=False)
+        self.conv2 = nn.Conv2d(6, 6, 1)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn(self.conv2(F.relu(self.conv(x) * self.scale)))
+
+
+def non_persistent_scale() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_all(NonPersistentScale(), 3).eval()

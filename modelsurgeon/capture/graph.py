@@ -79,6 +79,8 @@ class ModuleCall:
     start: int = 0  # first event id inside the call
     end: int = 0  # one past the last event id inside the call
     children: list[int] = field(default_factory=list)
+    arg_count: int = 1  # positional arguments the module was called with (tensors or not)
+    kwarg_names: tuple[str, ...] = ()  # keyword arguments it was called with
 
     @property
     def type_name(self) -> str:
@@ -100,6 +102,7 @@ class DataflowGraph:
         self._uses: dict[int, list[int]] | None = None
         self._calls_by_module: dict[int, list[ModuleCall]] | None = None
         self._param_values: dict[int, int] = {}  # id(tensor) -> value id, for params/buffers
+        self._holders: dict[int, list[tuple[str, str, Any]]] | None = None
 
     # -- construction helpers (used by the recorder) ---------------------------------------
     def _new_value(self, **kw: Any) -> Value:
@@ -200,6 +203,21 @@ class DataflowGraph:
                 break
             out.append(c)
         return out
+
+    def holders(self, tensor: Any) -> list[tuple[str, str, Any]]:
+        """``(module path, attribute, module)`` for every module of the model that registers
+        ``tensor`` as a parameter or buffer -- whether or not that module ran (a weight tied to a
+        module only another method calls is found here, not in :meth:`param_uses`)."""
+        if self._holders is None:
+            by: dict[int, list[tuple[str, str, Any]]] = defaultdict(list)
+            if self.calls:
+                for path, mod in self.calls[0].module.named_modules(remove_duplicate=False):
+                    for store in (mod._parameters, mod._buffers):
+                        for name, t in store.items():
+                            if t is not None:
+                                by[id(t)].append((path, name, mod))
+            self._holders = dict(by)
+        return self._holders.get(id(tensor), [])
 
     def param_uses(self, tensor: Any) -> list[int]:
         """Events that read a parameter/buffer directly (not counting derived views)."""

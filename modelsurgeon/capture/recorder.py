@@ -221,13 +221,15 @@ class Recorder(TorchFunctionMode):
             g.calls[parent].children.append(cid)
         self._stack.append(cid)
 
-    def _post_hook(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+    def _post_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._stack:
             return
         g = self.graph
         cid = self._stack.pop()
         call = g.calls[cid]
         call.end = len(g.events)
+        # global pre-hooks cannot take kwargs, global forward hooks can: how the module was called
+        call.arg_count, call.kwarg_names = len(args), tuple(kwargs)
         call.outputs = tuple(self.value_of(t, kind="opaque") for t in flatten_tensors(output))
         if not self._stack:
             g.outputs = list(call.outputs)
@@ -237,13 +239,17 @@ class Recorder(TorchFunctionMode):
     def __enter__(self):
         self._handles = [
             torch.nn.modules.module.register_module_forward_pre_hook(self._pre_hook),
-            torch.nn.modules.module.register_module_forward_hook(self._post_hook),
+            torch.nn.modules.module.register_module_forward_hook(self._post_hook, with_kwargs=True),
         ]
         return super().__enter__()
 
     def __exit__(self, *exc):
+        # torch's handle forgets the with_kwargs flag of a global forward hook: drop it too, or
+        # every capture would leave an entry behind (torch.compile then warns about global hooks)
+        flags = getattr(torch.nn.modules.module, "_global_forward_hooks_with_kwargs", {})
         for h in self._handles:
             h.remove()
+            flags.pop(h.id, None)
         self._handles = []
         self._live.clear()
         self.graph._invalidate()

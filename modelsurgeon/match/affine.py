@@ -190,27 +190,79 @@ def elementwise_affine(graph: DataflowGraph, ev: OpEvent, x_vid: int, axis: int)
 
 
 def probe_module(module: Any, shape: tuple[int, ...], axis: int, seed: int = 0) -> ChannelAffine | str:
-    """Is ``module`` a per-channel affine map along ``axis`` for inputs of ``shape``?"""
+    """Is ``module`` a per-channel affine map along ``axis`` for inputs of ``shape``?
+
+    Probed on a batch of at least 2 (axis 0 is the batch unless it is the channel axis), and
+    every sample must give what it gives alone: a norm using batch statistics is constant on a
+    batch of one, so a capture at batch 1 would otherwise read it as a zero scale. A scale that
+    is exactly 0 in some channel is accepted only once those channels are seen constant on
+    inputs where every other axis has at least 2 entries."""
     import torch
 
+    shape = tuple(shape)
+    if axis != 0 and len(shape) >= 2 and shape[0] < 2:
+        shape = (2,) + shape[1:]
+    dtype = None
     try:
-        return _probe(module, shape, axis, torch.float64, seed)
+        aff = _probe(module, shape, axis, torch.float64, seed)
     except _NotAffine as e:
-        return str(e)
+        return _norm_like(e)
     except Exception:
-        pass
-    dtype = next((t.dtype for t in list(module.parameters()) + list(module.buffers())
-                  if t.is_floating_point()), torch.float32)
+        dtype = next((t.dtype for t in list(module.parameters()) + list(module.buffers())
+                      if t.is_floating_point()), torch.float32)
+        try:
+            aff = _probe(module, shape, axis, dtype, seed, cast=False)
+        except _NotAffine as e:
+            return _norm_like(e)
+        except Exception as e:
+            return f"probing it failed ({type(e).__name__})"
+    if bool((aff.scale == 0).any()):
+        return _confirm_zero_scale(module, shape, axis, aff, dtype, seed)
+    return aff
+
+
+def _confirm_zero_scale(module: Any, shape: tuple, axis: int, aff: ChannelAffine, dtype, seed: int):
+    """``aff`` if the channels it scales by exactly 0 are constant at a size where no axis but the
+    channel axis has a single entry (normalising over an axis of one gives 0 whatever the
+    input); otherwise why the probe cannot tell."""
+    import torch
+
+    why = NormLike("its scale is exactly 0 in some channels, which probing cannot tell from a normalisation "
+                   "over an axis of size 1 (e.g. batch statistics)")
+    if axis == 0:
+        return NormLike(why + " of an unbatched input")
+    wide = tuple(n if i == axis or n >= 2 else 2 for i, n in enumerate(shape))
+    if wide == shape:
+        return aff  # the random inputs at ``shape`` already showed those channels constant
     try:
-        return _probe(module, shape, axis, dtype, seed, cast=False)
-    except _NotAffine as e:
-        return str(e)
-    except Exception as e:
-        return f"probing it failed ({type(e).__name__})"
+        again = _probe(module, wide, axis, torch.float64 if dtype is None else dtype, seed + 1,
+                       cast=dtype is None)
+    except Exception:
+        return why
+    tol = 1e-9 if dtype is None else 1e-5
+    same = (again.scale - aff.scale).abs().max() <= tol and (again.shift - aff.shift).abs().max() <= tol * max(
+        1.0, float(aff.shift.abs().max()))
+    return aff if bool(same) else why
 
 
 class _NotAffine(Exception):
     pass
+
+
+class NormLike(str):
+    """Why a module that looks like a per-channel map on constant inputs is not one exactly:
+    it uses batch statistics, or scales by exactly 0 where that cannot be confirmed. Worth
+    reporting (a custom norm), unlike "not an affine map" (an activation)."""
+
+
+def _norm_like(e: _NotAffine) -> str:
+    return NormLike(e) if getattr(e, "norm_like", False) else str(e)
+
+
+def _batch_statistics() -> _NotAffine:
+    e = _NotAffine("a sample gives another output alone than in a batch (batch statistics)")
+    e.norm_like = True
+    return e
 
 
 def _probe(module: Any, shape, axis: int, dtype, seed: int, cast: bool = True) -> ChannelAffine:
@@ -231,13 +283,19 @@ def _probe(module: Any, shape, axis: int, dtype, seed: int, cast: bool = True) -
             # (an activation saturated by a large BN shift looks linear near 0) is caught by
             # inputs sweeping far past that range
             big = min(1e6, float(torch.finfo(dtype).max) ** 0.25)
-            for amplitude, offset in ((3.0, 0.5), (3.0, -0.5), (big ** 0.5, 0.0), (big, 0.0)):
+            for trial, (amplitude, offset) in enumerate(((3.0, 0.5), (3.0, -0.5), (big ** 0.5, 0.0), (big, 0.0))):
                 x = (torch.randn(shape, generator=g, dtype=torch.float64) * amplitude + offset).to(dtype)
                 y = _single_tensor(module(x), shape).to(torch.float64)
                 view = [1] * len(shape)
                 view[axis] = -1
                 pred = a.view(view) * x.to(torch.float64) + b.view(view)
                 scale = max(1.0, float(y.abs().max()))
+                if trial == 0 and shape[0] > 1 and axis != 0 and bool(torch.isfinite(y).all()):
+                    # each sample alone gives what it gave in the batch (no batch statistics,
+                    # no behaviour that depends on the batch size)
+                    y1 = _single_tensor(module(x[:1]), (1,) + tuple(shape[1:])).to(torch.float64)
+                    if not bool(torch.isfinite(y1).all()) or float((y1 - y[:1]).abs().max()) > tol * 10 * scale:
+                        raise _batch_statistics()
                 if not bool(torch.isfinite(y).all()) or float((y - pred).abs().max()) > tol * 10 * scale:
                     raise _NotAffine("it is not an affine map of its input")
             return ChannelAffine(a, b)

@@ -13,7 +13,8 @@ reader, into one or more per-channel affine steps:
 Rewrite: ``W' = W * s``, ``b' = s * b + t`` (float64, rounded to the storage dtype); a bias-free
 conv gains a bias; the affine modules become ``nn.Identity`` (or their kept children).
 
-Every BatchNorm that is not folded is reported with the reason.
+Every BatchNorm that is not folded is reported with the reason: BatchNorm classes and any module
+holding ``running_mean`` / ``running_var``, executed on the example input or not.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from typing import Any, Iterable
 
 from ...capture.graph import OUTPUT, DataflowGraph, ModuleCall, OpEvent, Ref
 from ...match.affine import (
-    BATCH_NORM, ELEMENTWISE, MUL, DIV, ChannelAffine, batch_norm_affine, batch_norm_args,
-    elementwise_affine, probe_module, PROBE_MAX_EVENTS,
+    ADD, BATCH_NORM, ELEMENTWISE, MUL, DIV, RSUB, SUB, ChannelAffine, batch_norm_affine, batch_norm_args,
+    elementwise_affine, probe_module, NormLike, PROBE_MAX_EVENTS,
 )
-from ...match.conv import CONV_OPS, ConvUnit, conv_unit
+from ...match.conv import CONV_OPS, ConvUnit, conv_unit, non_persistent, output_channel_axis, shared_with
 from ...rewrite.affine import fold_bias
 from ..base import Applied, Match, Pass, Skipped, TorchContext
 
@@ -64,37 +65,113 @@ class FoldBN(Pass):
     name = "fold-bn"
 
     def match(self, ctx: TorchContext) -> Iterable[Match | Skipped]:
+        found = list(self._match(ctx))
+        yield from found
+        yield from self._unreported(ctx, found)
+        if any(isinstance(m, FoldMatch) for m in found):
+            warning = _stored_training(ctx)
+            if warning and warning not in ctx.warnings:
+                ctx.warnings.append(warning)
+
+    def _match(self, ctx: TorchContext) -> Iterable[Match | Skipped]:
         g: DataflowGraph = ctx.graph
+        # tensors this run's earlier folds made the identity (optimize's later rounds)
+        self._neutralised = getattr(ctx.editor, "neutralised", set())
         handled: set[int] = set()
+        # why a candidate met after foldable steps was not folded too: reported only if nothing
+        # folds it from its own layer (a block met after a fold usually starts with that layer)
+        self._pending: dict[int, str] = {}  # batch_norm event id or id(module) -> reason
+        hooked = _hooked_outputs(g)
         for ev in g.events:
             if ev.name not in CONV_OPS or not ev.outputs:
                 continue
             out = g.value(ev.outputs[0])
             if out.shape is None or len(out.shape) < 2:
                 continue
-            axis = len(out.shape) - 1 if ev.name == "linear" else 1
+            axis = output_channel_axis(ev.name, len(out.shape))
+            if axis < 0:
+                continue
             steps, stop = self._walk(g, ev.outputs[0], axis)
-            if not steps:
-                if stop is not None:
-                    cand, reason = stop
+            if stop is not None:
+                cand, reason = stop
+                if not steps:
                     handled.update(_bn_events(g, cand))
                     yield Skipped(_target(g, cand), reason)
+                    continue
+                for key in _bn_events(g, cand) + [id(c.module) for c in g.calls_starting_with(cand) if _bn_like(c.module)]:
+                    self._pending.setdefault(key, reason)
+            if not steps:
                 continue
+            # The fold changes the layer's output and every step's but the last: a hook seeing
+            # one of them (on the layer, a container, a BatchNorm neutralised in place; a module
+            # removed with its hook is refused by _call_obstacle) would see folded values. The
+            # chain stops before the step whose input a hook sees.
+            changed = [ev.outputs[0]] + [s.out_value for s in steps[:-1]]
+            cut = next((i for i, v in enumerate(changed) if v in hooked), None)
+            observer = None
+            if cut is not None:
+                observer = f"{hooked[changed[cut]]}, which would see folded values"
+                if cut > 0:
+                    for s in steps[cut:]:
+                        keys = s.bn_events + ([id(s.removal.module)] if s.removal.module is not None else [])
+                        for key in keys:
+                            self._pending.setdefault(key, observer)
+                    steps, observer = steps[:cut], None
             for s in steps:
                 handled.update(s.bn_events)
             unit = conv_unit(g, ev)
             target = " → ".join(s.path for s in steps)
             if isinstance(unit, str):
-                yield Skipped(target, f"the layer before it cannot be rewritten: {unit}")
+                yield _SkippedSteps(target, f"the layer before it cannot be rewritten: {unit}", steps=steps)
+            elif observer is not None:
+                yield _SkippedSteps(target, observer, steps=steps)
             elif unit.bias is None and not unit.can_add_bias:
-                yield Skipped(target, f"{unit.path} has no bias and is no torch conv/linear module, so none can be added")
+                yield _SkippedSteps(target, unit.no_bias_reason, steps=steps)
             elif steps[0].affine.channels != unit.out_channels:
-                yield Skipped(target, f"channel count {steps[0].affine.channels} differs from {unit.path}'s {unit.out_channels} outputs")
+                yield _SkippedSteps(target, f"channel count {steps[0].affine.channels} differs from {unit.path}'s {unit.out_channels} outputs", steps=steps)
             else:
                 yield FoldMatch(target=unit.path, unit=unit, steps=steps)
         for ev in g.events:
-            if ev.name in BATCH_NORM and ev.id not in handled and not _neutral_bn(g, ev):
-                yield Skipped(_target(g, ev), self._unfolded_reason(g, ev))
+            if ev.name in BATCH_NORM and ev.id not in handled and not self._neutral(g, ev):
+                yield Skipped(_target(g, ev), self._pending.get(ev.id) or self._unfolded_reason(g, ev))
+
+    def _unreported(self, ctx: TorchContext, found: list) -> Iterable[Skipped]:
+        """Every BN-like module neither folded nor reported yet: not executed on the example
+        input, or never reached from a layer's output (a frozen BN after an activation)."""
+        g: DataflowGraph = ctx.graph
+        modules: set[int] = set()  # folded or already reported (with their removed sub-trees)
+        paths: set[str] = set()
+        for m in found:
+            if isinstance(m, Skipped):
+                paths.update(m.target.split(" → "))
+            for s in getattr(m, "steps", None) or ():
+                r = s.removal
+                if r.module is not None:
+                    subtree = [r.module] if r.kind == "children" else list(r.module.modules())
+                    modules.update(id(x) for x in subtree)
+        tensors: set[int] = set()  # statistics some batch_norm op read (folded, reported or neutral)
+        for ev in g.events:
+            if ev.name in BATCH_NORM:
+                tensors.update(id(g.value(r.value).tensor) for r in batch_norm_args(ev).values()
+                               if isinstance(r, Ref) and g.value(r.value).tensor is not None)
+        for path, mod in ctx.model.named_modules():
+            if not _bn_like(mod) or id(mod) in modules:
+                continue
+            path = path or f"{type(mod).__name__} (the model)"
+            if any(p in paths for p in g.paths_of(mod) or [path]):
+                continue
+            stats = [t for t in (mod._buffers.get("running_mean"), mod._buffers.get("running_var")) if t is not None]
+            if stats and all(id(t) in tensors for t in stats):
+                continue
+            calls = g.calls_of(mod)
+            if id(mod) in self._pending:
+                yield Skipped(path, self._pending[id(mod)])
+            elif not calls:
+                yield Skipped(path, "not executed on the example input")
+            elif len(calls[0].inputs) != 1:
+                yield Skipped(path, f"it is called with {len(calls[0].inputs)} tensor inputs")
+            else:
+                yield Skipped(path, _input_reason(g, calls[0].inputs[0]))
 
     # -- matching ------------------------------------------------------------------------------
     def _walk(self, g: DataflowGraph, vid: int, axis: int):
@@ -113,9 +190,7 @@ class FoldBN(Pass):
             if step is None:
                 break
             if isinstance(step, tuple):
-                if not steps:
-                    return [], step
-                break
+                return steps, step
             steps.append(step)
             cur = step.out_value
             if step.removal.kind == "children":
@@ -144,11 +219,20 @@ class FoldBN(Pass):
         return None
 
     def _module_step(self, g: DataflowGraph, call: ModuleCall, ev: OpEvent, cur: int, axis: int):
-        import torch
+        r = self._module_affine(g, call, ev, cur, axis)
+        if isinstance(r, (Step, _Reason)):
+            kept = r.removal.children if isinstance(r, Step) and r.removal.kind == "children" else []
+            why = _call_obstacle(call, kept)
+            if why is not None:
+                return _Reason(why)
+        return r
 
+    def _module_affine(self, g: DataflowGraph, call: ModuleCall, ev: OpEvent, cur: int, axis: int):
         mod = call.module
         evs = list(g.events_in(call))
-        has_bn = any(e.name in BATCH_NORM for e in evs)
+        # a block whose data path starts with a conv/linear layer is no candidate (that layer's
+        # own walk folds or reports its norms); one starting with a norm-like map is
+        has_bn = ev.name not in CONV_OPS and (any(e.name in BATCH_NORM for e in evs) or _bn_like(mod))
         n_calls = g.call_count(mod)
         if n_calls > 1:
             return _Reason(f"{call.path} is called {n_calls} times (a shared module)") if has_bn else None
@@ -172,11 +256,13 @@ class FoldBN(Pass):
         in_shape = g.value(cur).shape
         out_shape = g.value(call.outputs[0]).shape
         custom = not type(mod).__module__.startswith("torch.")
+        probed = None
         if custom and len(evs) <= PROBE_MAX_EVENTS and in_shape == out_shape:
             aff = probe_module(mod, in_shape, axis)
             if isinstance(aff, ChannelAffine):
                 return Step(aff, label + " (probed)", call.path, "probe", Removal("identity", mod),
                             call.outputs[0], bn_ids)
+            probed = aff
         # C: an affine op first, then child modules only (BN + activation classes)
         direct = [e for e in active if e.scope == call.id]
         if direct == [ev] and ev.outputs:
@@ -184,11 +270,17 @@ class FoldBN(Pass):
             if isinstance(aff, ChannelAffine):
                 chain = _child_chain(g, call, ev.outputs[0])
                 if chain is not None:
+                    # only the leading op is folded: a BatchNorm among the kept children is not
                     return Step(aff, label, call.path, "batch_norm" if ev.name in BATCH_NORM else "inline",
-                                Removal("children", mod, children=chain), ev.outputs[0], bn_ids)
+                                Removal("children", mod, children=chain), ev.outputs[0],
+                                [ev.id] if ev.name in BATCH_NORM else [])
             elif isinstance(aff, _Reason):
                 return aff
-        return _Reason(f"{label}'s forward is not a foldable per-channel map") if has_bn else None
+        if probed is not None and (has_bn or isinstance(probed, NormLike)):
+            return _Reason(f"{label} is not a per-channel affine map: {probed}")
+        if not has_bn:
+            return None
+        return _Reason(f"{label}'s forward is not a foldable per-channel map")
 
     def _op_affine(self, g: DataflowGraph, ev: OpEvent, cur: int, axis: int):
         if ev.name in BATCH_NORM:
@@ -216,7 +308,7 @@ class FoldBN(Pass):
         where = f"{host}.forward" if host else "the model's forward"
         label = f"{ev.name} in {where}"
         if ev.name in BATCH_NORM:
-            if _neutral_bn(g, ev):
+            if self._neutral(g, ev):
                 return None  # made the identity in an earlier round
             a = batch_norm_args(ev)
             params = []
@@ -227,24 +319,36 @@ class FoldBN(Pass):
                 v = g.value(r.value)
                 if not v.is_param or len(g.param_uses(v.tensor)) != 1:
                     return _Reason(f"the batch_norm inline in {where} reads computed or shared statistics, so it cannot be made the identity")
+                why = _unwritable(g, v.tensor, v.name)
+                if why is not None:
+                    return _Reason(f"the batch_norm inline in {where} cannot be made the identity: {why}")
                 params.append((v.tensor, f"var:{float(a.get('eps', 1e-5))}" if fill == "var" else fill))
             return Step(aff, label, host or "<model>", "inline", Removal("neutralise", params=params), ev.outputs[0], [ev.id])
-        operand = ev.args[1] if ev.args[0] == Ref(cur) else ev.args[0]
+        x_first = ev.args[0] == Ref(cur)
+        operand = ev.args[1] if x_first else ev.args[0]
         if not isinstance(operand, Ref):
             return None  # arithmetic with a literal: not a learnt affine layer
         root = g.const_root(operand.value)
         if root is None or not g.value(operand.value).const:
             return None
+        shape = g.value(operand.value).shape
+        if shape is None or _numel(shape) != root.tensor.numel():
+            # ``pos[:, :, :H, :W]``: the part read was per-channel at the captured size only
+            return _Reason(f"{ev.name} reads part of {root.name} {tuple(root.tensor.shape)} (a slice that may "
+                           "depend on the input size), not the whole parameter per channel")
         if len(g.param_uses(root.tensor)) != 1:
             return _Reason(f"the per-channel parameter {root.name} is read by other ops too")
-        if ev.name in MUL or ev.name in DIV:
-            fill = 1.0
-        elif ev.args[0] == Ref(cur) or ev.name.endswith(("add", "__add__", "__radd__", "add_", "__iadd__")):
-            fill = 0.0
-        else:
-            return _Reason(f"{ev.name} with the layer output on the right cannot be made the identity")
+        why = _unwritable(g, root.tensor, root.name)
+        if why is not None:
+            return _Reason(f"the per-channel parameter cannot be made the identity: {why}")
+        fill = _identity_fill(ev, x_first)
+        if isinstance(fill, str):
+            return _Reason(fill)
         return Step(aff, f"{ev.name} by {root.name} in {where}", host or "<model>", "inline",
                     Removal("neutralise", params=[(root.tensor, fill)]), ev.outputs[0], [])
+
+    def _neutral(self, g: DataflowGraph, ev: OpEvent) -> bool:
+        return _neutral_bn(g, ev, getattr(self, "_neutralised", ()))
 
     def _unfolded_reason(self, g: DataflowGraph, ev: OpEvent) -> str:
         a = batch_norm_args(ev)
@@ -253,11 +357,7 @@ class FoldBN(Pass):
         src = ev.args[0] if ev.args else None
         if not isinstance(src, Ref):
             return "its input is not a tensor"
-        p = g.producer(src.value)
-        if p is None:
-            return "its input is a model input, not a layer output"
-        where = g.call(p.scope).path or "the model"
-        return f"its input comes from {p.name} in {where}, not from a conv or linear layer"
+        return _input_reason(g, src.value)
 
     # -- rewriting -----------------------------------------------------------------------------
     def rewrite(self, ctx: TorchContext, m: FoldMatch) -> Applied:
@@ -299,9 +399,8 @@ class FoldBN(Pass):
                 for tensor, fill in r.params:
                     if not isinstance(fill, str):
                         ed.neutralise(tensor, fill)
-        with torch.no_grad():
-            for tensor, v in variances:
-                tensor.data = torch.full_like(tensor.data, v)
+        for tensor, v in variances:
+            ed.neutralise(tensor, v)
         detail = f"{unit.describe()} ← " + " → ".join(s.label for s in m.steps)
         return Applied(unit.path, detail, {
             "layer": unit.path,
@@ -310,8 +409,137 @@ class FoldBN(Pass):
         })
 
 
+@dataclass
+class _SkippedSteps(Skipped):
+    """A chain found but not folded; keeps its steps so the modules count as reported."""
+
+    steps: list = field(default_factory=list, repr=False)
+
+
 def _target(g: DataflowGraph, ev: OpEvent) -> str:
     return g.call(ev.scope).path or f"{ev.name} in the model's forward"
+
+
+def _numel(shape: tuple) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _bn_like(mod: Any) -> bool:
+    """A BatchNorm class, or any module holding running statistics (frozen BN, BN+activation)."""
+    import torch
+
+    if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+        return True
+    return any(mod._buffers.get(k) is not None or mod._parameters.get(k) is not None
+               for k in ("running_mean", "running_var"))
+
+
+def _hook_kind(mod: Any) -> str | None:
+    for attr, kind in (("_forward_hooks", "forward hook"), ("_forward_pre_hooks", "forward pre-hook"),
+                       ("_backward_hooks", "backward hook"), ("_backward_pre_hooks", "backward pre-hook")):
+        if getattr(mod, attr, None):
+            return kind
+    return None
+
+
+def _call_obstacle(call: ModuleCall, kept: list) -> str | None:
+    """Why a module that would be removed (replaced by ``nn.Identity`` or its ``kept`` children)
+    cannot be: a hook on it or on a removed sub-module would be dropped; arguments besides the
+    one tensor were neither probed nor can the replacement take them."""
+    keep = {id(m) for k in kept for m in k.modules()}
+    for name, sub in call.module.named_modules():
+        if id(sub) in keep:
+            continue
+        kind = _hook_kind(sub)
+        if kind is not None:
+            where = call.path if not name else f"{call.path}.{name}" if call.path else name
+            return f"{where} has a {kind}, which would be dropped with the module"
+    if call.kwarg_names:
+        return (f"{call.path} is called with keyword arguments ({', '.join(call.kwarg_names)}): its map "
+                "was found without them, and its replacement could not take them")
+    if call.arg_count != 1:
+        return (f"{call.path} is called with {call.arg_count} positional arguments: its map was found "
+                "from the tensor alone, and its replacement could not take the others")
+    return None
+
+
+def _hooked_outputs(g: DataflowGraph) -> dict[int, str]:
+    """Value id -> "P has a forward hook" for the inputs and outputs of a module call whose
+    hooks see them (a forward hook gets both, a pre-hook the inputs)."""
+    out: dict[int, str] = {}
+    for c in g.calls:
+        where = c.path or "the model"
+        if getattr(c.module, "_forward_hooks", None):
+            for v in c.inputs + c.outputs:
+                out.setdefault(v, f"{where} has a forward hook")
+        if getattr(c.module, "_forward_pre_hooks", None):
+            for v in c.inputs:
+                out.setdefault(v, f"{where} has a forward pre-hook")
+    return out
+
+
+def _unwritable(g: DataflowGraph, tensor: Any, name: str | None) -> str | None:
+    """Why the pass cannot write a new value into ``tensor`` (another module registers it, or a
+    state_dict would not carry it)."""
+    other = shared_with(g, tensor)
+    if other is not None:
+        return f"{name} is shared with {other} (tied)"
+    np_name = non_persistent(g, tensor)
+    if np_name is not None:
+        return f"{np_name} is a non-persistent buffer: a state_dict cannot carry its new value"
+    return None
+
+
+def _identity_fill(ev: OpEvent, x_first: bool) -> float | str:
+    """The value making ``ev`` the identity when written into its parameter operand ``p``, or why
+    none does: only ``x * p``, ``p * x``, ``x / p`` (1) and ``x + a*p``, ``p + x``, ``x - a*p``,
+    ``rsub(p, x)`` (0) become ``x``; ``add(p, x, alpha=a)`` and ``p - x`` would keep a factor."""
+    name = ev.name
+    if "out" in ev.kwargs:
+        return f"{name} writes into an out= tensor"
+    if ev.inplace and not x_first:
+        return f"{name} updates the parameter in place"
+    alpha = ev.kwargs.get("alpha", ev.args[2] if len(ev.args) > 2 else 1)
+    if name in MUL or name in DIV:
+        return 1.0
+    if name in ADD:
+        if x_first or alpha == 1:
+            return 0.0
+        return f"{name} with alpha={alpha} scales the layer output, so it cannot be made the identity"
+    if name in SUB:
+        if x_first:
+            return 0.0
+        return f"{name} subtracts the layer output from the parameter, so it cannot be made the identity"
+    if name in RSUB:
+        if not x_first:
+            return 0.0
+        return f"{name} subtracts the layer output from the parameter, so it cannot be made the identity"
+    return f"{name} cannot be made the identity"
+
+
+def _input_reason(g: DataflowGraph, vid: int) -> str:
+    """Why the norm reading value ``vid`` was not folded, from where ``vid`` comes from."""
+    p = g.producer(vid)
+    if p is None:
+        return "its input is a model input, not a layer output"
+    where = g.call(p.scope).path or "the model"
+    if p.name in CONV_OPS:
+        n = len(g.uses(vid))
+        if n > 1:
+            return f"the layer output it normalises has {n} readers, so the layer cannot be changed"
+        return f"it is not a foldable per-channel map of the {p.name} output in {where}"
+    return f"its input comes from {p.name} in {where}, not from a conv or linear layer"
+
+
+def _stored_training(ctx: TorchContext) -> str | None:
+    flags = getattr(getattr(ctx.editor, "storage", None), "training", None) or {}
+    if flags.get(id(ctx.model)) or any(flags.get(id(m)) for m in ctx.model.modules() if _bn_like(m)):
+        return ("the model was stored in training mode; BatchNorms are folded using their running "
+                "statistics: the result is an inference model")
+    return None
 
 
 def _bn_events(g: DataflowGraph, ev: OpEvent) -> list[int]:
@@ -351,16 +579,20 @@ def _child_chain(g: DataflowGraph, call: ModuleCall, start_value: int) -> list |
     return chain
 
 
-def _neutral_bn(g: DataflowGraph, ev: OpEvent) -> bool:
-    """An inline batch_norm already made the identity by an earlier fold: weight 1, bias 0,
-    mean 0, and the running variance :func:`_identity_var` chooses (for the tensor's dtype or a
-    half-precision storage dtype) -- so ``optimize``'s repeated rounds do not fold it again."""
+def _neutral_bn(g: DataflowGraph, ev: OpEvent, neutralised: Any = ()) -> bool:
+    """An inline batch_norm that is the identity: one this run's folds made so (every tensor it
+    reads is in ``neutralised``, the ids :meth:`ModuleEditor.neutralise` filled -- in half
+    precision the op may keep a scale, folded into the layer), so that ``optimize``'s repeated
+    rounds do not fold it again; or one that returns its input bit for bit (weight 1, bias 0,
+    mean 0 and ``running_var + eps`` rounding to 1). A BatchNorm with default statistics
+    computes ``x / sqrt(1 + eps)``: not neutral."""
     import torch
+    import torch.nn.functional as F
 
     a = batch_norm_args(ev)
     if not a or a.get("training"):
         return False
-    vals = {}
+    vals, ids = {}, []
     for key in ("weight", "bias", "running_mean", "running_var"):
         r = a.get(key)
         if r is None:
@@ -368,17 +600,31 @@ def _neutral_bn(g: DataflowGraph, ev: OpEvent) -> bool:
             continue
         if not isinstance(r, Ref) or g.value(r.value).tensor is None:
             return False
+        ids.append(id(g.value(r.value).tensor))
         vals[key] = g.value(r.value).tensor.detach()
-    var = vals["running_var"]
-    if var is None or vals["running_mean"] is None:
+    var, mean = vals["running_var"], vals["running_mean"]
+    if var is None or mean is None:
         return False
-    eps = float(a.get("eps", 1e-5))
-    identity = {_identity_var(var.dtype, stored, eps)[0] for stored in (var.dtype, torch.float16, torch.bfloat16)}
+    if all(i in neutralised for i in ids):
+        return True
     with torch.no_grad():
-        ok = any(bool((var == v).all()) for v in identity) and bool((vals["running_mean"] == 0).all())
-        ok = ok and (vals["weight"] is None or bool((vals["weight"] == 1).all()))
-        ok = ok and (vals["bias"] is None or bool((vals["bias"] == 0).all()))
-    return ok
+        if not bool((mean == 0).all()) or not bool(var.dim() == 1 and var.numel()):
+            return False
+        if vals["weight"] is not None and not bool((vals["weight"] == 1).all()):
+            return False
+        if vals["bias"] is not None and not bool((vals["bias"] == 0).all()):
+            return False
+        src = a.get("input")
+        dtype = g.value(src.value).dtype if isinstance(src, Ref) else None
+        dtype = dtype if dtype is not None and dtype.is_floating_point else var.dtype
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, var.numel(), 64, generator=gen, dtype=torch.float64)
+        x = (x * torch.logspace(-3, 3, 64, dtype=torch.float64)).to(dtype)
+        try:
+            y = F.batch_norm(x, mean, var, vals["weight"], vals["bias"], False, 0.0, float(a.get("eps", 1e-5)))
+        except Exception:
+            return False
+        return bool(torch.equal(y, x))
 
 
 def _identity_var(compute: Any, stored: Any, eps: float) -> tuple[float, float]:
