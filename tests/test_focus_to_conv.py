@@ -459,3 +459,266 @@ def test_optimize_converts_the_stem_then_folds_its_batchnorm():
     assert [a.pass_name for a in report.applied] == ["focus-to-conv", "fold-bn"]
     assert isinstance(m.stem.bn, nn.Identity) and m.stem.conv.bias is not None
     assert ms.verify(m, original, (1, 3, 32, 32), trials=2).passed
+
+
+# -- regressions: rewrites that held at the verified shape only (QA focus pass) ----------------
+
+
+def _same_at(model, original, shapes, rtol=1e-4):
+    """The rewritten model matches the original on fresh inputs of each shape."""
+    g = torch.Generator().manual_seed(7)
+    for shape in shapes:
+        x = torch.randn(shape, generator=g) * 2 + 0.5
+        with torch.no_grad():
+            want, got = original(x), model(x)
+        assert got.shape == want.shape, (shape, got.shape, want.shape)
+        assert float((got - want).abs().max()) <= rtol * float(want.abs().max()), shape
+
+
+class ContractHW(nn.Module):
+    """h and w swapped in the first view: a space-to-depth only when H == W."""
+
+    def forward(self, x):
+        b, c, h, w = x.size()
+        x = x.view(b, c, w // 2, 2, h // 2, 2).permute(0, 3, 5, 1, 2, 4).contiguous()
+        return x.view(b, c * 4, h // 2, w // 2)
+
+
+class ContractNC(nn.Module):
+    """N and C mixed by a reshape: a space-to-depth only at batch 1."""
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        x = x.reshape(c, b, h, w).view(c, b, h // 2, 2, w // 2, 2).permute(1, 3, 5, 0, 2, 4)
+        return x.reshape(b, 4 * c, h // 2, w // 2)
+
+
+class FixedBatch(nn.Module):
+    """A space-to-depth hard-wired to batch 1 (fails at any other batch size)."""
+
+    def forward(self, x):
+        _, c, h, w = x.shape
+        x = x.view(1, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4).contiguous()
+        return x.view(1, 4 * c, h // 2, w // 2)
+
+
+@pytest.mark.parametrize("s2d,what", [(ContractHW, "at 1×3×34×36 it moves the elements differently"),
+                                      (ContractNC, "at 2×3×32×32 it moves the elements differently"),
+                                      (FixedBatch, "at 2×3×32×32 it fails (RuntimeError)")])
+def test_rearrangement_that_depends_on_the_input_size_is_skipped(s2d, what):
+    m = Net(nn.Sequential(s2d(), Conv(12, 8, 3, 1)))
+    report, original = _run(m, (1, 3, 32, 32), seed=3)
+    assert not report.applied
+    (s,) = report.skipped
+    assert s.target == "stem.0" and s.reason.startswith("its rearrangement depends on the input size")
+    assert what in s.reason, s.reason
+    assert str(m) == str(original)
+
+
+def test_probed_rearrangement_is_confirmed_at_other_shapes_and_stays_exact_there():
+    m = Net(nn.Sequential(Contract(2), Conv(12, 8, 3, 1)))
+    report, original = _run(m, (1, 3, 32, 32), seed=4)
+    (a,) = report.applied
+    assert a.data["space_to_depth"] == "probe"
+    _same_at(m, original, [(3, 3, 32, 32), (1, 3, 24, 40), (2, 3, 40, 16)])
+
+
+class BoundedFocus(nn.Module):
+    """Focus slices with explicit stops, as code generated from a traced / exported graph has them."""
+
+    def __init__(self, stop):
+        super().__init__()
+        self.stop = stop
+        self.conv = Conv(12, 8, 3, 1)
+
+    def forward(self, x):
+        e = self.stop
+        return self.conv(torch.cat([x[..., 0:e:2, 0:e:2], x[..., 1:e:2, 0:e:2],
+                                    x[..., 0:e:2, 1:e:2], x[..., 1:e:2, 1:e:2]], 1))
+
+
+def test_slices_with_an_explicit_stop_are_skipped():
+    m = Net(BoundedFocus(64))
+    report, original = _run(m, (1, 3, 64, 64), seed=5)
+    assert not report.applied
+    (s,) = report.skipped
+    assert s.target == "stem" and s.reason == "the slice stops at 64: exact only at this input size"
+    assert isinstance(m.stem, BoundedFocus)
+    # below the recorded size, a stop inside the axis is not a whole-extent slice at all
+    report, _ = _run(Net(BoundedFocus(32)), (1, 3, 64, 64))
+    assert not report.applied and "the slice stops at 32, before the end of the axis (64)" in report.skipped[0].reason
+
+
+@pytest.mark.parametrize("stop", [2**31 - 1, 2**63 - 1])
+def test_int_max_style_slice_ends_mean_to_the_end(stop):
+    m = Net(BoundedFocus(stop))
+    report, original = _run(m, (1, 3, 32, 32), seed=6)
+    (a,) = report.applied
+    assert type(m.stem) is Conv and m.stem.conv.kernel_size == (6, 6)
+    _same_at(m, original, [(2, 3, 96, 64), (1, 3, 16, 48)])
+
+
+# -- a space-to-depth that is its own layer, then a conv layer, routed by the host ----------------
+
+
+from s2dlayers import layered  # noqa: E402
+
+
+@pytest.mark.parametrize("kind,name,what", [("pixel_unshuffle", "PixelUnshuffle", "pixel_unshuffle 2"),
+                                            ("spd", "space_to_depth", "2×2 slices"),
+                                            ("contract", "Contract", "space-to-depth 2, probed")])
+def test_space_to_depth_layer_becomes_identity_and_the_next_conv_is_merged(kind, name, what):
+    m = layered(kind, seed=1)
+    before = {k: getattr(m.model[0], k) for k in ("i", "f", "type", "np")}
+    old = m.model[1].conv.weight.detach().clone()
+    report, original = _run(m, (1, 3, 32, 32), seed=1)
+    (a,) = report.applied
+    assert a.target == "model.0" and a.data["separate_layers"] and a.data["replaced_by"] == "Identity"
+    assert a.detail == (f"{name} ({what}) → Identity; model.1.conv Conv2d(k3 s1 p1) → Conv2d(k6 s2 p2)")
+    assert {"f", "i", "np", "type"} <= set(a.data["carried"])  # (and Contract's own gain)
+    assert type(m.model[0]) is nn.Identity
+    assert {k: getattr(m.model[0], k) for k in before} == before  # the host routes on these
+    conv = m.model[1].conv
+    assert type(conv) is nn.Conv2d and conv.weight.shape == (8, 3, 6, 6) and conv.stride == (2, 2)
+    assert isinstance(m.model[1].bn, nn.BatchNorm2d)  # BN and activation kept
+    if kind != "contract":  # phase-major (Focus order) or channel-major (pixel_unshuffle) placement
+        w = conv.weight.detach()
+        if kind == "spd":
+            assert torch.equal(w[:, :, 1::2, ::2], old[:, 3:6])
+        else:
+            assert torch.equal(w[:, 1, 1::2, ::2], old[:, 6])  # channel 1, phase (1, 0)
+    _same_at(m, original, [(2, 3, 32, 32), (1, 3, 48, 24), (3, 3, 16, 40)])
+
+
+def test_space_to_depth_layer_read_by_another_layer_too_is_skipped():
+    m = layered("pixel_unshuffle", routed=True, seed=2)
+    report, original = _run(m, (1, 3, 32, 32), seed=2)
+    assert not report.applied
+    (s,) = report.skipped
+    assert s.target == "model.0" and "2 readers" in s.reason
+    assert str(m) == str(original)
+
+
+def test_space_to_depth_layer_check_grad_and_bench():
+    m = layered("spd", seed=3)
+    report, _ = _run(m, (2, 3, 16, 16), seed=3, check_grad=True, bench=True)
+    (a,) = report.applied
+    assert a.data["grad_check"]["passed"] and "gradients equal" in a.detail
+    assert a.data["bench"]["before_ms"] > 0 and a.data["bench"]["input"] == [2, 3, 16, 16]
+
+
+@pytest.mark.parametrize("ext", ["pt", "safetensors"])
+def test_space_to_depth_layer_through_state_dict_arch(ext, tmp_path):
+    m = layered("pixel_unshuffle", seed=4)
+    src, out = tmp_path / "sd.pt", tmp_path / f"sd-f2c.{ext}"
+    torch.save(m.state_dict(), src)
+    r = run_cli("focus-to-conv", src, "--arch", "s2dlayers:layered", "-s", "1,3,32,32", "-o", out, "--json")
+    assert r.code == 0, r.err
+    rep = r.json()
+    assert [a["target"] for a in rep["applied"]] == ["model.0"] and rep["parity"]["passed"]
+    if ext == "pt":
+        ck = torch.load(out, weights_only=True)  # still tensors only, plus the recipe
+        assert ck["state_dict"]["model.1.conv.weight"].shape == (8, 3, 6, 6)
+        edits = ck["modelsurgeon"]["recipe"]
+        assert {"op": "replace", "path": "model.0", "module": {"class": "Identity", "kwargs": {}}} in edits
+        assert {"op": "setattr", "path": "model.0", "name": "f", "value": -1} in edits
+    rebuilt = ms.load(out, arch="s2dlayers:layered")  # the factory + the recipe in the file
+    assert type(rebuilt.model[0]) is nn.Identity and rebuilt.model[0].f == -1 and rebuilt.model[0].i == 0
+    assert rebuilt.model[1].conv.weight.shape == (8, 3, 6, 6)
+    _same_at(rebuilt.eval(), m, [(1, 3, 32, 32), (2, 3, 24, 40)])
+
+
+def test_space_to_depth_layer_pickled_model_loads_without_modelsurgeon(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    m = layered("contract", seed=5)
+    src, out = tmp_path / "m.pt", tmp_path / "m-f2c.pt"
+    torch.save(m, src)
+    r = run_cli("focus-to-conv", src, "--trust-pickle", "--code-path", ROOT / "tests", "-s", "1,3,32,32",
+                "-o", out, "-q")
+    assert r.code == 0, r.err
+    assert b"modelsurgeon" not in out.read_bytes()
+    x = torch.randn(2, 3, 24, 40)
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys; sys.modules['modelsurgeon'] = None\n"
+        "import torch\n"
+        f"m = torch.load({str(out)!r}, weights_only=False)\n"
+        "print(type(m.model[0]).__name__, m.model[0].type, tuple(m.model[1].conv.weight.shape))\n"
+        f"torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={"PYTHONPATH": str(ROOT / "tests"), "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["Identity", "Contract", "(8,", "3,", "6,", "6)"]
+    with torch.no_grad():
+        want = m(x)
+    got = torch.load(tmp_path / "y.pt").detach()
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+
+
+class ChildS2dHostDoesMore(nn.Module):
+    """The space-to-depth is a child module; the host's forward also reads its input."""
+
+    def __init__(self, shared=False):
+        super().__init__()
+        self.pu = nn.PixelUnshuffle(2)
+        self.conv = nn.Conv2d(12, 8, 3, 1, 1)
+        self.skip = nn.Conv2d(3, 8, 2, 2)
+        self.shared = shared
+
+    def forward(self, x):
+        y = self.conv(self.pu(x)) + self.skip(x)
+        return y + self.pu(x).mean() if self.shared else y
+
+
+def test_space_to_depth_child_of_a_host_doing_more_is_still_rewritten():
+    m = Net(ChildS2dHostDoesMore())
+    report, original = _run(m, (1, 3, 16, 16), seed=8)
+    (a,) = report.applied
+    assert a.target == "stem.pu" and type(m.stem.pu) is nn.Identity and m.stem.conv.kernel_size == (6, 6)
+    _same_at(m, original, [(2, 3, 24, 40)])
+
+
+def test_shared_space_to_depth_layer_is_skipped_as_shared():
+    m = Net(ChildS2dHostDoesMore(shared=True))
+    report, original = _run(m, (1, 3, 16, 16), seed=8)
+    assert not report.applied
+    assert any(s.target == "stem.pu" and "called 2 times" in s.reason for s in report.skipped), report.skipped
+    assert str(m) == str(original)
+
+
+def test_attributes_set_on_torch_modules_are_carried_but_not_their_configuration():
+    from modelsurgeon.rewrite.modules import carried_attributes
+
+    seq = nn.Sequential(Conv(3, 4, 1), Conv(4, 4, 1))
+    seq.i, seq.f, seq.type, seq.np = 3, -1, "torch.nn.modules.container.Sequential", 40
+    assert carried_attributes(seq, nn.Identity()) == {"i": 3, "f": -1, "type": seq.type, "np": 40}
+    conv = nn.Conv2d(3, 4, 3)  # its own settings (transposed, padding_mode...) stay behind
+    assert carried_attributes(conv, nn.Identity()) == {}
+    conv.i = 7
+    assert carried_attributes(conv, nn.Sequential()) == {"i": 7}
+
+
+class FromEndFocus(nn.Module):
+    """Slices whose starts count from the end: the 2×2 phases at 24×24 only (a crop elsewhere)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(12, 8, 3, 1, 1)
+
+    def forward(self, x):
+        return self.conv(torch.cat([x[..., -24::2, -24::2], x[..., -23::2, -24::2],
+                                    x[..., -24::2, -23::2], x[..., -23::2, -23::2]], 1))
+
+
+def test_slices_starting_from_the_end_are_skipped():
+    m = Net(FromEndFocus())
+    report, original = _run(m, (1, 3, 24, 24), seed=9)
+    assert not report.applied
+    (s,) = report.skipped
+    assert s.reason == "the slice starts at -24, counted from the end: exact only at this input size"
+    assert str(m) == str(original)

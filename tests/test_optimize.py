@@ -82,11 +82,15 @@ def test_passes_and_skip_choose_the_passes(fusion_ckpt, tmp_path):
     r, rep = _optimize(*base, "--passes", "fold-bn", "-o", tmp_path / "a.pt")
     assert r.code == 0, r.err
     assert [p["name"] for p in rep["passes"]] == ["fold-bn"] and rep["after"]["bn"] == 0
-    assert not isinstance(torch.load(tmp_path / "a.pt", weights_only=False).layers[4], torch.fx.GraphModule)
+    untouched = torch.load(tmp_path / "a.pt", weights_only=False).layers[4]
+    assert type(untouched).__name__ == "ShortcutLayer" and "forward" not in vars(untouched)
+    assert not any(isinstance(m, torch.fx.GraphModule) for m in untouched.modules())
     r, rep = _optimize(*base, "--skip", "fold-bn", "-o", tmp_path / "b.pt")
     assert r.code == 0, r.err
     assert "fold-bn" not in [p["name"] for p in rep["passes"]] and rep["after"]["bn"] == 6
-    assert isinstance(torch.load(tmp_path / "b.pt", weights_only=False).layers[4], torch.fx.GraphModule)
+    fused = torch.load(tmp_path / "b.pt", weights_only=False).layers[4]
+    assert type(fused).__name__ == "ShortcutLayer" and isinstance(fused.fused, torch.fx.GraphModule)
+    assert fused.forward is fused.fused
     for args, msg in ((["--passes", "fold-bogus"], "--passes"), (["--passes", "truncate"], "not an exact pass"),
                       (["--skip", ",".join(registry.exact_passes())], "no pass left")):
         r = run_cli("optimize", *base, *args, "-o", tmp_path / "c.pt")
@@ -160,9 +164,17 @@ def test_state_dict_to_safetensors_rebuilds(tmp_path):
     assert r.code == 0, r.err
     original = ms.load(src, arch="fusionmodels:darknet_mismatch")
     rebuilt = ms.load(out, arch="fusionmodels:darknet_mismatch")
-    assert isinstance(rebuilt.layers[4], torch.fx.GraphModule)
+    fused = rebuilt.layers[4]
+    assert type(fused).__name__ == "ShortcutLayer" and fused.layers == [1, 2]
+    assert isinstance(fused.fused, torch.fx.GraphModule) and fused.forward is fused.fused
     assert not any(isinstance(m, nn.BatchNorm2d) for m in rebuilt.modules())
     assert ms.verify(rebuilt, original, (1, 3, 20, 20), trials=2).passed
+    # a deep copy (EMA, export) still runs through the host's class-name dispatch
+    clone = copy.deepcopy(rebuilt)
+    assert type(clone.layers[4]).__name__ == "ShortcutLayer"
+    assert ms.verify(clone, original, (1, 3, 20, 20), trials=2).passed
+    again = ms.optimize(clone, (1, 3, 16, 16))
+    assert not again.applied and not again.skipped
 
 
 def test_dry_run_writes_nothing(fusion_ckpt, tmp_path):

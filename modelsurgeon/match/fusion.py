@@ -14,7 +14,9 @@ in turn, and on random inputs (in float64 when it allows), it must be
 -- each input placed at a channel offset ``o_i``: all at 0 for a weighted sum (an input with
 fewer channels than the output is added into the first channels -- zero padding -- and one with
 more is cut: Darknet's weighted ``[shortcut]``), one after another for a weighted concatenation.
-The ``k_i`` are the normalised weights, evaluated once.
+The ``k_i`` are the normalised weights, evaluated once. The random inputs are tried at the
+recorded size and at other spatial sizes (one pixel larger, one pixel smaller, half the size):
+a module that is this weighted sum at the recorded size only is refused (:data:`SIZE_DEPENDENT`).
 
 The module's call arguments are recorded by one plain forward pass with a pre-hook on each
 candidate (their structure -- ``(x, outputs)``, a list, varargs -- is what the replacement must
@@ -55,6 +57,11 @@ class Probe:
     coefficients: list[Any]  # per read value: float64 vector over the n_i channels it reaches
     bias: Any  # float64 vector over C_out channels, or None
     offsets: list[int] = field(default_factory=list)  # per read value: the output channel its channel 0 lands on
+
+
+SIZE_DEPENDENT = "it behaves differently at other input sizes"
+"""Start of the reason :func:`probe` gives when the module is a weighted sum at the recorded size
+only (its weights must then not move, not even as inline ones)."""
 
 
 class NotFusion(Exception):
@@ -293,37 +300,58 @@ def _probe(module, call_args, slot_shapes, groups, out_shape, stop_at, dtype, se
             coefficients.append(k[o:o + n].clone())
             offsets.append(o)
         g = torch.Generator().manual_seed(seed)
-        # two random trials at the recorded size, one at another spatial size (the replacement
-        # serves every size: a forward behaving differently there must not be replaced)
-        for trial in range(3):
-            grow = [0, 0] + [1 if trial == 2 else 0] * (len(out_shape) - 2)
-            xs = [(torch.randn([d + e for d, e in zip(slot_shapes[s[0]][0], grow)], generator=g,
+        # two random trials at the recorded size, then at other spatial sizes, larger and smaller
+        # (the replacement serves every size: a forward behaving differently there -- a branch
+        # on the input size -- must not be replaced)
+        spatial = list(out_shape[2:])
+        sizes = [None, None] + _other_sizes(spatial)
+        for trial, size in enumerate(sizes):
+            other = size is not None
+            xs = [(torch.randn(_resized(slot_shapes[s[0]][0], size), generator=g,
                                dtype=torch.float64) * 3 + 0.5).to(dtype) for s in groups]
-            expect = tuple(d + e for d, e in zip(out_shape, grow))
+            expect = _resized(out_shape, size)
             try:
                 y = run({k: x for s, x in zip(groups, xs) for k in s}, expect)
             except NotFusion:
-                if trial == 2:
-                    raise NotFusion("it behaves differently at other input sizes")
+                if other:
+                    raise NotFusion(f"{SIZE_DEPENDENT} (at {_size(size)})")
                 raise
             except Exception:
-                if trial == 2:  # it cannot run at that size at all: neither can the original model
+                if other:  # it cannot run at that size at all: neither can the original model
                     continue
                 raise
-            pred = b_full.clone() if trial < 2 else _grown(b_full, expect)
+            pred = b_full.clone() if not other else _grown(b_full, expect)
             for x, k, o in zip(xs, coefficients, offsets):
                 c = k.numel()
                 view = [1, c] + [1] * (x.dim() - 2)
                 pred[:, o:o + c] += x[:, :c].to(torch.float64) * k.view(view)
             err = float((y - pred).abs().max()) if y.numel() else 0.0
             if not bool(torch.isfinite(y).all()) or err > tol * 10 * max(1.0, float(y.abs().max())):
-                raise NotFusion("it behaves differently at other input sizes" if trial == 2 else
+                raise NotFusion(f"{SIZE_DEPENDENT} (at {_size(size)})" if other else
                                 "it is not a per-channel weighted sum of its inputs")
         has_bias = bool((bias.abs() > 0).any())
         return Probe(c_out, coefficients, bias if has_bias else None, offsets)
     finally:
         if restore is not None:
             restore()
+
+
+def _other_sizes(spatial: list[int]) -> list[list[int]]:
+    """Spatial sizes to probe besides the recorded one: one pixel larger, one pixel smaller and
+    half the size (those the input allows: every side at least 1), each once."""
+    out: list[list[int]] = []
+    for cand in ([d + 1 for d in spatial], [d - 1 for d in spatial], [d // 2 for d in spatial]):
+        if cand and all(d >= 1 for d in cand) and cand != spatial and cand not in out:
+            out.append(cand)
+    return out
+
+
+def _resized(shape: tuple, spatial: list[int] | None) -> tuple:
+    return tuple(shape) if spatial is None else tuple(shape[:2]) + tuple(spatial)
+
+
+def _size(spatial: list[int]) -> str:
+    return "×".join(str(d) for d in spatial)
 
 
 def _grown(b_full: Any, shape: tuple) -> Any:

@@ -3,7 +3,8 @@
 All rewrites go through :class:`ModuleEditor`, which
 
 * replaces a module at every path it is registered under (aliases included) and carries over
-  the attributes the host forward may read on it (YOLO's ``i``, ``f``, ``type``, ``np``);
+  the attributes the host forward may read on it (YOLO's ``i``, ``f``, ``type``, ``np``), or
+  keeps a module and gives it another forward (:meth:`ModuleEditor.set_forward`);
 * writes float64 results into existing parameters after rounding them to the dtype they will
   be saved in (so verification sees exactly the saved numbers);
 * appends each structural edit to the checkpoint's :class:`~modelsurgeon.rewrite.recipe.Recipe`.
@@ -28,7 +29,9 @@ _PLAIN = (int, float, str, bool, type(None))
 def carried_attributes(old: Any, new: Any) -> dict[str, Any]:
     """Plain attributes of ``old`` the host may read that ``new`` lacks (YOLO routing etc.).
 
-    Configuration constants of torch classes (``eps``, ``stride``...) are not carried. An
+    Configuration constants of torch classes (``eps``, ``stride``...) are not carried; what the
+    model's code set on a torch module (YOLO's ``i``/``f``/``type``/``np`` on an
+    ``nn.PixelUnshuffle`` or ``nn.Sequential`` layer) is, like on its own classes. An
     instance attribute of ``old`` that shadows a method of ``new``'s class is carried (YOLO's
     ``type`` string shadows ``nn.Module.type``, on the original layer as on its replacement);
     ``new``'s own attributes, submodules, parameters and properties are never overwritten.
@@ -40,6 +43,7 @@ def carried_attributes(old: Any, new: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     constants = set(getattr(type(old), "__constants__", ()) or ())
     is_torch = type(old).__module__.startswith("torch.")
+    own: set[str] | None = None  # attributes a torch class sets itself (its configuration)
     for k, v in vars(old).items():
         if k in _MODULE_INTERNALS or k.startswith("_") or k in constants or _has_own(new, k):
             continue
@@ -47,10 +51,36 @@ def carried_attributes(old: Any, new: Any) -> dict[str, Any]:
         if static is not None and (hasattr(static, "__set__") or not callable(static)):
             continue  # a property / descriptor, or a class-level setting of the new module
         if is_torch:
-            continue
+            if own is None:
+                own = _torch_class_attributes(old)
+            if k in own:
+                continue
         if isinstance(v, _PLAIN) or (isinstance(v, (list, tuple)) and all(isinstance(i, _PLAIN) for i in v)):
             out[k] = v
     return out
+
+
+def _torch_class_attributes(module: Any) -> set[str]:
+    """The instance attributes a torch class sets itself, read off a fresh instance of the same
+    configuration built on the meta device (no memory); everything when it cannot be rebuilt.
+
+    What else a torch module carries was set by the model's code (YOLO sets ``i``, ``f``,
+    ``type``, ``np`` on an ``nn.PixelUnshuffle`` layer as on its own classes)."""
+    import torch
+
+    from .recipe import build
+
+    everything = set(vars(module))
+    containers = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
+    spec = None if isinstance(module, containers) else torch_spec(module)
+    if spec is None and not isinstance(module, containers):
+        return everything
+    try:
+        with torch.device("meta"):
+            fresh = type(module)() if spec is None else build(spec, None)  # a container: empty
+    except Exception:
+        return everything
+    return set(vars(fresh)) if type(fresh) is type(module) else everything
 
 
 def _has_own(module: Any, name: str) -> bool:
@@ -64,6 +94,7 @@ class ModuleEditor:
         self.recipe = recipe if recipe is not None else Recipe()
         self._storage_count: dict[int, int] | None = None
         self._workspace = None  # float64 buffer reused by every in-place weight scaling
+        self.neutralised: set[int] = set()  # id() of the tensors neutralise() filled (this run)
 
     # -- paths -------------------------------------------------------------------------------
     def paths_of(self, module: Any) -> list[str]:
@@ -95,6 +126,26 @@ class ModuleEditor:
         for k, v in carried.items():
             self.recipe.edits.append({"op": "setattr", "path": paths[0], "name": k, "value": _jsonable(v)})
         return paths
+
+    def set_forward(self, module: Any, new: Any, spec: dict, name: str, remove: list[str]) -> str:
+        """Make ``new`` ``module``'s forward, in place (:func:`~modelsurgeon.rewrite.recipe.set_forward`):
+        ``module`` keeps its class and attributes, loses its parameters, buffers and submodules
+        named in ``remove`` and gains ``new`` as its submodule ``name``; ``spec`` describes
+        ``new`` for the recipe (read before the change: its ``from`` specs are paths of the
+        tree as it was). Returns the path of ``new``."""
+        from .recipe import set_forward
+
+        paths = self.paths_of(module)
+        if not paths:
+            raise ValueError(f"{type(module).__name__} is not in the model")
+        if self.storage is not None and hasattr(self.storage, "inherit"):
+            self.storage.inherit(module, new)
+        set_forward(module, name, new, remove)
+        # one edit: every alias of the module is the same object, on replay as here
+        self.recipe.edits.append({"op": "set_forward", "path": paths[0], "name": name,
+                                  "remove": list(remove), "module": spec})
+        self._storage_count = None  # tensors left the model
+        return f"{paths[0]}.{name}" if paths[0] else name
 
     def spec_for(self, new: Any) -> dict | None:
         """Recipe spec for a module: a move when it is already in the tree, else torch.nn."""
@@ -165,6 +216,7 @@ class ModuleEditor:
 
         with torch.no_grad():
             param.data = torch.full_like(param.data, fill)
+        self.neutralised.add(id(param))
 
 
 def _jsonable(v: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Synthesise the module that replaces a feature-fusion module: a plain (or partly weighted) sum.
+"""Synthesise the forward of a rewritten feature-fusion module: a plain (or partly weighted) sum.
 
 A fusion module's forward normalises its learnt weights and sums its inputs, each multiplied by
 its weight; inputs with fewer channels than the output are added into the first channels (zero
@@ -10,13 +10,22 @@ what is left is
 
 or, for a weighted concatenation, ``cat(x_i [* k_i]) [+ b]``.
 
-The replacement is a ``torch.fx.GraphModule`` generated for exactly that computation: it pickles
-with torch alone (its forward is stored as generated Python source and re-traced on load), keeps
-the original class name, takes the original forward's arguments (reading each input at the same
-place: ``outputs[12]``, ``x[1]``...), and holds the remaining constants as buffers -- so the
-``.pt`` it ends up in loads without modelsurgeon, and a state_dict of it is rebuilt from the
-recipe kind ``weighted-sum`` registered here (plain data: argument names, input positions,
-channel counts, buffer shapes, moved children).
+That computation is a ``torch.fx.GraphModule`` generated here (:func:`build_module`): it
+pickles with torch alone (its forward is stored as generated Python source and re-traced on
+load), takes the original forward's arguments (reading each input at the same place:
+``outputs[12]``, ``x[1]``...), holds the remaining constants as buffers and the trailing child
+modules as its own. The fusion module itself is kept -- its class, so a host dispatching on the
+class name still recognises it, also in a ``copy.deepcopy``; its attributes (``layers``, YOLO's
+``i``/``f``) -- and runs the GraphModule as its forward: it becomes the module's submodule
+``fused`` (:data:`FORWARD_NAME`) and its instance attribute ``forward``
+(:func:`modelsurgeon.rewrite.recipe.set_forward`), the parameters, buffers and submodules its
+own forward used being removed. A state_dict of it is rebuilt from the recipe: the edit
+``set_forward`` with a module of kind ``weighted-sum`` registered here (plain data: argument
+names, input positions, channel counts, buffer shapes, moved children).
+
+Files written by earlier versions hold the GraphModule *in place of* the fusion module (named
+like it, recipe ``replace`` with this kind): they load and replay as before, and the pass
+recognises them (:func:`is_generated`).
 """
 
 from __future__ import annotations
@@ -27,8 +36,61 @@ from typing import Any
 from .recipe import build, register_kind
 
 KIND = "weighted-sum"
-MARKER = "_modelsurgeon_weighted_sum"
-"""Attribute set on every synthesised module (survives pickling): lets the pass recognise it."""
+MARKER = "_generated_weighted_sum"
+"""Attribute set on every synthesised module (survives pickling, not ``copy.deepcopy``: a
+GraphModule's copy keeps only what its graph reads): lets the pass recognise it."""
+OLD_MARKERS = ("_modelsurgeon_weighted_sum",)
+"""Names the attribute had in files written by earlier versions (still recognised)."""
+FORWARD_NAME = "fused"
+"""Submodule name of the generated forward in the fusion module it serves (another when taken)."""
+GRAPH_CLASS_NAME = "GraphModule"
+"""Class name of a generated forward: torch's own, which ``copy.deepcopy`` gives it anyway."""
+
+
+def generated_forward(module: Any) -> Any:
+    """The submodule ``module`` runs as its forward (a rewritten fusion module), else ``None``."""
+    f = vars(module).get("forward")
+    if f is None or not any(f is m for m in getattr(module, "_modules", {}).values()):
+        return None
+    return f
+
+
+def is_generated(module: Any, owner: Any = None) -> bool:
+    """Is ``module`` a weighted sum synthesised here (by this version or an earlier one) -- a
+    GraphModule carrying the marker, the forward of its parent ``owner``, or a fusion module
+    whose forward was rewritten?"""
+    if any(bool(getattr(module, name, False)) for name in (MARKER, *OLD_MARKERS)):
+        return True
+    if owner is not None and generated_forward(owner) is module:
+        return True
+    return generated_forward(module) is not None
+
+
+_NN_MODULE_PROTOCOL = ("__call__", "__getstate__", "__reduce__", "__reduce_ex__", "__deepcopy__", "__copy__")
+
+
+def can_take_forward(module: Any) -> bool:
+    """Is an instance ``forward`` on ``module`` what it runs, and does it survive pickling and
+    ``copy.deepcopy``? Not on a GraphModule (it rebuilds itself from its code) nor on a class
+    with its own ``__call__`` or pickling: such a module is replaced by the generated one as a
+    whole (named like it)."""
+    import torch
+
+    if isinstance(module, torch.fx.GraphModule):
+        return False
+    cls = type(module)
+    return all(getattr(cls, n, None) is getattr(torch.nn.Module, n, None) for n in _NN_MODULE_PROTOCOL)
+
+
+def free_name(module: Any, removed: Any = ()) -> str:
+    """:data:`FORWARD_NAME`, or ``fused_1``... when ``module`` already uses that name."""
+    taken = (set(vars(module)) | set(module._parameters) | set(module._buffers) | set(module._modules)
+             | set(dir(type(module)))) - set(removed)
+    name, i = FORWARD_NAME, 0
+    while name in taken:
+        i += 1
+        name = f"{FORWARD_NAME}_{i}"
+    return name
 
 _JSON_DEFAULTS = (int, float, str, bool, type(None))
 
@@ -129,7 +191,7 @@ def build_module(spec: dict, tensors: dict[str, Any] | None = None, children: di
         root[name] = (children or {})[name]
         acc = g.call_module(name, (acc,))
     g.output(acc)
-    gm = fx.GraphModule(root, g, class_name=spec.get("class_name") or "WeightedSum")
+    gm = fx.GraphModule(root, g, class_name=spec.get("class_name") or GRAPH_CLASS_NAME)
     gm._graphmodule_cls_name = type(gm).__name__  # torch restores the class name from this on load
     setattr(gm, MARKER, True)
     return gm

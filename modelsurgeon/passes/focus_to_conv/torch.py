@@ -8,7 +8,12 @@ Pattern: a space-to-depth of factor ``r`` whose output's only reader is a conv2d
 * ``F.pixel_unshuffle`` / ``nn.PixelUnshuffle`` (channel-major order), any factor;
 * a module whose data path only rearranges tensors (view/permute/reshape..., YOLOv5 ``Contract``,
   converted ``SpaceToDepth`` layers): its channel order is read off by probing it with an index
-  tensor.
+  tensor, and confirmed at another batch size and another (non-square) height × width -- a
+  rearrangement that is this space-to-depth at the recorded shape only is skipped.
+
+Slices must run to the end of their axis: no stop, or an INT_MAX-style one (``2**31 - 1`` and
+up); ``x[..., 0:64:2]`` is a whole-extent slice at one input size only and is skipped, as is a
+start counted from the end (``x[..., -63::2]``).
 
 The channel order is read from the graph (or the probe) as one ``(c, dy, dx)`` per channel of the
 space-to-depth output, so no order is assumed.
@@ -21,10 +26,16 @@ space-to-depth: the model's own block (YOLOv5 ``Focus`` -> its ``Conv`` block, w
 ``nn.Conv2d`` is swapped), the new ``nn.Conv2d``, or an ``nn.Sequential`` of the kept children.
 BatchNorm and activation are kept (``fold-bn`` folds the BN afterwards).
 
+When no module holds both -- the space-to-depth is a layer of its own (``nn.PixelUnshuffle``, a
+``Contract`` / SPD-Conv ``space_to_depth`` module in a YOLO layer list) whose output's one reader
+is the conv of the next layer, both called by the host's forward -- the space-to-depth layer
+becomes ``nn.Identity`` (routing attributes carried over) and that conv the merged conv, in place.
+
 Skipped with the reason: height/width not divisible by r, groups != 1, dilation != 1, padding
 other than zeros, other readers of the slices or of the space-to-depth output, shared modules,
-and a space-to-depth written inline in a forward that does other work too (it cannot be removed
-without editing the model's source).
+slices with an explicit stop or a negative start, a rearrangement that depends on the input
+size, and a space-to-depth written inline in a forward that does other work too (it cannot be
+removed without editing the model's source).
 
 Options: ``check_grad`` (gradients of the new conv equal the original's mapped gradients,
 measured on the stem's real input and merged into the parity report) and ``bench`` (median CPU
@@ -51,6 +62,9 @@ REARRANGE_OPS = VIEW_OPS | CAT_OPS | PIXEL_UNSHUFFLE | frozenset({
     "Tensor.chunk", "chunk", "Tensor.split", "split", "Tensor.unbind", "unbind", "Tensor.flip", "flip",
 })
 """Ops that move numbers without arithmetic: a module made only of these may be probed."""
+
+SLICE_END = 2**31 - 1
+"""A slice stop at least this large means "to the end" (INT_MAX-style ends of exporters)."""
 
 PROBE_MAX_NUMEL = 1 << 24
 BENCH_MIN_TIME = 0.2  # seconds of timing per measurement (torch.utils.benchmark)
@@ -89,6 +103,7 @@ class StemMatch(Match):
     kernel: tuple = ()
     stride: tuple = ()
     padding: tuple = ()
+    layer: bool = False  # the space-to-depth is a layer of its own (``stem``), the conv in another module
 
 
 class FocusToConv(Pass):
@@ -160,6 +175,12 @@ class FocusToConv(Pass):
             if chain is not None:
                 stem = call
                 break
+        if stem is None or stem.parent is None:
+            # no module to replace as a whole: the space-to-depth may still be a layer of its own
+            # (nn.PixelUnshuffle, a Contract / SPD-Conv layer) the host's forward hands to the conv
+            layer = _s2d_layer(g, s)
+            if layer is not None:
+                return self._layer(g, s, layer, conv, unit.path, kernel, stride, padding)
         if stem is None:
             return Skipped(where, f"the space-to-depth is written inline in {_forward_of(s.host)}, which does "
                                   "other work too: it cannot be removed without editing the model's source")
@@ -174,6 +195,17 @@ class FocusToConv(Pass):
         return StemMatch(target=stem.path, s2d=s, conv=conv, conv_path=unit.path, stem=stem.module, chain=chain,
                          kernel=kernel, stride=stride, padding=padding)
 
+    def _layer(self, g: DataflowGraph, s: SpaceToDepth, layer: ModuleCall, conv: Any, conv_path: str,
+               kernel: tuple, stride: tuple, padding: tuple) -> StemMatch | Skipped:
+        """The space-to-depth is a layer of its own (its module's data path is exactly it) whose
+        output's one reader is the conv, in another module the host's forward calls: the layer
+        becomes ``nn.Identity`` and the conv the merged strided conv."""
+        n = g.call_count(layer.module)
+        if n != 1:
+            return Skipped(layer.path, f"{layer.path} is called {n} times (a shared module)")
+        return StemMatch(target=layer.path, s2d=s, conv=conv, conv_path=conv_path, stem=layer.module, chain=[],
+                         kernel=kernel, stride=stride, padding=padding, layer=True)
+
     # -- rewriting -----------------------------------------------------------------------------
     def rewrite(self, ctx: TorchContext, m: StemMatch) -> Applied:
         import torch
@@ -182,8 +214,10 @@ class FocusToConv(Pass):
         check_grad = bool(ctx.options.get("check_grad"))
         bench = bool(ctx.options.get("bench"))
         x = _stem_input(ctx, m) if (check_grad or bench) else None
-        grads_before = _grads(m.stem, x, old.weight, old.bias) if check_grad else None
-        t_before = _bench(m.stem, x) if bench else None
+        # what --check-grad / --bench run: the stem, or the space-to-depth layer and the conv
+        before = torch.nn.Sequential(m.stem, old) if m.layer and (check_grad or bench) else m.stem
+        grads_before = _grads(before, x, old.weight, old.bias) if check_grad else None
+        t_before = _bench(before, x) if bench else None
 
         r = s.r
         kernel = (r * m.kernel[0], r * m.kernel[1])
@@ -200,31 +234,38 @@ class FocusToConv(Pass):
         ed.set_param(new.weight, weight, new)
         if bias is not None:
             ed.set_param(new.bias, bias, new)
-        chain = [new if c is old else c for c in m.chain]
-        replacement = chain[0] if len(chain) == 1 else torch.nn.Sequential(*chain)
+        if m.layer:  # the space-to-depth layer passes its input on; the conv is merged in place
+            replacement = torch.nn.Identity()
+        else:
+            chain = [new if c is old else c for c in m.chain]
+            replacement = chain[0] if len(chain) == 1 else torch.nn.Sequential(*chain)
         carried = sorted(carried_attributes(m.stem, replacement))
         ed.replace(m.stem, replacement)
 
-        old_desc = f"{type(m.stem).__name__}({_s2d_desc(s)}{_ksp(m.kernel, m.stride, m.padding)})"
-        new_desc = f"Conv2d({_ksp(kernel, stride, padding)})"
-        if replacement is not new:
-            new_desc += f" in {type(replacement).__name__}"
+        if m.layer:
+            detail = (f"{type(m.stem).__name__} ({_s2d_layer_desc(s)}) → Identity; {m.conv_path} "
+                      f"Conv2d({_ksp(m.kernel, m.stride, m.padding)}) → Conv2d({_ksp(kernel, stride, padding)})")
+        else:
+            old_desc = f"{type(m.stem).__name__}({_s2d_desc(s)}{_ksp(m.kernel, m.stride, m.padding)})"
+            new_desc = f"Conv2d({_ksp(kernel, stride, padding)})"
+            if replacement is not new:
+                new_desc += f" in {type(replacement).__name__}"
+            detail = f"{old_desc} → {new_desc}"
         data = {
             "stem": m.target, "conv": m.conv_path, "space_to_depth": s.kind, "r": r,
             "layout": s.layout, "phase_order": s.order,
             "old": {"kernel": list(m.kernel), "stride": list(m.stride), "padding": list(m.padding)},
             "new": {"kernel": list(kernel), "stride": list(stride), "padding": list(padding)},
-            "replaced_by": type(replacement).__name__, "carried": carried,
+            "replaced_by": type(replacement).__name__, "carried": carried, "separate_layers": m.layer,
         }
-        detail = f"{old_desc} → {new_desc}"
         if check_grad:
-            check = _grad_check(m, replacement, new, x, grads_before)
+            check = _grad_check(m, new if m.layer else replacement, new, x, grads_before)
             ctx.checks.append(check)
             data["grad_check"] = {"passed": check.passed, "max_rel": check.max_rel,
                                   "outputs": [o.to_json() for o in check.outputs]}
             detail += "; gradients " + ("equal" if check.passed else "DIFFER")
         if bench:
-            t_after = _bench(replacement, x)
+            t_after = _bench(new if m.layer else replacement, x)
             data["bench"] = {"before_ms": t_before * 1e3, "after_ms": t_after * 1e3,
                              "speedup": t_before / t_after if t_after > 0 else None,
                              "input": list(x.shape), "threads": 1}
@@ -265,7 +306,10 @@ def _slices(g: DataflowGraph, cat: OpEvent) -> SpaceToDepth | Skipped | None:
         k = values.index(source)
         (y0, ys), (x0, xs) = (0, 1), (0, 1)
         for ev in reversed(evs[:k]):  # from the source towards the cat
-            (a, b), (c, d) = _spatial_index(g, ev)
+            index = _spatial_index(g, ev)
+            if isinstance(index, str):
+                return Skipped(where, index)
+            (a, b), (c, d) = index
             y0, ys, x0, xs = y0 + ys * a, ys * b, x0 + xs * c, xs * d
             events.add(ev.id)
         offsets.append((y0, x0))
@@ -302,9 +346,13 @@ def _step(ev: OpEvent) -> bool:
     return any(isinstance(i, slice) and isinstance(i.step, int) and i.step > 1 for i in items)
 
 
-def _spatial_index(g: DataflowGraph, ev: OpEvent) -> tuple[tuple[int, int], tuple[int, int]] | None:
+def _spatial_index(g: DataflowGraph, ev: OpEvent) -> tuple[tuple[int, int], tuple[int, int]] | str | None:
     """``((start, step), (start, step))`` on the last two axes of a 4-d tensor if ``ev`` is
-    ``x[..., a::b, c::d]`` (whole extent, full slices on the other axes), else ``None``."""
+    ``x[..., a::b, c::d]`` (whole extent, full slices on the other axes); why not, when it is
+    such a slice but with an explicit stop (``x[..., 0:64:2]``: the whole extent at this input
+    size only) or a start counted from the end (``x[..., -63::2]``); else ``None``. The ends
+    exporters and generated code write for "to the end" (``2**31 - 1``, ``2**63 - 1``) count as
+    no stop."""
     if len(ev.args) < 2 or not isinstance(ev.args[0], Ref) or ev.kwargs:
         return None
     shape = g.value(ev.args[0].value).shape
@@ -321,20 +369,31 @@ def _spatial_index(g: DataflowGraph, ev: OpEvent) -> tuple[tuple[int, int], tupl
         full = list(idx[:pos]) + [slice(None)] * (4 - len(explicit)) + list(idx[pos + 1:])
     else:
         full = explicit + [slice(None)] * (4 - len(explicit))
-    out = []
+    out, bounded, from_end = [], None, None
     for axis, sl in enumerate(full):
         n = shape[axis]
         start, stop, step = sl.start, sl.stop, sl.step
         if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (start, stop, step)):
             return None
         step = 1 if step is None else step
+        if start is not None and start < 0 and from_end is None:
+            from_end = start  # counted from the end: another element at another size
         start = 0 if start is None else (start + n if start < 0 else start)
-        if step < 1 or start < 0 or not (stop is None or stop >= n):
+        if step < 1 or start < 0:
             return None
         if axis < 2 and (start != 0 or step != 1):
             return None
+        if stop is not None and stop < SLICE_END and bounded is None:
+            bounded = (stop, n)
         if axis >= 2:
             out.append((start, step))
+    if bounded is not None:
+        stop, n = bounded
+        if 0 <= stop < n:
+            return f"the slice stops at {stop}, before the end of the axis ({n}): not a space-to-depth of the whole input"
+        return f"the slice stops at {stop}: exact only at this input size"
+    if from_end is not None:
+        return f"the slice starts at {from_end}, counted from the end: exact only at this input size"
     return out[0], out[1]
 
 
@@ -353,9 +412,11 @@ def _pixel_unshuffle(g: DataflowGraph, ev: OpEvent) -> SpaceToDepth | Skipped | 
                         [ev.id], host)
 
 
-def _probed(g: DataflowGraph, call: ModuleCall, claimed: set[int]) -> SpaceToDepth | None:
+def _probed(g: DataflowGraph, call: ModuleCall, claimed: set[int]) -> SpaceToDepth | Skipped | None:
     """A module that only rearranges (N, C, H, W) into (N, r*r*C, H/r, W/r): its channel order by
-    probing it with an index tensor."""
+    probing it with an index tensor -- at the recorded shape, then at another batch size and at
+    another, non-square height × width (the rewrite serves every size: a rearrangement that is
+    this space-to-depth at the recorded shape only is skipped)."""
     import torch
 
     if call.parent is None or len(call.inputs) != 1 or len(call.outputs) != 1 or call.end == call.start:
@@ -391,8 +452,53 @@ def _probed(g: DataflowGraph, call: ModuleCall, claimed: set[int]) -> SpaceToDep
         phases.append((c, dy, dx))
     if len(set(phases)) != len(phases):
         return None
+    for shape in _other_probe_shapes(tuple(x), r):
+        why = _rearranges_as(call.module, shape, phases, r)
+        if why is not None:
+            return Skipped(call.path, f"its rearrangement depends on the input size: at {_dims(shape)} it {why}, "
+                                      f"not the space-to-depth it is at {_dims(x)}")
     return SpaceToDepth("probe", call.inputs[0], call.outputs[0], r, phases, list(range(call.start, call.end)),
                         call.path)
+
+
+def _other_probe_shapes(x: tuple, r: int) -> list[tuple]:
+    """Another batch size, and another height × width (still divisible by ``r``, not square);
+    halved in height and width while a probe would be too large."""
+    n, c, h, w = x
+    out = []
+    for n2, h2, w2 in ((n + 1, h, w), (n, h + r, w + 2 * r)):
+        while n2 * c * h2 * w2 > PROBE_MAX_NUMEL and max(h2, w2) > r:
+            h2, w2 = max(r, h2 // (2 * r) * r), max(r, w2 // (2 * r) * r)
+        if n2 == n and h2 == w2:
+            w2 += r
+        out.append((n2, c, h2, w2))
+    return out
+
+
+def _rearranges_as(module: Any, shape: tuple, phases: list[Phase], r: int) -> str | None:
+    """``None`` if ``module`` maps an index tensor of ``shape`` exactly as the space-to-depth
+    ``phases`` does, else what it does instead."""
+    import torch
+
+    n, c, h, w = shape
+    probe = torch.arange(n * c * h * w, dtype=torch.float64).reshape(shape)
+    try:
+        with torch.no_grad():
+            out = module(probe)
+    except Exception as e:
+        return f"fails ({type(e).__name__})"
+    expect = (n, len(phases), h // r, w // r)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expect:
+        got = _dims(tuple(out.shape)) if isinstance(out, torch.Tensor) else type(out).__name__
+        return f"returns {got}"
+    ref = torch.stack([probe[:, ci, dy::r, dx::r] for ci, dy, dx in phases], 1)
+    if not torch.equal(out.to(torch.float64), ref):
+        return "moves the elements differently"
+    return None
+
+
+def _dims(shape: tuple) -> str:
+    return "×".join(str(d) for d in shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,6 +539,24 @@ def _stem_chain(g: DataflowGraph, call: ModuleCall, s: SpaceToDepth, conv_ev: Op
         if e.id not in s2d and not any(c.start <= e.id < c.end for c in spans):
             return None
     return [c.module for c in rest]
+
+
+def _s2d_layer(g: DataflowGraph, s: SpaceToDepth) -> ModuleCall | None:
+    """The outermost module call (not the root) whose whole data path is the space-to-depth --
+    from its input to its output, nothing else -- or ``None``."""
+    s2d = set(s.events)
+    found = None
+    for call in g.enclosing_calls(g.event(s.events[-1])):
+        if call.parent is None:
+            break
+        if not all(call.start <= e < call.end for e in s2d):
+            continue  # an inner call (a Concat layer...) holding part of it
+        if call.inputs != (s.source,) or call.outputs != (s.result,):
+            break
+        if any(e.id not in s2d for e in g.active_events(call)):
+            break
+        found = call
+    return found
 
 
 def _not_a_conv(g: DataflowGraph, ev: OpEvent) -> str:
@@ -479,6 +603,12 @@ def _fmt(pair: tuple) -> str:
 
 def _ksp(k: tuple, s: tuple, p: tuple) -> str:
     return f"k{_fmt(k)} s{_fmt(s)} p{_fmt(p)}"
+
+
+def _s2d_layer_desc(s: SpaceToDepth) -> str:
+    what = {"slices": f"{s.r}×{s.r} slices", "pixel_unshuffle": f"pixel_unshuffle {s.r}",
+            "probe": f"space-to-depth {s.r}, probed"}
+    return what[s.kind]
 
 
 def _s2d_desc(s: SpaceToDepth) -> str:

@@ -7,18 +7,23 @@ Two shapes of the same idea, because a module's Python forward cannot be edited:
   weighted sum of its inputs (recognised by :mod:`modelsurgeon.match.fusion`, weights read by
   probing, so any normalisation is evaluated once, exactly as the module computes it). Each
   input's weight moves into the layer producing that input when nothing else reads it
-  (:mod:`modelsurgeon.match.absorb`); the module is replaced by a generated ``GraphModule``
-  computing the remaining sum with the same channel slicing / zero padding, the weights that
-  could not move kept as constant buffers, its trailing child modules kept
-  (:mod:`modelsurgeon.rewrite.weighted_sum`).
+  (:mod:`modelsurgeon.match.absorb`); the module is kept (its class, its attributes) and its
+  forward becomes a generated ``GraphModule`` computing the remaining sum with the same channel
+  slicing / zero padding, the weights that could not move kept as its constant buffers, the
+  module's trailing child modules moved into it (:mod:`modelsurgeon.rewrite.weighted_sum`).
 * **Inline weighted sums** in a host's forward (RFCR: ``self.scale[0] * a + self.scale[1] * b``):
-  a constant multiply whose result is summed with another feature map. When the constant is a
+  a constant multiply (``w * x``, ``x * w``) or division (``x / w``; ``w / x`` is no scaling of
+  ``x``) whose result is summed with another feature map -- a Python ``sum()`` included, whose
+  ``0 + w[0] * x_0`` starts the sum. When the constant is a
   parameter (or a view of one) read only by such multiplies, each weight moves into its
   producing layer and the parameter is set to 1 (the host's multiply stays, by exactly 1).
   A weight computed inline from parameters (``torch.sigmoid(self.w[0]) * x``) cannot be
   neutralised without editing the source: reported as skipped, with the computation.
 
-A weight whose input is also read elsewhere stays one constant multiply.
+A weight whose input is also read elsewhere stays one constant multiply. A module that probes
+as a weighted sum at the recorded input size but not at other sizes is not rewritten, and its
+weights do not move as inline ones either. Inline sums in a host's forward are read from one
+recorded forward: what the host computes at other sizes is not seen (README, *Not detected*).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any, Iterable
 from ...capture.graph import OUTPUT, VIEW_OPS, DataflowGraph, OpEvent, Ref
 from ...match.absorb import Absorber, describe_use, describe_value, find_absorber
 from ...match.affine import ADD, DIV, MUL, RSUB, SUB, elementwise_affine
-from ...match.fusion import Candidate, candidate, probe, record_args
+from ...match.fusion import SIZE_DEPENDENT, Candidate, candidate, probe, record_args
 from ...rewrite import weighted_sum
 from ..base import Applied, Match, Pass, Skipped, TorchContext
 
@@ -66,6 +71,9 @@ class ModuleFusion(Match):
     dtype: Any = None
     ndim: int = 4
     layout: str = "sum"  # "sum" | "cat"
+    owner: Any = None  # the module whose forward becomes the generated one; None: replace `module` as a whole
+    forward_name: str = ""  # the generated forward's submodule name in `owner`
+    remove: list = field(default_factory=list)  # what `owner` loses: its parameters, buffers, submodules run
 
 
 @dataclass
@@ -98,7 +106,7 @@ class FoldFusion(Pass):
     def match(self, ctx: TorchContext) -> Iterable[Match | Skipped]:
         g: DataflowGraph = ctx.graph
         cands: list[Candidate] = []
-        refused: dict[int, str] = {}  # call id -> why the module as a whole is not replaced
+        refused: dict[int, str] = {}  # call id -> why the module as a whole is not rewritten
         for call in g.calls:
             if any(call.start >= c.call.start and call.end <= c.call.end and call is not c.call for c in cands):
                 continue
@@ -128,12 +136,13 @@ class FoldFusion(Pass):
     # -- fusion modules --------------------------------------------------------------------
     def _module_match(self, g: DataflowGraph, c: Candidate, call_args) -> ModuleFusion | Skipped | str | None:
         """A match; a Skipped (replaceable but nothing to gain); ``None`` (one of ours, already
-        done); or why the module cannot be replaced as a whole (then its multiplies are
+        done); or why the module cannot be rewritten as a whole (then its multiplies are
         looked at as inline ones)."""
         import torch
 
         call, module = c.call, c.call.module
-        ours = bool(getattr(module, weighted_sum.MARKER, False))
+        parent = g.call(call.parent) if call.parent is not None else None
+        ours = weighted_sum.is_generated(module, parent.module if parent is not None else None)
         if call_args is None:
             return "it was not called again on the same inputs"
         if call_args.kw_tensors:
@@ -186,9 +195,10 @@ class FoldFusion(Pass):
             return Skipped(call.path, f"its weights are plain parameters and no layer can absorb them ({why})")
         args, varargs = sig
         dtype = g.value(c.out_value).dtype
-        return ModuleFusion(target=call.path, cand=c, terms=terms, out_channels=p.out_channels, bias=p.bias,
+        target, owner, name, remove = _owner(g, call, parent)
+        return ModuleFusion(target=target, cand=c, terms=terms, out_channels=p.out_channels, bias=p.bias,
                             bias_term=bias_term, args=args, varargs=varargs, dtype=dtype, ndim=len(out_shape),
-                            layout=layout)
+                            layout=layout, owner=owner, forward_name=name, remove=remove)
 
     # -- inline weighted sums --------------------------------------------------------------
     def _inline(self, g: DataflowGraph, replaced: set[int], refused: dict[int, str],
@@ -218,8 +228,18 @@ class FoldFusion(Pass):
             t.target = f"{host}: weighted sum" + (f" {lst.index(t.root) + 1}" if len(lst) > 1 else "")
         by_event = {t.event.id: t for t in terms}
         live = [t for t in terms if not t.one]
+        # a module that probing showed to be a weighted sum at the recorded size only: its
+        # weights do not move as inline ones either (the sum would be wrong at other sizes)
+        size_dependent = [(g.call(cid), why) for cid, why in refused.items() if why.startswith(SIZE_DEPENDENT)]
         for t in live:
-            operand = _const_operand(t.event)
+            for c, why in size_dependent:
+                if c.start <= t.event.id < c.end:
+                    t.reason = f"{c.path} is a weighted sum at the recorded input size only ({why})"
+                    break
+        for t in live:
+            if t.reason is not None:
+                continue
+            operand = _const_operand(g, t.event)
             root = g.const_root(operand) if operand is not None else None
             if root is None:
                 t.reason = (f"its weight is computed inline in {t.host or 'the model'}.forward "
@@ -273,7 +293,8 @@ class FoldFusion(Pass):
             for t in ts:
                 if t.absorber is None:
                     note = refused.get(g.event(t.root).scope)
-                    why = t.reason + (f"; the module as a whole is not replaced either ({note})" if note else "")
+                    why = t.reason + (f"; the module as a whole is not rewritten either ({note})"
+                                      if note and note not in t.reason else "")
                     yield Skipped(t.target, f"{t.desc} ×{_fmt(t.scale)}: {why}")
             if ok:
                 params = list({id(t.param): t.param for t in ok}.values())
@@ -326,7 +347,8 @@ class FoldFusion(Pass):
                 tensors[f"weight{i}"] = buf
                 entry["scale"] = list(buf.shape)
             spec_terms.append(entry)
-        spec = {"kind": weighted_sum.KIND, "class_name": type(module).__name__, "layout": m.layout, "args": m.args,
+        class_name = weighted_sum.GRAPH_CLASS_NAME if m.owner is not None else type(module).__name__
+        spec = {"kind": weighted_sum.KIND, "class_name": class_name, "layout": m.layout, "args": m.args,
                 "varargs": m.varargs, "out_channels": m.out_channels, "ndim": m.ndim, "terms": spec_terms,
                 "bias": None, "children": []}
         if m.bias is not None and m.bias_term is None:
@@ -339,12 +361,42 @@ class FoldFusion(Pass):
             children[rel] = child.module
             spec["children"].append({"name": rel, "module": ed.spec_for(child.module)})
         new = weighted_sum.build_module(spec, tensors, children)
-        ed.replace(module, new, spec)
-        return Applied(m.target, _module_detail(module, m), _module_data(module, m))
+        if m.owner is None:  # a module of an earlier version's format, or one whose forward cannot be set
+            ed.replace(module, new, spec)
+            where = None
+        else:
+            where = ed.set_forward(m.owner, new, spec, m.forward_name, m.remove)
+        shown = m.owner if m.owner is not None else module
+        return Applied(m.target, _module_detail(shown, m, where), _module_data(shown, m, where))
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
+
+
+def _owner(g: DataflowGraph, call: Any, parent: Any) -> tuple[str, Any, str, list[str]]:
+    """Where the generated sum goes: ``(target, owner, name, remove)``.
+
+    A fusion module keeps its object and runs the generated module as its forward (``owner`` is
+    the module itself; it loses its parameters and buffers -- what they computed is folded or
+    the generated module's constants -- and the submodules its forward ran: the trailing ones
+    move into the generated module). A generated forward found again (a later round: a weight
+    it kept can move now) is regenerated in the module it serves (``owner`` is that one, the
+    target its path). A module written by an earlier version (the generated module in place of
+    the fusion module) or one whose instance ``forward`` would not survive pickling is replaced
+    as a whole (``owner`` is ``None``)."""
+    module = call.module
+    if parent is not None and weighted_sum.generated_forward(parent.module) is module:
+        name = next(n for n, m in parent.module._modules.items() if m is module)
+        return parent.path, parent.module, name, [name]
+    if weighted_sum.is_generated(module) or not weighted_sum.can_take_forward(module):
+        return call.path, None, "", []
+    ran = {id(k.module) for k in g.calls if k is not call and call.start <= k.start and k.end <= call.end}
+    remove = list(module._parameters) + list(module._buffers)
+    for n, child in module._modules.items():
+        if child is not None and any(id(s) in ran for s in child.modules()):
+            remove.append(n)
+    return call.path, module, weighted_sum.free_name(module, remove), remove
 
 
 def _layout(p: Any, channels: list[int]) -> str | None:
@@ -377,13 +429,14 @@ def _inline_term(g: DataflowGraph, ev: OpEvent) -> InlineTerm | None:
     r = elementwise_affine(g, ev, x, 1)
     if r is None:
         return None
-    uses = g.uses(ev.outputs[0])
-    if len(uses) != 1 or uses[0] == OUTPUT:
+    cur = ev.outputs[0]
+    nxt = _single_reader(g, cur)
+    if nxt is not None and _adds_zero(nxt, cur):  # ``sum(w[i] * x_i ...)`` starts from the int 0
+        cur = nxt.outputs[0]
+        nxt = _single_reader(g, cur)
+    if nxt is None or nxt.name not in ADD | SUB | RSUB:
         return None
-    nxt = g.event(uses[0])
-    if nxt.name not in ADD | SUB | RSUB:
-        return None
-    if not any(i != ev.outputs[0] and not g.value(i).const for i in nxt.inputs):
+    if not any(i != cur and not g.value(i).const for i in nxt.inputs):
         return None
     root = nxt
     while root.outputs:
@@ -399,9 +452,28 @@ def _inline_term(g: DataflowGraph, ev: OpEvent) -> InlineTerm | None:
     return InlineTerm(ev, x, describe_value(g, x, scope_call), r[0].scale, root.id, host)
 
 
-def _const_operand(ev: OpEvent) -> int | None:
+def _single_reader(g: DataflowGraph, vid: int) -> OpEvent | None:
+    """The one op reading ``vid``; ``None`` when it has several readers or is a model output."""
+    uses = g.uses(vid)
+    if len(uses) != 1 or uses[0] == OUTPUT:
+        return None
+    return g.event(uses[0])
+
+
+def _adds_zero(ev: OpEvent, vid: int) -> bool:
+    """Is ``ev`` ``vid + 0`` (or ``0 + vid``), the start of a Python ``sum()``?"""
+    if ev.name not in ADD or ev.inplace or len(ev.outputs) != 1 or len(ev.args) < 2:
+        return False
+    a0, a1 = ev.args[:2]
+    other = a1 if a0 == Ref(vid) else a0 if a1 == Ref(vid) else None
+    return isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0
+
+
+def _const_operand(g: DataflowGraph, ev: OpEvent) -> int | None:
+    """The constant operand of a weighting ``x * w`` / ``w * x`` / ``x / w`` (the divisor of a
+    division: :func:`_inline_term` accepts no ``w / x``)."""
     for a in ev.args[:2]:
-        if isinstance(a, Ref):
+        if isinstance(a, Ref) and g.value(a.value).const:
             return a.value
     return None
 
@@ -478,7 +550,7 @@ def _values(vec: Any) -> Any:
     return [float(x) for x in vec]
 
 
-def _module_detail(module: Any, m: ModuleFusion) -> str:
+def _module_detail(module: Any, m: ModuleFusion, where: str | None) -> str:
     weights = ", ".join(_fmt(t.scale) for t in m.terms)
     what = "concatenation" if m.layout == "cat" else "sum"
     parts = [f"{type(module).__name__}: weighted {what} of {len(m.terms)} inputs, weights [{weights}]"]
@@ -492,10 +564,12 @@ def _module_detail(module: Any, m: ModuleFusion) -> str:
         parts.append("constant term " + (f"→ {m.terms[m.bias_term].absorber.describe()}" if m.bias_term is not None else "kept"))
     if m.cand.chain:
         parts.append("then " + " → ".join(type(c.module).__name__ for c in m.cand.chain))
+    parts.append(f"forward → generated {what} {where}" if where is not None else
+                 f"replaced by a generated {what} (torch.fx.GraphModule)")
     return "; ".join(parts)
 
 
-def _module_data(module: Any, m: ModuleFusion) -> dict:
+def _module_data(module: Any, m: ModuleFusion, where: str | None) -> dict:
     return {
         "kind": "module",
         "module": type(module).__name__,
@@ -515,6 +589,11 @@ def _module_data(module: Any, m: ModuleFusion) -> dict:
         "bias": None if m.bias is None else {
             "values": _values(m.bias),
             "absorbed_by": m.terms[m.bias_term].absorber.path if m.bias_term is not None else None},
-        "replaced_by": "torch.fx.GraphModule",
-        "chain": [c.path for c in m.cand.chain],
+        # the generated torch.fx.GraphModule the module now runs as its forward (its path)...
+        "forward": where,
+        # ...or, for a module written by an earlier version, what replaced it as a whole
+        "replaced_by": "torch.fx.GraphModule" if where is None else None,
+        # the trailing child modules, where they are now (in the generated module)
+        "chain": [f"{where}.{c.path[len(m.cand.call.path) + 1:]}" if where is not None else c.path
+                  for c in m.cand.chain],
     }
