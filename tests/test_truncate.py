@@ -124,8 +124,10 @@ def test_resnet_full_module_auto_stage_fc_rebuilt(ckpts, tmp_path):
     assert r.code == 0, r.err
     t = r.json()["truncate"]
     assert t["stage"] == "" and t["host"] == "" and "the model's forward" in t["reason"]
-    assert [b["path"] for b in t["blocks"]] == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-    assert t["not_blocks"] == ["avgpool"]  # the parameter-free pooling belongs to the head's path
+    # a block is a child with parameters; the parameter-free relu and maxpool ride with bn1
+    assert [b["path"] for b in t["blocks"]] == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+    assert [w["path"] for w in t["blocks"][1]["with"]] == ["relu", "maxpool"]
+    assert t["not_blocks"] == ["avgpool", "fc"]  # the pooling and the classifier it leads to are the head
     assert t["removed"] == ["layer4"] and t["output_channels"] == {"before": 128, "after": 64}
     assert t["head"]["layers"][0]["after"] == "Linear(64→10)"
     original = ms.load(ckpts / "resnet.pt", trust_pickle=True)
@@ -270,7 +272,7 @@ def test_list_prints_a_table(ckpts, tmp_path):
     r = run_cli("truncate", ckpts / "resnet.pt", "--trust-pickle", "--code-path", EXAMPLES, "--list",
                 "-s", "1,3,32,32", "-o", tmp_path / "o.pt")
     assert r.code == 0, r.err
-    assert "Blocks of <model> (8)" in r.out and "layer4" in r.out and "MaxPool2d" in r.out
+    assert "Blocks of <model> (6)" in r.out and "layer4" in r.out and "MaxPool2d" in r.out
     assert "nothing written" in r.out and files_in(tmp_path) == set()
 
 
@@ -288,7 +290,8 @@ def test_list_prints_a_table(ckpts, tmp_path):
     (["--after", "classifier"], "not a block of the stage features"),
     (["--blocks", "1", "--head", "keep"], "choose reinit or drop"),
     (["--blocks", "1", "--stage", "nope"], "no module at that path"),
-    (["--blocks", "1", "--stage", "features.1"], "not called one after another"),
+    (["--blocks", "1", "--stage", "features.1"], "the stage features.1 has one block (features.1.conv), so none"),
+    (["--blocks", "1", "--stage", "classifier"], "--stage classifier: its children (classifier.0 … classifier.1) are the head"),
     (["--blocks", "1", "--at", "x"], "ONNX"),
 ])
 def test_bad_values_exit_2_and_write_nothing(ckpts, tmp_path, args, message):
@@ -351,3 +354,279 @@ def test_safetensors_and_onnx_outputs(ckpts, tmp_path):
     (y,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     assert y.shape == (1, 10)
     assert json.loads(json.dumps(rep["truncate"]))["output_channels"]["after"] == 40
+
+
+# -- where the stage ends and the head begins (QA: the classifier was counted as a block) ---------
+
+
+def _cbr(cin, cout, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class VGGBN(nn.Sequential):
+    """A plain Sequential from the first conv to the logits, torchvision's vgg*_bn layout."""
+
+    def __init__(self):
+        super().__init__(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),       # 0-3
+            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),                      # 4-6
+            nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),    # 7-10
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),                     # 11-13
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(32, 10))          # 14-17
+
+
+def _prefix(seq, n, x):
+    with torch.no_grad():
+        for m in list(seq)[:n]:
+            x = m(x)
+    return x
+
+
+def test_plain_sequential_keeps_its_classifier_and_counts_only_layers_with_parameters():
+    original = randomize(VGGBN(), 21).eval()
+    m = copy.deepcopy(original)
+    t = ms.truncate(m, (2, 3, 16, 16), list_blocks=True).extra["truncate"]
+    assert t["stage"] == ""
+    # a block is a child with parameters, the parameter-free ones after it ride along
+    assert [b["path"] for b in t["blocks"]] == ["0", "1", "4", "5", "7", "8", "11", "12"]
+    assert [[w["path"] for w in b["with"]] for b in t["blocks"]] == [[], ["2", "3"], [], ["6"], [], ["9", "10"], [], []]
+    assert [b["type"] for b in t["blocks"]][:2] == ["Conv2d", "BatchNorm2d"]
+    # the trailing relu, pooling, flatten, dropout and the Linear they lead to are the head
+    assert t["not_blocks"] == ["13", "14", "15", "16", "17"]
+
+    report = ms.truncate(m, (2, 3, 16, 16), blocks=1)
+    t = report.extra["truncate"]
+    assert t["removed"] == ["12"] and t["removed_modules"] == ["12"] and t["last_kept"] == "11"
+    assert isinstance(m[12], nn.Identity) and type(m[11]) is nn.Conv2d and type(m[13]) is nn.ReLU
+    assert type(m[17]) is nn.Linear and m[17].in_features == 32  # same width: the classifier is kept
+    assert t["head"]["unchanged"] is True and t["output_shapes"] == {"before": [[2, 10]], "after": [[2, 10]]}
+
+    m = copy.deepcopy(original)
+    report = ms.truncate(m, (2, 3, 16, 16), blocks=3)  # 7, 8 (+9, 10), 11, 12 go: bn 5 (+relu 6) is last
+    t = report.extra["truncate"]
+    assert t["removed"] == ["8", "11", "12"] and t["last_kept"] == "7"
+    assert t["removed_modules"] == ["8", "9", "10", "11", "12"]
+    assert all(isinstance(m[i], nn.Identity) for i in range(8, 13))
+    assert not any(isinstance(m[i], nn.Identity) for i in (*range(8), *range(13, 18)))
+    (layer,) = t["head"]["layers"]
+    assert layer["path"] == "17" and layer["after"] == "Linear(16→10)" and layer["reinitialised"]
+    assert any("17 was rebuilt" in w for w in report.warnings)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(_prefix(m, 8, x), _prefix(original, 8, x))  # conv 7 kept, its BN gone
+        assert m(x).shape == (3, 10)
+        expected = m[17](torch.flatten(F.adaptive_avg_pool2d(F.relu(_prefix(original, 8, x)), 1), 1))
+        assert torch.equal(m(x), expected)
+
+
+class FeaturesClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(_cbr(3, 8, 2), _cbr(8, 16, 2), _cbr(16, 24, 2))
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(24, 5))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def test_stage_naming_the_model_or_the_classifier_never_cuts_the_head(tmp_path):
+    m = randomize(FeaturesClassifier(), 8).eval()
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(ms.BadInput) as e:  # <model> = [features] + its head [classifier]
+        ms.truncate(m, (1, 3, 16, 16), blocks=1, stage="")
+    assert "the stage <model> has one block (features; classifier is its head), so none can be removed" in str(e.value)
+    with pytest.raises(ms.BadInput) as e:
+        ms.truncate(m, (1, 3, 16, 16), blocks=1, stage="classifier")
+    assert str(e.value).startswith("--stage classifier: its children (classifier.0 … classifier.3) are the head")
+    assert "stages found: features (3 blocks)" in str(e.value)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert not any(isinstance(x, nn.Identity) for x in m.modules())
+    # the CLI: exit 2, one line, nothing written
+    src = tmp_path / "fc.pt"
+    torch.save(m, src)
+    r = run_cli("truncate", src, "--trust-pickle", "--stage", "classifier", "-n", "1", "-s", "1,3,16,16",
+                "-o", tmp_path / "o.pt")
+    assert r.code == 2 and r.err.count("\n") == 1 and "are the head" in r.err
+    assert files_in(tmp_path) == {"fc.pt"}
+    # what is meant: the last block of features, the Linear rebuilt
+    report = ms.truncate(m, (1, 3, 16, 16), blocks=1)
+    assert report.extra["truncate"]["removed"] == ["features.2"] and m.classifier[3].in_features == 16
+
+
+class HeadInBlock(nn.Module):
+    """The classifier sits inside the last block, behind a BatchNorm: the block is a block."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(self.norm(x).mean((2, 3)))
+
+
+def test_cut_that_removes_the_output_layer_refuses_under_reinit():
+    original = randomize(nn.Sequential(_cbr(3, 8, 2), _cbr(8, 16, 2), HeadInBlock()), 3).eval()
+    m = copy.deepcopy(original)
+    t = ms.truncate(m, (2, 3, 16, 16), list_blocks=True).extra["truncate"]
+    assert [b["path"] for b in t["blocks"]] == ["0", "1", "2"] and "not_blocks" not in t
+    with pytest.raises(ms.BadInput) as e:
+        ms.truncate(m, (2, 3, 16, 16), blocks=1)
+    msg = str(e.value)
+    assert "removed block 2 holds the model's final output layer 2.fc (Linear(16→5))" in msg
+    assert "--head drop returns the features on purpose" in msg and "nothing written" in msg
+    assert not any(isinstance(x, nn.Identity) for x in m.modules())
+    # asked for on purpose: the features of the last kept block
+    report = ms.truncate(m, (2, 3, 16, 16), blocks=1, head="drop")
+    assert isinstance(m[2], nn.Identity)
+    assert report.extra["truncate"]["output_shapes"]["after"] == [[2, 16, 4, 4]]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(m(x), original[1](original[0](x)))
+
+
+# -- a chain stays inside its container (QA: FPN laterals called inside the backbone loop) --------
+
+
+class InlineFPN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        widths = [3, 8, 8, 16, 16, 24, 24, 32, 32]
+        self.features = nn.Sequential(*[_cbr(a, b, 2 if b != a and i in (0, 2, 4) else 1)
+                                        for i, (a, b) in enumerate(zip(widths, widths[1:]))])
+        self.lat3 = nn.Conv2d(16, 8, 1)
+        self.lat6 = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        outs = []
+        for i, m in enumerate(self.features):
+            x = m(x)
+            if i == 3:
+                outs.append(self.lat3(x))
+            if i == 6:
+                outs.append(self.lat6(x))
+        return outs[0], outs[1], x
+
+
+def test_backbone_loop_feeding_laterals_inline_is_one_stage_of_all_its_blocks():
+    original = randomize(InlineFPN(), 12).eval()
+    m = copy.deepcopy(original)
+    report = ms.truncate(m, (2, 3, 32, 32), blocks=1)
+    t = report.extra["truncate"]
+    assert t["stage"] == "features" and "found automatically" in t["reason"]
+    assert [b["path"] for b in t["blocks"]] == [f"features.{i}" for i in range(8)]
+    assert t["removed"] == ["features.7"] and t["head"]["unchanged"] is True
+    assert isinstance(m.features[7], nn.Identity)
+    assert not any(isinstance(x, nn.Identity) for x in list(m.features)[:7])
+    assert type(m.lat3) is nn.Conv2d and type(m.lat6) is nn.Conv2d and m.features[4][0].in_channels == 16
+    assert torch.equal(m.lat3.weight, original.lat3.weight)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got, ref = m(x), original(x)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        assert torch.equal(got[2], _prefix(original.features, 7, x))
+    # two blocks: features.6 feeds lat6 -> refused, by the automatic choice and by --stage
+    for stage in (None, "features"):
+        m = copy.deepcopy(original)
+        with pytest.raises(ms.BadInput) as e:
+            ms.truncate(m, (2, 3, 32, 32), blocks=2, stage=stage)
+        msg = str(e.value)
+        assert "cannot truncate features after features.5" in msg
+        assert "removed block features.6 is also read by conv2d in lat6 (Conv2d)" in msg
+        assert not any(isinstance(x, nn.Identity) for x in m.modules())
+    t = ms.truncate(copy.deepcopy(original), (2, 3, 32, 32), list_blocks=True, stage="features").extra["truncate"]
+    assert len(t["blocks"]) == 8 and "chosen with --stage" in t["reason"]
+
+
+class SplitLoop(nn.Module):
+    """The host transforms x between features.3 and features.4: features is not one chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(_cbr(3, 8, 2), _cbr(8, 8), _cbr(8, 16), _cbr(16, 16),
+                                      _cbr(16, 16), _cbr(16, 24), _cbr(24, 24), _cbr(24, 24))
+        self.fc = nn.Linear(24, 3)
+
+    def forward(self, x):
+        for i, m in enumerate(self.features):
+            x = m(x)
+            if i == 3:
+                x = x * 2.0
+        return self.fc(x.mean((2, 3)))
+
+
+def test_stage_option_takes_all_of_the_containers_children_and_cuts_only_at_its_end():
+    m = randomize(SplitLoop(), 6).eval()
+    with pytest.raises(ms.BadInput) as e:
+        ms.truncate(m, (1, 3, 16, 16), blocks=1, stage="features")
+    assert ("--stage features: its blocks are not called one after another on the input→output path, each "
+            "reading the previous one's output: features.4 (Sequential) does not take features.3's output as its "
+            "first input, so features is not one chain of blocks that can be cut at its end") in str(e.value)
+    # the first run, features.0 … features.3, may not be cut: the rest of features reads its output
+    with pytest.raises(ms.BadInput) as e:
+        ms.truncate(m, (1, 3, 16, 16), after="features.2")
+    assert ("cannot truncate features after features.2: the stage's output feeds features.4 (Sequential), a later "
+            "block of features, so cutting here would remove blocks from the middle of features") in str(e.value)
+    assert not any(isinstance(x, nn.Identity) for x in m.modules())
+    # the last run ends where features ends: cut there, the head rebuilt
+    report = ms.truncate(m, (1, 3, 16, 16), after="features.5")
+    t = report.extra["truncate"]
+    assert [b["path"] for b in t["blocks"]] == [f"features.{i}" for i in range(4, 8)]
+    assert "the run features.4 … features.7" in t["reason"]
+    assert t["removed"] == ["features.6", "features.7"] and m.fc.in_features == 24
+
+
+# -- a backbone called through slices (QA: 199% of the FLOPs, <unregistered Sequential> blocks) ---
+
+
+class SliceNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(_cbr(3, 8, 2), _cbr(8, 8), _cbr(8, 16, 2), _cbr(16, 16),
+                                      _cbr(16, 24, 2), _cbr(24, 24), _cbr(24, 32), _cbr(32, 32))
+        self.p3 = nn.Conv2d(16, 4, 1)
+        self.p5 = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        c3 = self.features[:4](x)
+        c5 = self.features[4:](c3)
+        return self.p3(c3), self.p5(c5)
+
+
+def test_backbone_called_through_slices_is_the_container_with_every_block(tmp_path):
+    original = randomize(SliceNet(), 9).eval()
+    m = copy.deepcopy(original)
+    t = ms.truncate(m, (1, 3, 32, 32), list_blocks=True).extra["truncate"]
+    assert t["stage"] == "features" and [b["path"] for b in t["blocks"]] == [f"features.{i}" for i in range(8)]
+    assert "through slices of features (features[0:4], features[4:8]) by the model's forward" in t["reason"]
+    # FLOPs: each block counted once; the two 1x1 heads are the rest
+    heads = 2 * 16 * 4 * 8 * 8 + 2 * 32 * 4 * 4 * 4
+    assert sum(b["flops"] for b in t["blocks"]) + heads == t["flops"]["before"]
+    share = t["candidates"][0]["share"]
+    assert t["candidates"][0]["stage"] == "features" and 0.9 < share < 1
+    assert f"carrying {share:.0%} of the model's FLOPs" in t["reason"]
+    # one block: same width, the head stays
+    report = ms.truncate(m, (1, 3, 32, 32), blocks=1)
+    assert report.extra["truncate"]["removed"] == ["features.7"] and isinstance(m.features[7], nn.Identity)
+    assert m.p5.in_channels == 32 and report.extra["truncate"]["head"]["unchanged"]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m(x)[0], original(x)[0])
+        assert torch.equal(m(x)[1], original.p5(_prefix(original.features, 7, x)))
+    # four blocks, through the CLI: p5 rebuilt for features.3's 16 channels, p3 untouched
+    src = tmp_path / "slices.pt"
+    torch.save(original, src)
+    out = tmp_path / "small.pt"
+    r = run_cli("truncate", src, "--trust-pickle", "-n", "4", "-s", "1,3,32,32", "-o", out, "--json")
+    assert r.code == 0, r.err
+    t = r.json()["truncate"]
+    assert t["removed"] == ["features.4", "features.5", "features.6", "features.7"]
+    assert [l["path"] for l in t["head"]["layers"]] == ["p5"] and t["head"]["layers"][0]["after"] == "Conv2d(16→4, 1x1)"
+    small = torch.load(out, weights_only=False).eval()
+    assert all(isinstance(small.features[i], nn.Identity) for i in range(4, 8))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a3, a5 = small(x)
+        r3, _ = original(x)
+        assert torch.equal(a3, r3) and a5.shape == (2, 4, 8, 8)
+        assert torch.equal(a5, small.p5(_prefix(original.features, 4, x)))

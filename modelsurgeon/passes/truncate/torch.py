@@ -2,14 +2,20 @@
 
 Match (nothing changes):
 
-1. find the stage (:mod:`modelsurgeon.match.stage`): ``--stage PATH``, the stage holding
-   ``--after BLOCK``, or the best candidate (most blocks x share of the FLOPs), with the reason;
+1. find the stage (:mod:`modelsurgeon.match.stage`): ``--stage PATH`` (all of PATH's children
+   that run before its head, as one chain), the stage holding ``--after BLOCK``, or the best
+   candidate (most blocks x share of the FLOPs), with the reason; blocks are children with
+   parameters (parameter-free calls ride with the block before them), the trailing head calls
+   (pooling ... and the classifier they lead to) are never blocks;
 2. the cut: ``--blocks N`` removes the last N blocks, ``--after BLOCK`` keeps up to that block;
    bad values refuse (exit 2) before anything is touched;
 3. safety, from the dataflow graph of the original: every tensor computed inside a removed block
    must be read only inside the removed blocks (a skip connection or a YOLO routing index into
    the removed range is named and refused), nothing outside may call a module or read a
-   parameter that lives only inside them;
+   parameter that lives only inside them; a stage that is a run in the middle of a
+   ``Sequential`` / ``ModuleList`` may not feed that list's later blocks; under ``--head reinit``
+   no removed block may hold the model's own output layer (the output would silently become
+   features);
 4. the head: from the stage's output, through shape-only ops (pooling, flatten, dropout,
    activations, reductions over spatial axes, ``view(n, -1)``), up to the first layers whose
    input width follows the channel count. ``--head reinit``: each must be a torch
@@ -35,26 +41,12 @@ from typing import Any, Iterable
 from ...capture.graph import OUTPUT, DataflowGraph, ModuleCall, OpEvent, Ref
 from ...errors import BadInput, ParityError
 from ...match.conv import CONV_OPS
-from ...match.stage import Stage, find_stages, module_flops
+from ...match.head import GATHERING, NEUTRAL, is_classifier_layer, layer_of, shape_only, short_name
+from ...match.stage import Stage, StageError, find_stages, module_flops, stage_at
 from ..base import Applied, Match, Pass, Skipped, TorchContext
 
 HEAD_MODES = ("reinit", "drop")
 INIT_SEED = 0
-
-_ELEMENTWISE = frozenset({
-    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "silu", "silu_", "gelu", "sigmoid",
-    "sigmoid_", "tanh", "tanh_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_",
-    "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "selu_", "celu", "celu_", "mish",
-    "softplus", "dropout", "dropout_", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
-    "dropout1d", "dropout2d", "dropout3d", "contiguous", "clone", "detach", "float", "to",
-})
-_POOLS = frozenset({
-    f"{kind}_pool{d}d{suffix}" for kind in ("avg", "max", "adaptive_avg", "adaptive_max")
-    for d in (1, 2, 3) for suffix in ("", "_with_indices")
-})
-_REDUCTIONS = frozenset({"mean", "amax", "amin", "sum", "max", "logsumexp"})
-_RESHAPES = frozenset({"view", "reshape"})
-
 
 @dataclass
 class TruncateOptions:
@@ -140,7 +132,7 @@ class Truncate(Pass):
         g: DataflowGraph = ctx.graph
         per_module, total_flops = module_flops(ctx.model, ctx.inputs, g)
         stages = find_stages(g, ctx.model, per_module, total_flops)
-        stage, why = _choose(stages, o, ctx.model)
+        stage, why = _choose(stages, o, ctx.model, g, per_module, total_flops)
         keep = _keep(stage, o)
         params = sum(p.numel() for p in ctx.model.parameters())
         rows = []
@@ -162,6 +154,7 @@ class Truncate(Pass):
             removed = stage.blocks[keep:]
             info.update({
                 "removed": [b.path for b in removed],
+                "removed_modules": [p for b in removed for p in b.paths],
                 "kept_blocks": keep,
                 "last_kept": stage.blocks[keep - 1].path,
                 "output_channels": {"before": stage.blocks[-1].out_channels,
@@ -186,10 +179,14 @@ class Truncate(Pass):
 
         refs = ctx.references
         last = m.last_kept
-        prefix_refs = [_run_to(ctx.model, last.module, refs.inputs(t))[0] for t in range(refs.trials)]
+        prefix_refs = []
+        for t in range(refs.trials):
+            with refs.kernels(t):
+                prefix_refs.append(_run_to(ctx.model, last.out_call.module, refs.inputs(t))[0])
         ed = ctx.editor
         for b in m.removed:
-            ed.replace(b.module, torch.nn.Identity())
+            for mod in b.modules:
+                ed.replace(mod, torch.nn.Identity())
         head_rows = []
         for i, layer in enumerate(m.layers):
             old = layer.module
@@ -212,10 +209,11 @@ class Truncate(Pass):
                                 "the model needs fine-tuning before its outputs mean anything")
         info = ctx.report_extra.setdefault("truncate", {})
         info.setdefault("head", {})["layers"] = head_rows
-        n = len(m.stage.blocks)
-        info["identity_note"] = (f"the {len(m.removed)} removed blocks are nn.Identity in place, so "
-                                 f"{m.stage.label} keeps its {n} entries (indices and attribute names "
-                                 "the host forward uses stay valid)")
+        n = m.stage.children
+        k = sum(len(b.calls) for b in m.removed)
+        info["identity_note"] = (f"the {k} module{'s' if k != 1 else ''} of the removed blocks "
+                                 f"{'are' if k != 1 else 'is'} nn.Identity in place, so {m.stage.label} keeps "
+                                 f"its {n} entries (indices and attribute names the host forward uses stay valid)")
         if m.head == "drop":
             ctx.warnings.append(f"--head drop: the model now returns the features of {last.path} "
                                 "(head layers replaced by nn.Identity)")
@@ -253,7 +251,9 @@ class Truncate(Pass):
         flops_after = None
         for t in range(refs.trials):
             try:
-                prefix, out, flops = _run_to(ctx.model, last.module, refs.inputs(t), full=True, count_flops=t == 0)
+                with refs.kernels(t):  # as the prefix references were taken: exactly comparable
+                    prefix, out, flops = _run_to(ctx.model, last.out_call.module, refs.inputs(t), full=True,
+                                                 count_flops=t == 0)
             except ModelRunError as e:
                 raise ParityError(f"the truncated model fails to run: {e}; nothing written")
             if t == 0:
@@ -264,7 +264,7 @@ class Truncate(Pass):
 
                 diffs = [OutputDiff("out", float("inf"), float("inf"), False, "the last kept block was not called")]
             for d in diffs:
-                d.name = f"kept prefix {last.path}" + d.name[3:]
+                d.name = f"kept prefix {last.out_call.path}" + d.name[3:]
             per_trial.append(diffs)
         result = summarise(per_trial, exact)
         info = st.info
@@ -282,7 +282,8 @@ class Truncate(Pass):
 # the stage and the cut
 
 
-def _choose(stages: list[Stage], o: TruncateOptions, model: Any) -> tuple[Stage, str]:
+def _choose(stages: list[Stage], o: TruncateOptions, model: Any, g: DataflowGraph, flops: dict,
+            total_flops: int) -> tuple[Stage, str]:
     from ...rewrite.recipe import get_module
 
     found = ", ".join(f"{s.label} ({len(s.blocks)} blocks)" for s in stages[:4]) or "none"
@@ -292,16 +293,16 @@ def _choose(stages: list[Stage], o: TruncateOptions, model: Any) -> tuple[Stage,
             get_module(model, path)
         except (AttributeError, KeyError, TypeError):
             raise BadInput(f"--stage {o.stage}: the model has no module at that path")
-        cands = [s for s in stages if s.path == path] or [s for s in stages if s.host == path]
-        if not cands:
-            raise BadInput(f"--stage {o.stage}: its blocks are not called one after another on the "
-                           f"input→output path, each reading the previous one's output (stages found: {found})")
-        return cands[0], "chosen with --stage: " + cands[0].describe()
+        try:
+            stage = stage_at(g, model, flops, total_flops, path)
+        except StageError as e:
+            raise BadInput(f"--stage {o.stage if o.stage.strip() else repr(o.stage)}: {e} (stages found: {found})")
+        return stage, "chosen with --stage: " + stage.describe()
     if not stages:
         raise BadInput("no backbone stage found: no chain of two or more modules, each reading the previous "
                        "one's output, on the input→output path; name one with --stage")
     if o.after is not None:
-        holding = [s for s in stages if any(b.path == o.after for b in s.blocks)]
+        holding = [s for s in stages if any(o.after in b.paths for b in s.blocks)]
         if holding:
             return holding[0], f"the stage holding --after {o.after}: " + holding[0].describe()
     best = stages[0]
@@ -317,6 +318,10 @@ def _keep(stage: Stage, o: TruncateOptions) -> int | None:
     n = len(stage.blocks)
     if o.blocks is not None:
         k = int(o.blocks)
+        if n == 1:
+            head = f"; {', '.join(stage.trimmed)} is its head" if stage.trimmed else ""
+            raise BadInput(f"--blocks {k}: the stage {stage.label} has one block ({stage.blocks[0].path}{head}), "
+                           "so none can be removed; name the container inside it with --stage (see --list)")
         if k >= n:
             raise BadInput(f"--blocks {k}: the stage {stage.label} has {n} blocks, so at most {n - 1} can be "
                            "removed (see --list)")
@@ -331,8 +336,9 @@ def _keep(stage: Stage, o: TruncateOptions) -> int | None:
 
 def _block_index(stage: Stage, name: str) -> int:
     for b in stage.blocks:
-        if b.path == name or (stage.path and b.path == f"{stage.path}.{name}"):
-            return b.index
+        for p in b.paths:  # the block, or a parameter-free call attached to it
+            if p == name or (stage.path and p == f"{stage.path}.{name}"):
+                return b.index
     try:
         i = int(name)
     except ValueError:
@@ -350,42 +356,47 @@ def _block_index(stage: Stage, name: str) -> int:
 def _plan(g: DataflowGraph, model: Any, stage: Stage, keep: int, head: str) -> TruncateMatch:
     removed = stage.blocks[keep:]
     last_kept = stage.blocks[keep - 1]
-    ranges = [(b.call.start, b.call.end) for b in removed]
+    removed_calls = [c for b in removed for c in b.calls]
+    ranges = [(c.start, c.end) for c in removed_calls]
 
     def in_removed(eid: int) -> bool:
         return any(s <= eid < e for s, e in ranges)
 
     where = f"{stage.label} after {last_kept.path}"
-    new_out = last_kept.call.outputs[0]
-    stage_out = removed[-1].call.outputs[0]
+    new_out = last_kept.out_call.outputs[0]
+    stage_out = removed[-1].out_call.outputs[0]
     # 1. tensors computed inside the removed blocks are read only inside them
     for b in removed:
-        values = [v for ev in g.events_in(b.call) for v in ev.outputs] + list(b.call.outputs)
-        own = set(b.call.outputs)
-        for v in dict.fromkeys(values):
-            if v in (stage_out, new_out):
-                continue
-            what = f"the output of removed block {b.path}" if v in own else f"a tensor computed inside removed block {b.path}"
-            for u in g.uses(v):
-                if u == OUTPUT:
-                    raise BadInput(f"cannot truncate {where}: {what} is returned by the model; nothing written")
-                if not in_removed(u):
-                    raise BadInput(f"cannot truncate {where}: {what} is also read by {_consumer(g, u, stage)} "
-                                   "(a skip connection or routing into the removed range); nothing written")
+        for call in b.calls:
+            values = [v for ev in g.events_in(call) for v in ev.outputs] + list(call.outputs)
+            own = set(call.outputs)
+            for v in dict.fromkeys(values):
+                if v in (stage_out, new_out):
+                    continue
+                what = (f"the output of removed block {call.path}" if v in own
+                        else f"a tensor computed inside removed block {call.path}")
+                for u in g.uses(v):
+                    if u == OUTPUT:
+                        raise BadInput(f"cannot truncate {where}: {what} is returned by the model; nothing written")
+                    if not in_removed(u):
+                        raise BadInput(f"cannot truncate {where}: {what} is also read by {_consumer(g, u, stage)} "
+                                       "(a skip connection or routing into the removed range); nothing written")
     # 2. nothing outside calls a module or reads a tensor that lives only inside them
-    removed_paths = [p for b in removed for p in (g.paths_of(b.module) or [b.path])]
+    removed_paths = [p for c in removed_calls for p in (g.paths_of(c.module) or [c.path])]
 
     def under(path: str) -> bool:
         return any(path == r or path.startswith(r + ".") for r in removed_paths)
 
-    kept_modules = {id(mod) for p, mod in model.named_modules(remove_duplicate=False) if not under(p)}
+    named = list(model.named_modules(remove_duplicate=False))
+    kept_modules = {id(mod) for p, mod in named if not under(p)}
+    removed_modules = {id(mod) for p, mod in named if under(p)} - kept_modules
     kept_tensors = set()
-    for p, mod in model.named_modules(remove_duplicate=False):
+    for p, mod in named:
         if not under(p):
             kept_tensors.update(id(t) for t in list(mod._parameters.values()) + list(mod._buffers.values()) if t is not None)
     inside = set()
-    for b in removed:
-        stack = [b.call.id]
+    for rc in removed_calls:
+        stack = [rc.id]
         while stack:
             c = stack.pop()
             inside.add(c)
@@ -393,20 +404,32 @@ def _plan(g: DataflowGraph, model: Any, stage: Stage, keep: int, head: str) -> T
     for c in g.calls:
         if c.id in inside or c.parent is None:
             continue
-        if id(c.module) not in kept_modules:
+        if id(c.module) in removed_modules:  # (a module created in forward, e.g. a slice, is no one's)
             raise BadInput(f"cannot truncate {where}: {c.path} lives inside a removed block but is also called "
                            f"from {g.call(c.parent).path or 'the model'}; nothing written")
-    for b in removed:
-        for name, t in list(b.module.named_parameters()) + list(b.module.named_buffers()):
+    for rc in removed_calls:
+        for name, t in list(rc.module.named_parameters()) + list(rc.module.named_buffers()):
             if t is None or id(t) in kept_tensors:
                 continue
             for e in g.param_uses(t):
                 if not in_removed(e):
-                    raise BadInput(f"cannot truncate {where}: {b.path}.{name} is also read by "
+                    raise BadInput(f"cannot truncate {where}: {rc.path}.{name} is also read by "
                                    f"{_consumer(g, e, stage)}; nothing written")
-    # 3. the head: what the stage's output reaches
+    # 3. a stage that stops before the end of its container: its later children must not read it
+    _refuse_later_readers(g, model, stage, stage_out, where)
+    # 4. the model's own output layer is not cut away under --head reinit
+    if head == "reinit":
+        for ev, owner in _output_layers(g):
+            if in_removed(ev.id):
+                block = next(b for b in removed if any(c.start <= ev.id < c.end for c in b.calls))
+                raise BadInput(f"cannot truncate {where}: removed block {block.path} holds the model's final output "
+                               f"layer {owner.path} ({_describe(owner.module)}), so the model would return the "
+                               "stage's features instead of its outputs; --head reinit only rebuilds layers after "
+                               "the stage (--head drop returns the features on purpose; --stage picks another "
+                               "stage, see --list); nothing written")
+    # 5. the head: what the stage's output reaches
     protected = set()
-    c = last_kept.call.parent
+    c = last_kept.out_call.parent
     while c is not None:
         protected.add(c)
         c = g.call(c).parent
@@ -416,6 +439,82 @@ def _plan(g: DataflowGraph, model: Any, stage: Stage, keep: int, head: str) -> T
     layers, reached = _walk_head(g, stage, stage_out, head, protected, where)
     return TruncateMatch(target=stage.label, stage=stage, keep=keep, head=head, layers=layers,
                          output_reached=reached)
+
+
+def _refuse_later_readers(g: DataflowGraph, model: Any, stage: Stage, stage_out: int, where: str) -> None:
+    """A stage that is a run in the middle of a list of blocks (a ``Sequential``, ``ModuleList``
+    or ``ModuleDict``: the automatic choice only) may not feed the list's later children by any
+    path: they are the same backbone's next blocks (a host op between ``features.3`` and
+    ``features.4`` splits the run), not a head to repair. The later children of a module with
+    named parts (``lat5``, ``head``) are left to the head walk."""
+    import torch.nn as nn
+
+    from ...rewrite.recipe import get_module
+
+    if not stage.later:
+        return
+    try:
+        container = get_module(model, stage.path)
+    except (AttributeError, KeyError, TypeError):
+        return
+    if not isinstance(container, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return
+    later = [(c.start, c.end, c) for c in stage.later]
+    hits = []
+    stack, seen = [stage_out], set()
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        for u in g.uses(v):
+            if u == OUTPUT:
+                continue
+            hit = next((c for s, e, c in later if s <= u < e), None)
+            if hit is not None:
+                hits.append(hit)
+                continue
+            stack.extend(g.event(u).outputs)
+    if hits:
+        hit = min(hits, key=lambda c: c.start)
+        raise BadInput(f"cannot truncate {where}: the stage's output feeds {hit.path} ({hit.type_name}), a later "
+                       f"block of {stage.label}, so cutting here would remove blocks from the middle of "
+                       f"{stage.label}; nothing written")
+
+
+def _output_layers(g: DataflowGraph) -> list[tuple[OpEvent, ModuleCall]]:
+    """The layers that compute the model's outputs: walking back from each output through
+    shape-only ops, a torch Linear; a conv whose output reaches it with no activation on the
+    way (a segmentation or detection output conv); or a 1x1 conv classifier (pooling / flatten
+    before or after it). A conv followed by BatchNorm, or by an activation and pooling (a VGG
+    feature layer), is a backbone's last layer, not an output layer."""
+    import torch.nn as nn
+
+    found = []
+    for o in dict.fromkeys(g.outputs):
+        v, act, gathered = o, False, False
+        for _ in range(256):
+            ev = g.producer(v)
+            if ev is None:
+                break
+            if ev.name in CONV_OPS:
+                owner = layer_of(g, ev)
+                if owner is not None and owner.outputs[:1] and (
+                        isinstance(owner.module, nn.Linear)
+                        or (isinstance(owner.module, nn.modules.conv._ConvNd) and not act)
+                        or is_classifier_layer(owner.module, gathered)):
+                    found.append((ev, owner))
+                break
+            a0 = ev.args[0] if ev.args else None
+            if not isinstance(a0, Ref) or not shape_only(g, ev, a0.value):
+                break
+            name = short_name(ev)
+            if name in GATHERING:
+                gathered = True
+            elif name not in NEUTRAL:
+                act = True
+            v = a0.value
+    return found
 
 
 def _walk_head(g: DataflowGraph, stage: Stage, stage_out: int, head: str, protected: set[int],
@@ -441,7 +540,7 @@ def _walk_head(g: DataflowGraph, stage: Stage, stage_out: int, head: str, protec
             if head == "reinit" and ev.name in CONV_OPS:
                 layers.append(_rebuildable(g, ev, v, stage, where))
                 continue
-            if _shape_only(g, ev, v):
+            if shape_only(g, ev, v):
                 stack.extend(ev.outputs)
                 continue
             if head == "drop":
@@ -492,67 +591,13 @@ def _rebuildable(g: DataflowGraph, ev: OpEvent, v: int, stage: Stage, where: str
 
 def _droppable(g: DataflowGraph, ev: OpEvent, v: int, protected: set[int]) -> ModuleCall | None:
     cands = [c for c in g.calls_starting_with(ev)
-             if c.parent is not None and c.id not in protected and c.inputs == (v,)]
+             if c.parent is not None and c.id not in protected and c.inputs == (v,) and g.paths_of(c.module)]
     if not cands:
         return None
     d = cands[-1]
     if len(d.outputs) != 1 or g.call_count(d.module) != 1:
         return None
     return d
-
-
-def _shape_only(g: DataflowGraph, ev: OpEvent, v: int) -> bool:
-    """Does ``ev`` pass the channel count through without depending on it (per sample)?"""
-    name = ev.name[7:] if ev.name.startswith("Tensor.") else ev.name
-    if not ev.args or ev.args[0] != Ref(v):
-        return False
-    if any(i != v and not g.value(i).const for i in ev.inputs):
-        return False
-    if not ev.outputs:
-        return False
-    s_in = g.value(v).shape
-    s_out = g.value(ev.outputs[0]).shape
-    if s_in is None or s_out is None:
-        return False
-    if name in _ELEMENTWISE:
-        return s_in == s_out
-    if name in _POOLS:
-        return len(s_out) == len(s_in) and s_out[:2] == s_in[:2]
-    if name == "flatten":
-        return len(s_out) >= 1 and s_out[0] == s_in[0] and len(s_in) >= 2
-    if name in _RESHAPES:
-        sizes = _ints(ev.args[1:]) + _ints(list(ev.kwargs.values()))
-        return len(s_out) == 2 and s_out[0] == s_in[0] and -1 in sizes
-    if name in _REDUCTIONS:  # per-sample reductions (spatial pooling, token means...)
-        dims = ev.arg(1, "dim")
-        if dims is None or isinstance(dims, Ref):
-            return False
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        nd = len(s_in)
-        norm = {d % nd for d in dims if isinstance(d, int)}
-        return len(norm) == len(dims) and nd >= 2 and 0 not in norm and s_out[:1] == s_in[:1]
-    if name == "squeeze":
-        return len(s_out) >= 2 and s_out[:2] == s_in[:2]
-    if name == "__getitem__":  # x[:, 0] (a class token), x[..., 0, 0]: fixed positions, all channels
-        idx = ev.args[1] if len(ev.args) > 1 else None
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        full = slice(None, None, None)
-        return (len(idx) >= 1 and (idx[0] == full or idx[0] is Ellipsis)
-                and all(i == full or i is Ellipsis or (isinstance(i, int) and not isinstance(i, bool)) for i in idx)
-                and s_out[:1] == s_in[:1])
-    return False
-
-
-def _ints(obj: Any) -> list[int]:
-    out: list[int] = []
-    if isinstance(obj, bool):
-        return out
-    if isinstance(obj, int):
-        out.append(obj)
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            out.extend(_ints(o))
-    return out
 
 
 def _consumer(g: DataflowGraph, eid: int, stage: Stage) -> str:
