@@ -148,3 +148,175 @@ def test_torchscript_archive_is_refused_clearly(tmp_path):
     torch.jit.save(m, str(p))
     with pytest.raises(BadInput, match="TorchScript"):
         load_checkpoint(p)
+
+
+# -- containers and state_dicts as real checkpoints hold them ------------------------------------
+
+
+def _resnet(seed: int = 0):
+    """The same small ResNet for the same seed (weights and BatchNorm statistics random)."""
+    from zoo import randomize
+    from zoo.resnet import resnet
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return randomize(resnet(), seed).eval()
+
+
+def test_same_module_under_two_keys_is_one_slot_rewritten_once(tmp_path):
+    m = _resnet(1)
+    p = tmp_path / "shared.pt"
+    torch.save({"model": m, "ema": m, "epoch": 4}, p)
+    ck = load_checkpoint(p, trust_pickle=True)
+    assert [s.key for s in ck.slots] == ["model"] and ck.aliases == {"ema": "model"}
+    assert ck.primary().module is ck.container["ema"] is ck.container["model"]
+    out = tmp_path / "t.pt"
+    r = run_cli("truncate", p, "--trust-pickle", "-s", "1,3,32,32", "--blocks", "1", "-o", out, "--json")
+    assert r.code == 0, r.err
+    rep = r.json()
+    assert len(rep["applied"]) == 1 and any("'ema' is the same module object as 'model'" in n for n in rep["notes"])
+    got = torch.load(out, weights_only=False)
+    assert got["model"] is got["ema"] and got["epoch"] == 4  # the aliasing survives the pickle
+    removed = [isinstance(getattr(got["model"], f"layer{i}"), torch.nn.Identity) for i in range(1, 5)]
+    assert removed == [False, False, False, True]  # one block removed, not two
+    out2 = tmp_path / "f.pt"
+    r = run_cli("fold-bn", p, "--trust-pickle", "-s", "1,3,32,32", "-o", out2, "--json")
+    assert r.code == 0, r.err
+    got = torch.load(out2, weights_only=False)
+    assert got["model"] is got["ema"]
+    assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in got["ema"].modules())
+    ref = _resnet(1)
+    assert ms_verify(got["ema"], ref)
+
+
+def ms_verify(model, ref, shape=(1, 3, 32, 32)) -> bool:
+    import modelsurgeon as ms
+
+    return ms.verify(model.float(), ref.float(), shape, trials=2).passed
+
+
+def test_lightning_state_dict_keeps_keys_outside_the_model(tmp_path):
+    import modelsurgeon as ms
+
+    m = _resnet(2)
+    loss_w = torch.tensor([0.5, 1.0, 2.0])
+    sd = {**{f"model.{k}": v for k, v in m.state_dict().items()}, "loss.weight": loss_w,
+          "metric.count": torch.tensor(7)}
+    p = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": sd, "epoch": 3, "hyper_parameters": {"lr": 0.1}}, p)
+    ck = load_checkpoint(p, arch="zoo.resnet:resnet")
+    assert set(ck.slots[0].sd_extra) == {"loss.weight", "metric.count"}
+    out = tmp_path / "folded.ckpt"
+    r = run_cli("fold-bn", p, "--arch", "zoo.resnet:resnet", "-s", "1,3,32,32", "-o", out, "--json")
+    assert r.code == 0, r.err
+    assert not any("loss" in w or "metric" in w for w in r.json()["warnings"] + r.json()["notes"])
+    got = torch.load(out, weights_only=True)
+    assert got["epoch"] == 3 and got["hyper_parameters"] == {"lr": 0.1}
+    assert torch.equal(got["state_dict"]["loss.weight"], loss_w)
+    assert torch.equal(got["state_dict"]["metric.count"], torch.tensor(7))
+    assert not any(k.startswith("model.") and "bn" in k for k in got["state_dict"])
+    again = ms.load(out, arch="zoo.resnet:resnet")  # the extra keys do not disturb a reload
+    assert ms_verify(again, _resnet(2))
+    st = tmp_path / "folded.safetensors"
+    r = run_cli("fold-bn", p, "--arch", "zoo.resnet:resnet", "-s", "1,3,32,32", "-o", st, "-q")
+    assert r.code == 0, r.err
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(st))
+    assert torch.equal(tensors["loss.weight"], loss_w) and torch.equal(tensors["metric.count"], torch.tensor(7))
+    assert ms_verify(ms.load(st, arch="zoo.resnet:resnet"), _resnet(2))
+
+
+def test_state_dict_with_a_non_tensor_entry(tmp_path):
+    import modelsurgeon as ms
+
+    p = tmp_path / "versioned.pt"
+    torch.save({**_resnet(3).state_dict(), "version": 3}, p)
+    ck = load_checkpoint(p, arch="zoo.resnet:resnet")
+    assert ck.format == "state_dict" and ck.slots[0].sd_extra == {"version": 3}
+    out = tmp_path / "f.pt"
+    r = run_cli("fold-bn", p, "--arch", "zoo.resnet:resnet", "-s", "1,3,32,32", "-o", out, "-q")
+    assert r.code == 0, r.err
+    got = torch.load(out, weights_only=True)
+    assert got["state_dict"]["version"] == 3
+    assert ms_verify(ms.load(out, arch="zoo.resnet:resnet"), _resnet(3))
+    st = tmp_path / "f.safetensors"
+    r = run_cli("fold-bn", p, "--arch", "zoo.resnet:resnet", "-s", "1,3,32,32", "-o", st, "--json")
+    assert r.code == 0, r.err  # safetensors holds tensors only: said so
+    assert any("non-tensor entries (version)" in w for w in r.json()["warnings"])
+    assert ms_verify(ms.load(st, arch="zoo.resnet:resnet"), _resnet(3))
+    # a container is not a state_dict with extras: its nested dicts keep it one
+    q = tmp_path / "meta-only.pt"
+    torch.save({"epoch": 3, "opt": {"lr": 0.1}, "best": torch.tensor(0.5)}, q)
+    with pytest.raises(BadInput, match="no model or state_dict found"):
+        load_checkpoint(q, arch="zoo.resnet:resnet")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("command", ["fold-bn", "truncate"])
+def test_fp16_state_dict_stays_fp16(tmp_path, suffix, command):
+    from safetensors.torch import load_file, save_file
+
+    import modelsurgeon as ms
+
+    m = _resnet(4)
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in m.state_dict().items()}
+    p = tmp_path / f"half{suffix}"
+    if suffix == ".pt":
+        torch.save(sd, p)
+    else:
+        save_file(sd, str(p))
+    loaded = load_checkpoint(p, arch="zoo.resnet:resnet").slots[0].module
+    assert all(v.dtype == sd[k].dtype and torch.equal(v, sd[k]) for k, v in loaded.state_dict().items())
+    extra = ["--blocks", "1"] if command == "truncate" else []
+    for out_suffix in (".pt", ".safetensors"):
+        out = tmp_path / f"out{out_suffix}"
+        r = run_cli(command, p, "--arch", "zoo.resnet:resnet", "-s", "1,3,32,32", *extra, "-o", out, "--json")
+        assert r.code == 0, r.err
+        rep = r.json()
+        assert any("stored in float16" in n for n in rep["notes"])
+        if command == "fold-bn":
+            assert rep["parity"]["rtol"] == pytest.approx(1e-2)  # fp16 tolerances
+        tensors = load_file(str(out)) if out_suffix == ".safetensors" else torch.load(out, weights_only=True)["state_dict"]
+        assert {v.dtype for v in tensors.values() if v.is_floating_point()} == {torch.float16}
+        again = ms.load(out, arch="zoo.resnet:resnet")
+        assert {p.dtype for p in again.parameters()} == {torch.float16}
+        if command == "fold-bn":
+            assert ms.verify(again.float(), m, (1, 3, 32, 32), trials=2, rtol=1e-2).passed
+
+
+def test_float64_state_dict_keeps_its_precision(tmp_path):
+    m = _resnet(5).double()
+    p = tmp_path / "f64.pt"
+    torch.save(m.state_dict(), p)
+    loaded = load_checkpoint(p, arch="zoo.resnet:resnet").slots[0].module
+    assert {t.dtype for t in loaded.state_dict().values() if t.is_floating_point()} == {torch.float64}
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_raw_pickle_error_is_one_line(tmp_path):
+    from conftest import run_console
+
+    p = tmp_path / "raw.pt"
+    p.write_bytes(pickle.dumps([1, 2, 3], protocol=5))
+    r = run_console("fold-bn", p, "-s", "1,3,32,32", "-o", tmp_path / "o.pt")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r.err
+    assert "UserWarning" not in r.err and "weights_only" not in r.err
+    marker = tmp_path / "pwned"
+    q = tmp_path / "evil.pt"
+    q.write_bytes(pickle.dumps(_Payload(marker), protocol=4))
+    r = run_console("fold-bn", q, "-s", "1,3,32,32", "-o", tmp_path / "o.pt")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1 and "--trust-pickle" in r.err, r.err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("where", ["import", "call"])
+def test_arch_that_exits_is_bad_input(tmp_path, ckpts, where):
+    name = f"exits_at_{where}_{os.getpid()}"
+    body = "import sys\nsys.exit(5)\n" if where == "import" else "import sys\ndef build():\n    sys.exit(5)\n"
+    (tmp_path / f"{name}.py").write_text(body)
+    r = run_cli("fold-bn", ckpts / "mobilenetv2.pt", "--arch", f"{name}:build", "--code-path", tmp_path,
+                "-s", "1,3,32,32", "-o", tmp_path / "o.pt")
+    assert r.code == 2 and r.err.count("\n") == 1, r.err
+    assert f"--arch {name}:build exited (SystemExit 5)" in r.err
+    assert not (tmp_path / "o.pt").exists()

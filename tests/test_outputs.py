@@ -113,3 +113,74 @@ def test_api_round_trip(tmp_path):
     path = ms.save(m, tmp_path / "m.pt")
     again = torch.load(path, weights_only=False)
     assert ms.verify(again, ref.eval(), (1, 3, 32, 32)).passed
+
+
+def _resnet(seed: int = 0):
+    from zoo import randomize
+    from zoo.resnet import resnet
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return randomize(resnet(), seed).eval()
+
+
+def dp_resnet():
+    """A factory that returns the model wrapped in DataParallel (``--arch test_outputs:dp_resnet``)."""
+    from zoo.resnet import resnet
+
+    return torch.nn.DataParallel(resnet())
+
+
+@pytest.mark.parametrize("command", ["fold-bn", "truncate"])
+def test_dataparallel_module_to_safetensors_reloads_with_the_models_factory(tmp_path, command):
+    from safetensors import safe_open
+
+    net = _resnet(6)
+    src = tmp_path / "dp.pt"
+    torch.save(torch.nn.DataParallel(net), src)
+    extra = ["--blocks", "1"] if command == "truncate" else []
+    full, st = tmp_path / "out.pt", tmp_path / "out.safetensors"
+    for out in (full, st):
+        r = run_cli(command, src, "--trust-pickle", "-s", "1,3,32,32", *extra, "-o", out, "--json")
+        assert r.code == 0, r.err
+    with safe_open(str(st), "pt") as f:
+        meta = json.loads(f.metadata()["modelsurgeon"])
+        assert all(k.startswith("module.") for k in f.keys())  # the keys stay as the wrapper wrote them
+    assert meta["recipe"] and not any(e["path"].startswith("module") for e in meta["recipe"])
+    rewritten = torch.load(full, weights_only=False).module  # the rewritten model, pickled whole
+    for arch in ("zoo.resnet:resnet", "test_outputs:dp_resnet"):
+        again = ms.load(st, arch=arch)
+        inner = again.module if isinstance(again, torch.nn.DataParallel) else again
+        assert [type(m) for m in inner.modules()] == [type(m) for m in rewritten.modules()]
+        assert ms.verify(inner, rewritten, (1, 3, 32, 32), trials=2, atol=0, rtol=0).passed
+        if command == "fold-bn":
+            assert ms.verify(inner, net, (1, 3, 32, 32), trials=2).passed
+        else:
+            assert isinstance(inner.layer4, torch.nn.Identity) and inner.fc.in_features == 64
+    # a file an older modelsurgeon wrote, with the wrapper's "module." in the recipe's paths
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(st), "pt") as f:
+        metadata = dict(f.metadata())
+    legacy = json.loads(metadata["modelsurgeon"])
+    legacy["recipe"] = [dict(e, path="module." + e["path"]) for e in legacy["recipe"]]
+    old = tmp_path / "legacy.safetensors"
+    save_file(load_file(str(st)), str(old), metadata={**metadata, "modelsurgeon": json.dumps(legacy)})
+    assert ms.verify(ms.load(old, arch="zoo.resnet:resnet"), rewritten, (1, 3, 32, 32), atol=0, rtol=0).passed
+    # rewriting the reloaded state again keeps the recipe relative to the model
+    st2 = tmp_path / "again.safetensors"
+    r = run_cli("fold-bn", st, "--arch", "test_outputs:dp_resnet", "-s", "1,3,32,32", "-o", st2, "-q")
+    assert r.code == 0, r.err
+    assert ms.verify(ms.load(st2, arch="zoo.resnet:resnet"), rewritten, (1, 3, 32, 32), trials=2).passed
+
+
+def test_container_to_safetensors_records_the_written_models_recipe(tmp_path):
+    model, ema = _resnet(7), _resnet(8)
+    src = tmp_path / "ck.pt"
+    torch.save({"model": model, "ema": ema, "epoch": 9}, src)
+    out = tmp_path / "ema.safetensors"
+    r = run_cli("fold-bn", src, "--trust-pickle", "-s", "1,3,32,32", "-o", out, "-q")
+    assert r.code == 0, r.err
+    again = ms.load(out, arch="zoo.resnet:resnet")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in again.modules())
+    assert ms.verify(again, ema, (1, 3, 32, 32), trials=2).passed

@@ -104,8 +104,18 @@ def _classify(path: Path, obj: Any, arch: str | None, kwargs: dict, trust: bool 
         if modules:
             order = {"model": 0, "ema": 1}
             modules.sort(key=lambda kv: order.get(str(kv[0]), 2))
-            slots = [ModelSlot(name=str(k), key=k, module=v) for k, v in modules]
-            return Checkpoint(path=path, format="container", container=obj, slots=slots)
+            slots, aliases, first = [], {}, {}
+            for k, v in modules:
+                if id(v) in first:  # the same object under two keys: rewritten once, saved as one
+                    aliases[k] = first[id(v)]
+                    continue
+                first[id(v)] = k
+                slots.append(ModelSlot(name=str(k), key=k, module=v))
+            ckpt = Checkpoint(path=path, format="container", container=obj, slots=slots, aliases=aliases)
+            for k, orig in aliases.items():
+                ckpt.note(f"'{k}' is the same module object as '{orig}': rewritten once, and saved as "
+                          f"one object under both keys")
+            return ckpt
         sd, sd_key = _find_state_dict(obj)
         if sd is not None:
             meta = obj.get(META_KEY) if sd_key is not None else None
@@ -116,27 +126,36 @@ def _classify(path: Path, obj: Any, arch: str | None, kwargs: dict, trust: bool 
     raise BadInput(f"{path.name}: holds a {type(obj).__name__}, not a model, checkpoint dict or state_dict")
 
 
-def _is_tensor_map(obj: Any) -> bool:
+def _is_tensor_map(obj: Any, strict: bool = True) -> bool:
+    """A state_dict: string keys, tensor values. Not ``strict``: mostly tensors, with a few
+    plain entries beside them (``{**sd, 'version': 3}``) -- never a nested dict or a module,
+    which would make it a checkpoint container."""
     import torch
 
-    return (isinstance(obj, Mapping) and len(obj) > 0
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+    if not (isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(k, str) for k in obj)):
+        return False
+    tensors = sum(isinstance(v, torch.Tensor) for v in obj.values())
+    if tensors == len(obj) or strict:
+        return tensors == len(obj)
+    plain = all(isinstance(v, torch.Tensor) or not isinstance(v, (Mapping, torch.nn.Module)) for v in obj.values())
+    return plain and tensors > len(obj) - tensors
 
 
 def _find_state_dict(obj: Mapping) -> tuple[Mapping | None, str | None]:
-    if _is_tensor_map(obj):
-        return obj, None
-    for k in _SD_KEYS:
-        if _is_tensor_map(obj.get(k)):
-            return obj[k], k
+    for strict in (True, False):
+        if _is_tensor_map(obj, strict):
+            return obj, None
+        for k in _SD_KEYS:
+            if _is_tensor_map(obj.get(k), strict):
+                return obj[k], k
     return None, None
 
 
 def _from_state_dict(path: Path, container: Any, sd: Mapping, sd_key: str | None,
                      arch: str | None, kwargs: dict, meta: dict | None,
                      fmt: str = "state_dict", trust: bool = False) -> Checkpoint:
-    from ..rewrite.recipe import Recipe, apply
-    from .arch import build_model, load_state, strip_prefix
+    from ..rewrite.recipe import Recipe, apply, relocate, wrapper_prefix
+    from .arch import build_model, load_state, match_dtypes, split_state, strip_prefix
 
     recipe = Recipe()
     if meta:
@@ -166,10 +185,13 @@ def _from_state_dict(path: Path, container: Any, sd: Mapping, sd_key: str | None
             model = apply(recipe, model)
         except Exception as e:
             raise BadInput(f"{path.name}: cannot replay its modelsurgeon recipe on {arch}: {e}")
-    state, prefix = strip_prefix(sd, model)
+        recipe = relocate(recipe, wrapper_prefix(model), "")  # in memory: relative to the root itself
+    _, prefix = strip_prefix(sd, model)
+    state, extra = split_state(sd, prefix, model)
+    match_dtypes(model, state)
     load_state(model, state, path.name)
     ckpt = Checkpoint(path=path, format=fmt, container=container,
-                      slots=[ModelSlot(name="model", key=sd_key, module=model, sd_prefix=prefix)],
+                      slots=[ModelSlot(name="model", key=sd_key, module=model, sd_prefix=prefix, sd_extra=extra)],
                       arch=arch, arch_kwargs=kwargs, recipe=recipe, sd_key=sd_key)
     if meta:
         ckpt.metadata = {META_KEY: meta}
@@ -214,7 +236,7 @@ def load(
     * a state_dict ``.pt`` or ``.safetensors`` (with ``arch``; or the arch recorded in the file
       by modelsurgeon, with ``trust_pickle=True`` since that imports and calls code the file
       names): the model rebuilt by the factory, with the file's recorded structural edits
-      replayed, and the weights loaded;
+      replayed, and the weights loaded in the dtypes the file stores them in;
     * an ``.onnx`` file: the ``onnx.ModelProto``.
     """
     ckpt = load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,

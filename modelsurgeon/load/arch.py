@@ -35,6 +35,9 @@ def build_model(arch: str, kwargs: dict) -> Any:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
         raise BadInput(f"--arch: cannot import '{mod_name}' ({e}); add its source tree with --code-path DIR")
+    except SystemExit as e:  # a module that parses the command line at import, say
+        raise BadInput(f"--arch {arch} exited ({_exit(e)}) while importing '{mod_name}': "
+                       f"it must build the model without ending the program")
     except Exception as e:
         raise BadInput(f"--arch: importing '{mod_name}' failed: {type(e).__name__}: {e}")
     factory: Any = mod
@@ -46,11 +49,21 @@ def build_model(arch: str, kwargs: dict) -> Any:
         model = factory(**kwargs)
     except TypeError as e:
         raise BadInput(f"--arch: {arch}(**{kwargs}) failed: {e}")
+    except SystemExit as e:  # an argparse-based factory, say
+        raise BadInput(f"--arch {arch} exited ({_exit(e)}) when called: it must return the model "
+                       f"(pass its arguments with --arch-kwargs JSON)")
     except Exception as e:
         raise BadInput(f"--arch: {arch} raised {type(e).__name__}: {e}")
     if not isinstance(model, torch.nn.Module):
         raise BadInput(f"--arch: {arch} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _exit(e: SystemExit) -> str:
+    code = e.code
+    if isinstance(code, str):
+        code = repr((code.strip().splitlines() or [""])[0][:100])
+    return f"SystemExit {code}"
 
 
 def strip_prefix(state: Mapping[str, Any], model: Any) -> tuple[dict, str]:
@@ -69,6 +82,44 @@ def strip_prefix(state: Mapping[str, Any], model: Any) -> tuple[dict, str]:
         if set(stripped) & expected and len(stripped) >= len(expected) * 0.5:
             return stripped, prefix
     return dict(state), ""
+
+
+def split_state(state: Mapping[str, Any], prefix: str, model: Any) -> tuple[dict, dict]:
+    """The entries of a file's state_dict that load into ``model`` (keys without ``prefix``),
+    and the others, as the file holds them: keys outside the prefix (a Lightning module's
+    ``loss.weight`` beside its ``model.*``) and non-tensor values the model does not own
+    (``'version': 3``). The others are written back unchanged."""
+    import torch
+
+    own = set(model.state_dict().keys())
+    mine, extra = {}, {}
+    for k, v in state.items():
+        name = k[len(prefix):] if k.startswith(prefix) else None
+        if name is None or (not isinstance(v, torch.Tensor) and name not in own):
+            extra[k] = v
+        else:
+            mine[name] = v
+    return mine, extra
+
+
+def match_dtypes(model: Any, state: Mapping[str, Any]) -> None:
+    """Give the factory's model the floating dtypes the file stores, tensor by tensor, so that
+    ``load_state_dict`` keeps them (it casts to the model's dtype): an fp16 state_dict stays
+    fp16 (evaluated in float32 by ``prepare``, like a pickled fp16 module) and a float64 one
+    keeps its precision."""
+    import torch
+
+    with torch.no_grad():
+        for path, mod in model.named_modules():
+            for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+                v = state.get(f"{path}.{name}" if path else name)
+                if (t is None or not isinstance(v, torch.Tensor) or not v.is_floating_point()
+                        or not t.is_floating_point() or t.dtype == v.dtype):
+                    continue
+                if name in mod._parameters:
+                    t.data = t.data.to(v.dtype)
+                else:
+                    mod._buffers[name] = t.to(v.dtype)
 
 
 def load_state(model: Any, state: Mapping[str, Any], source: str) -> None:

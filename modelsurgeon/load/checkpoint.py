@@ -16,6 +16,10 @@ class ModelSlot:
     module: Any  # the torch.nn.Module
     sd_prefix: str = ""  # for state_dict checkpoints: prefix of the keys in the file
     storage: Any = None  # modelsurgeon.load.prepare.StorageState, set by prepare()
+    recipe: Any = None  # this model's structural edits (Checkpoint.recipe_for)
+    sd_extra: dict = field(default_factory=dict)
+    """State_dict entries that are not the model's (keys outside ``sd_prefix``, non-tensor
+    values such as ``'version': 3``), as the file holds them: written back unchanged."""
 
 
 @dataclass
@@ -41,6 +45,13 @@ class Checkpoint:
     metadata: dict = field(default_factory=dict)  # safetensors metadata / our own meta
     sd_key: str | None = None  # for state_dict containers: key holding the tensors
     size_bytes: int = 0
+    aliases: dict = field(default_factory=dict)
+    """Container keys holding the very module object of an earlier slot (``{'model': m,
+    'ema': m}``) -> that slot's key. ``slots`` lists each object once, so it is rewritten once;
+    the saved container keeps the keys pointing at the same object."""
+    notes: list[str] = field(default_factory=list)  # for the report (see attach)
+    warnings: list[str] = field(default_factory=list)
+    _report: Any = field(default=None, repr=False)
 
     @property
     def is_onnx(self) -> bool:
@@ -50,9 +61,38 @@ class Checkpoint:
     def needs_arch(self) -> bool:
         return self.format in ("state_dict", "safetensors")
 
+    def recipe_for(self, slot: ModelSlot) -> Any:
+        """The recipe ``slot``'s edits are recorded in: the checkpoint's (loaded + new) for a
+        single model, one of its own for each model of a container."""
+        if slot.recipe is None:
+            from ..rewrite.recipe import Recipe
+
+            single = len(self.slots) == 1 and self.recipe is not None
+            slot.recipe = self.recipe if single else Recipe()
+        return slot.recipe
+
+    def attach(self, report: Any) -> None:
+        """Hand the loader's notes and warnings to ``report``, and the writer's later ones."""
+        self._report = report
+        for text in self.notes:
+            _add(report.notes, text)
+        for text in self.warnings:
+            _add(report.warnings, text)
+
+    def note(self, text: str) -> None:
+        _add(self._report.notes if self._report is not None else self.notes, text)
+
+    def warn(self, text: str) -> None:
+        _add(self._report.warnings if self._report is not None else self.warnings, text)
+
     def primary(self) -> ModelSlot:
         """The model used for single-model outputs: ``ema`` when present, else the first."""
         for s in self.slots:
             if s.name == "ema":
                 return s
         return self.slots[0]
+
+
+def _add(items: list, text: str) -> None:
+    if text not in items:
+        items.append(text)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import pickle
 import pickletools
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -113,11 +114,13 @@ def torch_load(path: Path, trust_pickle: bool):
     # 1 GB checkpoint at the same peak RSS (docs/performance.md).
     kwargs = dict(map_location="cpu", mmap=False)
     try:
-        return torch.load(str(path), weights_only=True, **kwargs)
+        with warnings.catch_warnings():  # torch warns about raw pickles (protocol >= 4): one line only
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         names = unsafe_globals(path)
         if not names:
-            raise BadInput(f"{path.name} is not a readable PyTorch checkpoint: {_first_line(e)}")
+            raise BadInput(f"{path.name} is not a readable PyTorch checkpoint: {_unpickler_reason(e)}")
         if not trust_pickle:
             raise refuse(path, names) from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError,
@@ -131,6 +134,8 @@ def torch_load(path: Path, trust_pickle: bool):
             f"{path.name} needs the Python module '{e.name}' to load: pass the model's source "
             f"tree with --code-path DIR"
         )
+    except SystemExit as e:  # code the file runs (or imports) ended the program
+        raise BadInput(f"{path.name} could not be unpickled: its code exited (SystemExit {e.code})")
     except Exception as e:
         raise BadInput(f"{path.name} could not be unpickled: {type(e).__name__}: {_first_line(e)}")
 
@@ -141,6 +146,19 @@ def _is_torchscript(path: Path) -> bool:
             return any(n.endswith("/constants.pkl") or "/code/__torch__/" in n for n in zf.namelist())
     except (zipfile.BadZipFile, OSError):
         return False
+
+
+def _unpickler_reason(e: BaseException) -> str:
+    """What torch's weights-only unpickler objected to, without its advice to load with
+    ``weights_only=False`` (here that is ``--trust-pickle``, offered only for code objects)."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        reason = text.split(marker, 1)[1].split("Check the documentation", 1)[0]
+        reason = " ".join(reason.split())
+        if reason:
+            return reason[:300]
+    return _first_line(e)
 
 
 def _first_line(e: BaseException) -> str:

@@ -11,11 +11,18 @@ Edits are a closed set of data records -- nothing in a recipe is imported or exe
 * ``{"op": "replace", "path": P, "module": SPEC}``
 * ``{"op": "add_bias", "path": P}``
 * ``{"op": "setattr", "path": P, "name": N, "value": JSON}``
+* ``{"op": "set_forward", "path": P, "name": N, "remove": [NAME, ...], "module": SPEC}``: the
+  module at P stays (its class, its attributes); SPEC is built (``from`` specs read the tree as
+  it was), the parameters, buffers and submodules named in ``remove`` are deleted from P, the
+  built module is registered as P's submodule N and becomes P's forward (:func:`set_forward`)
 
 A ``SPEC`` is ``{"from": PATH}`` (a module already in the tree, moved), or
 ``{"class": "Conv2d", "kwargs": {...}}`` for a ``torch.nn`` class, or
 ``{"class": "Sequential", "children": [SPEC, ...]}``, or a kind a pass registers with
 :func:`register_kind` (built by modelsurgeon code from data only).
+
+Paths in a file's recipe are relative to the model itself, never to a ``DataParallel`` wrapper
+around it (:func:`wrapper_prefix`, :func:`relocate`).
 """
 
 from __future__ import annotations
@@ -172,8 +179,96 @@ def _load_kinds() -> None:
     passes.load_all()
 
 
+def wrapper_prefix(model: Any) -> str:
+    """``"module."`` for a ``DataParallel`` / ``DistributedDataParallel`` wrapper, else ``""``.
+
+    A recipe in a file is relative to the wrapped model: a pickled ``DataParallel(net)``
+    written as a state_dict is rebuilt from ``net``'s factory (its keys' ``module.`` prefix is
+    matched on load), and replaying on a factory that returns the wrapper edits the model
+    inside it."""
+    import torch
+
+    wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+    return "module." if isinstance(model, wrappers) and "module" in model._modules else ""
+
+
+def _move(path: str, old: str, new: str) -> str:
+    """``path`` (relative to the module at prefix ``old``) relative to the one at ``new``."""
+    full = old + path if path else old.rstrip(".")
+    if new and not (full + ".").startswith(new):
+        raise ValueError(f"recipe path {full!r} is outside {new.rstrip('.')!r}")
+    return full[len(new):]
+
+
+def _move_spec(spec: Any, old: str, new: str) -> Any:
+    if isinstance(spec, list):
+        return [_move_spec(s, old, new) for s in spec]
+    if not isinstance(spec, dict):
+        return spec
+    out = {k: _move_spec(v, old, new) for k, v in spec.items()}
+    if isinstance(spec.get("from"), str):
+        out["from"] = _move(spec["from"], old, new)
+    return out
+
+
+def relocate(recipe: Recipe, old: str, new: str) -> Recipe:
+    """The same edits with module paths relative to the module at prefix ``new`` instead of
+    ``old`` (prefixes end with a dot: ``"module."``; ``""`` is the root)."""
+    if old == new or not recipe:
+        return recipe
+    edits = []
+    for e in recipe.edits:
+        e = dict(e)
+        if isinstance(e.get("path"), str):
+            e["path"] = _move(e["path"], old, new)
+        if "module" in e:
+            e["module"] = _move_spec(e["module"], old, new)
+        edits.append(e)
+    return Recipe(edits)
+
+
 def apply(recipe: Recipe, root: Any) -> Any:
-    """Replay the edits on a freshly built model (in place); returns the model."""
+    """Replay the edits on a freshly built model (in place); returns the model. On a
+    ``DataParallel`` wrapper they apply to the model inside it (:func:`wrapper_prefix`)."""
+    if wrapper_prefix(root):
+        root.module = apply(recipe, root.module)
+        return root
+    if recipe and "module" not in getattr(root, "_modules", {}):
+        try:  # written from a DataParallel by an older modelsurgeon: paths with its "module."
+            recipe = relocate(recipe, "", "module.")
+        except ValueError:
+            pass
+    return _apply(recipe, root)
+
+
+def set_forward(module: Any, name: str, new: Any, remove: Any = ()) -> None:
+    """Make the module ``new`` ``module``'s forward, in place: delete ``module``'s parameters,
+    buffers and submodules named in ``remove`` (what its own forward used), register ``new``
+    as its submodule ``name`` and put it in the instance's ``__dict__`` as ``forward``.
+
+    An instance attribute wins over the class's ``forward`` function and ``nn.Module.__call__``
+    calls ``self.forward``, so the module keeps its class (a host dispatching on the class name
+    still recognises it) and every attribute, while running ``new``. ``copy.deepcopy`` and
+    pickling keep the identity of ``_modules[name]`` and ``__dict__["forward"]`` (both are
+    references to one object in the instance's ``__dict__``), so nothing but torch and the
+    module's own class is needed to load it, and a copy runs its copy of ``new``."""
+    import torch
+
+    if not isinstance(new, torch.nn.Module):
+        raise ValueError(f"a forward must be a module, not {type(new).__name__}")
+    if not (isinstance(name, str) and name.isidentifier() and not name.startswith("_")):
+        raise ValueError(f"not a submodule name: {name!r}")
+    for n in remove:
+        if not any(n in d for d in (module._parameters, module._buffers, module._modules)):
+            raise ValueError(f"{type(module).__name__} has no parameter, buffer or submodule {n!r}")
+    for n in remove:
+        delattr(module, n)  # nn.Module.__delattr__: a parameter, buffer or submodule
+    setattr(module, name, new)
+    new.training = module.training
+    module.__dict__["forward"] = new
+
+
+def _apply(recipe: Recipe, root: Any) -> Any:
     import torch
 
     for e in recipe.edits:
@@ -191,6 +286,10 @@ def apply(recipe: Recipe, root: Any) -> Any:
             m.bias = torch.nn.Parameter(torch.zeros(out, dtype=m.weight.dtype))
         elif op == "setattr":
             setattr(get_module(root, path), e["name"], e["value"])
+        elif op == "set_forward":
+            m = get_module(root, path)
+            new = build(e["module"], root)  # before the removal: "from" specs read the old tree
+            set_forward(m, e["name"], new, e.get("remove", []))
         else:
             raise ValueError(f"unknown recipe edit: {op!r}")
     return root

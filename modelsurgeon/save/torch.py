@@ -13,9 +13,18 @@ from ..load.checkpoint import Checkpoint, ModelSlot
 from .atomic import atomic_files, atomic_path, disk_full, io_errno
 
 
+def recipe_of(ckpt: Checkpoint, slot: ModelSlot) -> list[dict]:
+    """The slot's structural edits as a file records them: module paths relative to the model
+    itself, also when the slot is a ``DataParallel`` wrapper (whose keys keep ``module.``)."""
+    from ..rewrite.recipe import relocate, wrapper_prefix
+
+    recipe = ckpt.recipe_for(slot)
+    return relocate(recipe, "", wrapper_prefix(slot.module)).to_json() if recipe is not None else []
+
+
 def meta_for(ckpt: Checkpoint, slot: ModelSlot) -> dict:
     """modelsurgeon's metadata: what rebuilds the rewritten structure from its factory."""
-    edits = ckpt.recipe.to_json() if ckpt.recipe is not None else []
+    edits = recipe_of(ckpt, slot)
     return {
         "format_version": 1,
         "tool": f"modelsurgeon {__version__}",
@@ -28,9 +37,9 @@ def meta_for(ckpt: Checkpoint, slot: ModelSlot) -> dict:
     }
 
 
-def _check_describable(ckpt: Checkpoint, what: str) -> None:
-    for e in (ckpt.recipe.to_json() if ckpt.recipe is not None else []):
-        if e.get("op") == "replace" and e.get("module") is None:
+def _check_describable(ckpt: Checkpoint, slot: ModelSlot, what: str) -> None:
+    for e in recipe_of(ckpt, slot):
+        if e.get("op") in ("replace", "set_forward") and e.get("module") is None:
             raise BadInput(
                 f"cannot write a {what}: the rewrite at {e.get('path')} created a module that a "
                 f"state_dict cannot describe; write a full-module .pt instead"
@@ -38,10 +47,15 @@ def _check_describable(ckpt: Checkpoint, what: str) -> None:
 
 
 def state_dict_of(slot: ModelSlot) -> dict:
+    """The model's state_dict under the file's key prefix, then the file's other entries
+    (:attr:`ModelSlot.sd_extra`) as they were."""
     sd = slot.module.state_dict()
     if slot.sd_prefix:
         sd = {slot.sd_prefix + k: v for k, v in sd.items()}
-    return dict(sd)
+    sd = dict(sd)
+    for k, v in slot.sd_extra.items():
+        sd.setdefault(k, v)
+    return sd
 
 
 def save_pt(ckpt: Checkpoint, path: Path) -> None:
@@ -53,9 +67,11 @@ def save_pt(ckpt: Checkpoint, path: Path) -> None:
         obj = ckpt.container
         for s in ckpt.slots:
             obj[s.key] = s.module
+        for alias, key in ckpt.aliases.items():  # the same object: pickled once, both keys
+            obj[alias] = obj[key]
     else:
-        _check_describable(ckpt, "state_dict")
         slot = ckpt.slots[0]
+        _check_describable(ckpt, slot, "state_dict")
         sd = state_dict_of(slot)
         meta = meta_for(ckpt, slot)
         if ckpt.format == "state_dict" and ckpt.sd_key is not None and isinstance(ckpt.container, dict):
@@ -91,14 +107,22 @@ def write_pt(obj: Any, path: Path) -> None:
 
 def save_safetensors(ckpt: Checkpoint, path: Path) -> str:
     """Write the primary model's tensors + metadata; returns the slot written."""
+    import torch
     from safetensors.torch import save_file
 
-    _check_describable(ckpt, "safetensors file")
     slot = ckpt.primary()
+    _check_describable(ckpt, slot, "safetensors file")
     sd = state_dict_of(slot)
+    plain = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if plain:
+        shown = ", ".join(plain[:4]) + (f" (+{len(plain) - 4} more)" if len(plain) > 4 else "")
+        ckpt.warn(f"the state_dict's non-tensor entries ({shown}) are not in the .safetensors output "
+                  f"(it holds tensors only): write .pt to keep them")
     tensors = {}
     seen: dict[tuple, str] = {}
     for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
         key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype) if v.numel() else None
         t = v.detach()
         if key is not None and key in seen:
