@@ -35,10 +35,60 @@ def storage_dtype(model: Any) -> str:
 
 
 def run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
+    from .capture.onnx import quiet_onnx_ir
+
+    with quiet_onnx_ir():  # onnx_ir's log lines stay off stderr: problems are reported in one line
+        return _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt)
+
+
+def _stats(model):
+    """``onnx_stats``, with the BatchNormalizations inside subgraphs (If / Loop bodies) counted."""
+    from .capture.onnx import subgraph_nodes
+    from .report.stats import onnx_stats
+
+    stats = onnx_stats(model)
+    stats.bn = (stats.bn or 0) + sum(n.op_type == "BatchNormalization" for _, n in subgraph_nodes(model.graph))
+    return stats
+
+
+def _type_outputs(model, refs, report) -> None:
+    """Give graph outputs that shape inference left untyped (the output of a custom-domain
+    op a cut made an output) the elem type and shape of the original's value of that tensor in
+    onnxruntime; BadInput when there is none."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from .capture.onnx import format_shape
+
+    static = all(v.shape is not None and all(isinstance(d, int) for d in v.shape.dims)
+                 for v in model.graph.inputs if not v.is_initializer())
+    for v in model.graph.outputs:
+        if v.dtype is not None:
+            continue
+        arrays = [o.get(v.name) for o in refs.outputs]
+        if not arrays or any(a is None for a in arrays):
+            raise BadInput(f"output {v.name!r}: its type is unknown (onnx shape inference cannot give it and "
+                           "onnxruntime did not return it), so it cannot be declared; nothing written")
+        arr = np.asarray(arrays[0])
+        try:
+            dtype = ir.DataType.from_numpy(arr.dtype)
+        except Exception:
+            raise BadInput(f"output {v.name!r}: its type is unknown and onnxruntime returns {arr.dtype}, which "
+                           "cannot be declared; nothing written")
+        v.dtype = dtype
+        said = [f"type {arr.dtype}"]
+        if v.shape is None:
+            # the run's sizes are those of the example inputs: declared only when every input is static
+            v.shape = ir.Shape(arr.shape if static else [None] * arr.ndim)
+            said.append(f"shape {format_shape(tuple(d if isinstance(d, int) else None for d in v.shape.dims))}")
+        report.notes.append(f"output {v.name!r}: {' and '.join(said)} taken from onnxruntime's run of the original "
+                            "(onnx shape inference cannot give it)")
+
+
+def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
     from . import passes as registry
     from .capture.onnx import OnnxGraph, infer_shapes
     from .passes.base import OnnxContext, PassReport, run_pass
-    from .report.stats import onnx_stats
     from .rewrite.onnx import OnnxEditor
     from .save.atomic import atomic_files
     from .save.onnx import check, wants_external, write
@@ -51,12 +101,15 @@ def run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
         raise BadInput(f"an ONNX input is written as .onnx (got {out_path.name!r}): modelsurgeon edits ONNX "
                        "graphs natively and does not convert them to PyTorch")
     model = ckpt.container
+    if ckpt.metadata.get("sparse_initializers"):
+        n = ckpt.metadata["sparse_initializers"]
+        report.notes.append(f"{n} sparse initializer{'s' if n > 1 else ''} read as dense (written dense)")
     spec = OnnxInputs.from_model(model, opts.input_shapes, opts.dtype, opts.seed)
     report.inputs = list(spec.shapes)
     report.notes.extend(spec.notes)
     report.passes = [PassReport(name) for name in passes]
     report.parity = ParityReport(trials=opts.trials, checked=opts.verify)
-    report.before = onnx_stats(model)
+    report.before = _stats(model)
     editor = OnnxEditor(model)
     input_shapes = dict(zip(spec.names, spec.shapes))
     impls = {name: registry.get(name, "onnx") for name in passes}
@@ -122,13 +175,16 @@ def run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
         if not (opts.repeat and changed):
             break
     report.timings["rewrite"] = time.perf_counter() - t
-    report.after = onnx_stats(model)
+    report.after = _stats(model)
 
     if opts.dry_run:
         report.parity = ParityReport(checked=False, note="(--dry-run: nothing rewritten)")
         return report
     if not opts.verify:
         report.parity = ParityReport(checked=False, note="(--no-verify)")
+
+    if any(v.dtype is None for v in model.graph.outputs):
+        _type_outputs(model, references(), report)
 
     t = time.perf_counter()
     external = wants_external(model, bool(ckpt.metadata.get("external_data")))
@@ -170,10 +226,10 @@ def _check_in_memory(model, ckpt, refs, tol, expected, pass_name, report):
     """Parity of the model as it stands (--verify-each), without writing it anywhere."""
     import onnx_ir as ir
 
-    from .save.onnx import EXTERNAL_THRESHOLD
+    from .save.onnx import EXTERNAL_THRESHOLD, nbytes
     from .verify.onnx import OrtError, session
 
-    inline = sum(int(v.const_value.nbytes) for v in model.graph.initializers.values()
+    inline = sum(nbytes(v.const_value) for v in model.graph.initializers.values()
                  if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor))
     try:
         if inline > EXTERNAL_THRESHOLD:

@@ -235,3 +235,57 @@ def test_overridable_initializer_is_not_a_constant(tmp_path):
     rep, src, dst = fold(tmp_path, m)
     assert "BatchNormalization" in G.ops(dst)
     assert "overridable" in rep["skipped"][0]["reason"]
+
+
+def test_batchnorm_inside_a_subgraph_is_reported_and_counted(tmp_path):
+    """A Conv + BatchNormalization in an If branch: left intact (subgraphs are not rewritten),
+    but reported as skipped and counted in the BatchNorm stats, like every unfolded BN."""
+    inner = Builder(60)
+    y = inner.bn(inner.conv("x", 3, 4, k=1, p=0, name="branch_conv"), 4, name="branch_bn")
+    then_g = helper.make_graph(inner.nodes, "then", [], [out(y, [1, 4, 4, 4])], inner.inits)
+    else_g = helper.make_graph([helper.make_node("Identity", ["x4"], ["e_out"])], "else", [], [out("e_out", [1, 4, 4, 4])])
+    b = Builder(61)
+    z = b.node("If", ["cond"], name="branch", then_branch=then_g, else_branch=else_g)
+    y = b.bn(b.conv(z, 4, 4, name="conv"), 4, name="bn")  # one BN in the main graph, folded
+    model = b.model([tensor("x", [1, 3, 4, 4]), tensor("x4", [1, 4, 4, 4]), tensor("cond", [], onnx.TensorProto.BOOL)],
+                    [out(y, [1, 4, 4, 4])], 13)
+    rep, src, dst = fold(tmp_path, model)
+    assert [a["target"] for a in rep["applied"]] == ["conv"]
+    (s,) = rep["skipped"]
+    assert s["target"] == "branch_bn" and s["reason"] == "inside a subgraph (If branch): not rewritten"
+    assert rep["before"]["bn"] == 2 and rep["after"]["bn"] == 1
+    branch = next(n for n in onnx.load(str(dst)).graph.node if n.op_type == "If")
+    then = next(a.g for a in branch.attribute if a.name == "then_branch")
+    assert [n.op_type for n in then.node] == ["Conv", "BatchNormalization"]
+    for cond in (True, False):
+        feeds = G.random_feeds(src)
+        feeds["cond"] = np.array(cond)
+        a, = G.ort_outputs(src, feeds)
+        b_, = G.ort_outputs(dst, feeds)
+        assert np.allclose(a, b_, rtol=1e-4, atol=1e-5)
+
+
+def test_declared_output_shape_is_kept_after_a_fold(tmp_path):
+    """The exporter's dim names of a graph output are part of the interface: folding the node
+    that produced it must not rename them to the inferred ones (N, unk__0)."""
+    for name, x_dims, y_dims, args in (("renamed", ["N", 3, 8, 8], ["out_batch", 8, 8, 8], ()),
+                                       ("unk", [1, 3, "H", "W"], [1, 8, "h", "w"], ("-s", "1,3,8,8"))):
+        b = Builder(62)
+        y = b.bn(b.conv("x", 3, 8, name="conv"), 8, name="bn")
+        rep, src, dst = fold(tmp_path, b.model([tensor("x", x_dims)], [out(y, y_dims)], 13), *args, name=name)
+        assert G.ops(dst) == ["Conv"]
+        o = onnx.load(str(dst)).graph.output[0]
+        assert o.name == y
+        assert [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] == y_dims
+        assert o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        onnx.checker.check_model(str(dst), full_check=True)
+        G.assert_same_function(src, dst, dims={"H": 8, "W": 8})
+
+
+def test_rewritten_initializer_keeps_its_doc_string(tmp_path):
+    m = G.conv_bn_relu()
+    w = next(t for t in m.graph.initializer if len(t.dims) == 4)
+    w.doc_string = "the stem's weight"
+    rep, src, dst = fold(tmp_path, m)
+    docs = {t.name: t.doc_string for t in onnx.load(str(dst)).graph.initializer}
+    assert docs[w.name] == "the stem's weight"

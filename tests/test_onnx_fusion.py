@@ -128,3 +128,37 @@ def test_scalar_constants_stay_scalars(tmp_path):
     assert r.code == 0, r.err
     assert "Constant" not in G.ops(dst) and "Mul" not in G.ops(dst)
     G.assert_same_function(src, dst, batch=3)
+
+
+def _string_constant_model():
+    """A STRING Constant (parsed as numbers at run time) next to a numeric one."""
+    b = Builder(46)
+    b.nodes.append(helper.make_node("Constant", [], ["s"], name="s_const",
+                                    value=helper.make_tensor("sv", onnx.TensorProto.STRING, [2], [b"1.5", b"-2"])))
+    text = b.node("Identity", ["s"], name="s_id")
+    y = b.node("Concat", [b.node("Cast", ["x"], name="to_str", to=onnx.TensorProto.STRING), text], name="cat", axis=0)
+    y = b.node("Cast", [y], name="to_f", to=onnx.TensorProto.FLOAT)
+    y = b.node("Mul", [y, b.const(np.array(2.0, np.float32), as_node=True)], name="mul")
+    return b.model([tensor("x", [3])], [out(y, [5])], 13)
+
+
+@pytest.mark.parametrize("command", ["fold-fusion", "optimize"])
+def test_string_constants_are_left_alone(tmp_path, command):
+    rep, src, dst = run(tmp_path, _string_constant_model(), command=command)
+    assert rep["parity"]["passed"]
+    m = onnx.load(str(dst))
+    const = [n for n in m.graph.node if n.op_type == "Constant"]
+    assert [n.name for n in const] == ["s_const"]  # the numeric one became an initializer
+    assert [n.op_type for n in m.graph.node].count("Identity") == 1
+    skipped = [s for s in rep["skipped"] if s["target"] == "s_id_out"]
+    assert skipped and "non-numeric" in skipped[0]["reason"]
+    G.assert_same_function(src, dst)
+
+
+def test_tensor_bytes_of_string_tensors():
+    import onnx_ir as ir
+
+    from modelsurgeon.save.onnx import nbytes
+
+    assert nbytes(ir.Tensor(np.array([b"ab", b"cde"], dtype=object))) == 5
+    assert nbytes(ir.Tensor(np.zeros((2, 3), np.float32))) == 24

@@ -190,3 +190,79 @@ def test_in_place_and_human_report_via_console(tmp_path):
     assert r.code == 0, r.err
     assert "nodes" in r.out and "fold-bn" in r.out and "wrote" in r.out and r.err == ""
     assert src.read_bytes() != data and G.ops(src) == ["Conv", "Relu"]
+
+
+# -- regressions (QA pass on the ONNX back end) -----------------------------------------------------
+
+def _sparse_model(coordinates: bool = False):
+    """x + a sparse initializer (linearised indices, or [NNZ, rank] coordinates)."""
+    from onnx import numpy_helper
+
+    values = numpy_helper.from_array(np.array([2.0, 3.0, -1.0], np.float32), "sk")
+    idx = np.array([[0, 1], [1, 0], [1, 3]], np.int64) if coordinates else np.array([1, 4, 7], np.int64)
+    sp = helper.make_sparse_tensor(values, numpy_helper.from_array(idx, "sk_idx"), [2, 4])
+    b = G.Builder(70)
+    y = b.node("Add", ["x", "sk"], name="add")
+    y = b.node("Relu", [y], name="relu")
+    m = b.model([G.tensor("x", ["N", 2, 4])], [G.out(y, ["N", 2, 4])], 13)
+    m.graph.sparse_initializer.append(sp)
+    return m
+
+
+@pytest.mark.parametrize("coordinates", [False, True])
+def test_sparse_initializers_are_densified(tmp_path, coordinates):
+    src = tmp_path / "sparse.onnx"
+    onnx.save(_sparse_model(coordinates), str(src))
+    for command in (["fold-bn"], ["truncate", "--at", "add_out"]):
+        dst = tmp_path / f"{command[0]}.onnx"
+        r = run_cli(*command[:1], src, *command[1:], "-o", dst, "--json")
+        assert r.code == 0, r.err
+        assert r.json()["parity"]["passed"] and any("sparse initializer" in n for n in r.json()["notes"])
+        m = onnx.load(str(dst))
+        assert not m.graph.sparse_initializer and "sk" in {t.name for t in m.graph.initializer}
+        onnx.checker.check_model(m, full_check=True)
+    feeds = G.random_feeds(src)
+    dense = onnx.numpy_helper.to_array(next(t for t in onnx.load(str(tmp_path / "fold-bn.onnx")).graph.initializer))
+    expected = np.zeros((2, 4), np.float32)
+    expected[0, 1], expected[1, 0], expected[1, 3] = 2.0, 3.0, -1.0
+    assert np.array_equal(dense, expected)
+    (a,), (b_,) = G.ort_outputs(src, feeds), G.ort_outputs(tmp_path / "fold-bn.onnx", feeds)
+    assert np.array_equal(a, b_)
+
+
+def test_invalid_graph_is_one_clear_line_and_no_onnx_ir_log(tmp_path):
+    m = G.conv_bn_relu()
+    m.graph.node[1].input[0] = "missing_tensor"
+    src = G.save(m, tmp_path / "dangling.onnx", check=False)
+    r = run_console("fold-bn", src, "-o", tmp_path / "o.onnx", "-q")  # a subprocess: stderr exactly as a user sees it
+    assert r.code == 2 and r.err.count("\n") == 1, r.err
+    assert "the graph is not valid: node 'bn' reads 'missing_tensor', which no node, input or initializer produces" in r.err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("breakage,msg", [
+    ("shadow", "node 'relu' writes 'bn_gamma_", ),
+    ("duplicate", "tensor 'conv_out' is produced twice (by node 'conv' and node 'relu')"),
+])
+def test_invalid_ssa_says_what_is_wrong(tmp_path, breakage, msg):
+    m = G.conv_bn_relu()
+    relu = m.graph.node[2]
+    if breakage == "shadow":
+        relu.output[0] = next(t.name for t in m.graph.initializer if t.name.startswith("bn_gamma"))
+    else:
+        relu.output[0] = "conv_out"
+    src = G.save(m, tmp_path / "bad.onnx", check=False)
+    r = run_cli("fold-bn", src, "-o", tmp_path / "o.onnx")
+    assert r.code == 2 and "the graph is not valid" in r.err and msg in r.err and r.err.count("\n") == 1, r.err
+    assert "_deserialize_graph" not in r.err and not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("kind", ["zip", "pickle"])
+def test_pytorch_checkpoint_renamed_onnx(tmp_path, kind):
+    import torch
+
+    src = tmp_path / "model.onnx"
+    torch.save({"w": torch.ones(3)}, str(src), _use_new_zipfile_serialization=kind == "zip")
+    r = run_cli("fold-bn", src, "-o", tmp_path / "o.onnx")
+    assert r.code == 2 and r.err.count("\n") == 1
+    assert "model.onnx looks like a PyTorch checkpoint (zip/pickle), not ONNX" in r.err

@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 import onnx_graphs as G
-from conftest import files_in, run_cli
+from conftest import files_in, run_cli, run_console
 from onnx_graphs import Builder, out, tensor
 
 
@@ -89,3 +89,60 @@ def test_truncate_is_not_part_of_optimize(tmp_path):
     src = G.save(G.conv_bn_relu(), tmp_path / "m.onnx")
     r = run_cli("optimize", src, "-o", tmp_path / "o.onnx", "--json")
     assert r.code == 0 and "truncate" not in [p["name"] for p in r.json()["passes"]]
+
+
+def _custom_op_model():
+    """Conv -> com.microsoft Gelu -> Relu: onnx shape inference knows nothing of the Gelu's output."""
+    b = Builder(51)
+    c = b.conv("x", 3, 4, k=1, p=0, name="conv")
+    b.nodes.append(onnx.helper.make_node("Gelu", [c], ["gelu_out"], name="gelu", domain="com.microsoft"))
+    y = b.node("Relu", ["gelu_out"], name="relu")
+    m = b.model([tensor("x", [1, 3, 4, 4])], [out(y, [1, 4, 4, 4])], 13)
+    m.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return m
+
+
+def test_cut_at_an_untyped_custom_op_output_gets_its_type_from_the_reference_run(tmp_path):
+    src = G.save(_custom_op_model(), tmp_path / "ms.onnx")
+    dst = tmp_path / "cut.onnx"
+    r = run_cli("truncate", src, "--at", "gelu_out", "-o", dst, "--json")
+    assert r.code == 0, r.err
+    rep = r.json()
+    assert rep["parity"]["passed"] and rep["written"]
+    assert any("gelu_out" in n and "onnxruntime" in n for n in rep["notes"])
+    (o,) = onnx.load(str(dst)).graph.output
+    assert o.name == "gelu_out" and o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert [d.dim_value for d in o.type.tensor_type.shape.dim] == [1, 4, 4, 4]
+    onnx.checker.check_model(str(dst))
+    assert G.ops(dst) == ["Conv", "Gelu"]
+
+
+def test_cut_at_an_untyped_output_onnxruntime_does_not_return_exits_2(tmp_path, monkeypatch):
+    from modelsurgeon.verify.onnx import OnnxReferences
+
+    real = OnnxReferences.record
+
+    def without(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        for o in self.outputs:
+            o.pop("gelu_out", None)
+
+    monkeypatch.setattr(OnnxReferences, "record", without)
+    src = G.save(_custom_op_model(), tmp_path / "ms.onnx")
+    before = files_in(tmp_path)
+    r = run_cli("truncate", src, "--at", "gelu_out", "-o", tmp_path / "cut.onnx")
+    assert r.code == 2 and "'gelu_out'" in r.err and "type is unknown" in r.err and r.err.count("\n") == 1
+    assert files_in(tmp_path) == before
+
+
+def test_console_tables_show_lower_case_symbolic_shapes(tmp_path):
+    """'[batch, 4, 8, 8]' is shown as it is, not read as rich markup."""
+    b = Builder(52)
+    c = b.conv("x", 3, 4, name="conv")
+    y = b.node("Relu", [c], name="relu")
+    src = G.save(b.model([tensor("x", ["batch", 3, 8, 8])], [out(y, ["batch", 4, 8, 8])], 13), tmp_path / "m.onnx")
+    env = {"COLUMNS": "200"}
+    r = run_console("truncate", src, "--list", env=env)
+    assert r.code == 0 and r.out.count("[batch, 4, 8, 8]") == 2
+    r = run_console("truncate", src, "--at", c, "-o", tmp_path / "cut.onnx", env=env)
+    assert r.code == 0 and f"outputs {y} → {c} [batch, 4, 8, 8]" in r.out

@@ -18,6 +18,7 @@ Edits go through :class:`modelsurgeon.rewrite.onnx.OnnxEditor`; a pass gets both
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Iterable
 
 # Ops never evaluated at surgery time: random generators (a different draw each run) and
@@ -75,6 +76,7 @@ class OnnxGraph:
         self.ir_version = int(model.ir_version or 0)
         self._const: dict[int, Any] = {}  # id(value) -> np.ndarray (evaluated / read constants)
         self._is_const: dict[int, bool] | None = None
+        self._propagated: dict[str, tuple | None] | None = None
 
     # -- structure -----------------------------------------------------------------------------
     @property
@@ -126,6 +128,14 @@ class OnnxGraph:
         if value.is_graph_output():
             names.append("a graph output")
         return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+    def propagated_shape(self, value: Any) -> tuple | None:
+        """The shape of ``value`` inferred from the graph inputs' declared shapes alone
+        (:func:`propagated_shapes`, computed once per view), ``None`` where inference cannot
+        reach it."""
+        if self._propagated is None:
+            self._propagated = propagated_shapes(self.model)
+        return self._propagated.get(value.name) if value is not None and value.name else None
 
     # -- constants -----------------------------------------------------------------------------
     def is_weight(self, value: Any) -> bool:
@@ -258,22 +268,95 @@ class OnnxGraph:
         return [np.asarray(r) for r in results]
 
 
-def infer_shapes(model: Any) -> bool:
-    """Fill value shapes and types with onnx shape inference (in place, non-strict: unknown
-    ops leave their outputs unknown). Works for models over 2 GB. False if it failed."""
+@contextmanager
+def quiet_onnx_ir():
+    """onnx_ir's own log lines (an invalid model's "cannot be found in any scope", a failed
+    inference) kept off stderr: modelsurgeon reports problems itself, in one line."""
     import logging
 
-    import onnx_ir as ir
-
-    log = logging.getLogger("onnx_ir.passes.common.shape_inference")
+    log = logging.getLogger("onnx_ir")
     level = log.level
     log.setLevel(logging.CRITICAL)
     try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def infer_shapes(model: Any) -> bool:
+    """Fill value shapes and types with onnx shape inference (in place, non-strict: unknown
+    ops leave their outputs unknown). Works for models over 2 GB. False if it failed.
+
+    The declared type and shape of a graph output are part of the model's interface and are
+    kept as they are (inference would rename its symbolic dims, e.g. ``out_batch`` -> ``N``);
+    only an output declared without them gets the inferred ones."""
+    declared = [(v, v.type, v.shape) for v in model.graph.outputs]
+    try:
         from onnx_ir.passes.common import ShapeInferencePass
 
-        ShapeInferencePass(strict_mode=False)(model)
+        with quiet_onnx_ir():
+            ShapeInferencePass(strict_mode=False)(model)
         return True
     except Exception:
         return False
     finally:
-        log.setLevel(level)
+        for v, type_, shape in declared:
+            if type_ is not None:
+                v.type = type_
+            if shape is not None:
+                v.shape = shape
+
+
+def propagated_shapes(model: Any) -> dict[str, tuple | None]:
+    """Shapes of the main graph's values inferred from the graph inputs' declared shapes
+    alone -- the file's ``value_info`` and declared output shapes ignored, since they may be
+    stale (a model exported at a fixed size whose inputs were made dynamic later). Values
+    inference cannot reach (after custom ops) are missing. Empty if inference failed."""
+    import onnx
+    import onnx_ir as ir
+    from onnx_ir.passes.common import _c_api_utils
+
+    def infer(proto):
+        del proto.graph.value_info[:]
+        for o in proto.graph.output:
+            if o.type.HasField("tensor_type"):
+                o.type.tensor_type.ClearField("shape")
+        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+
+    try:
+        with quiet_onnx_ir():
+            proto = _c_api_utils.call_onnx_api(infer, model)
+    except Exception:
+        return {}
+    out: dict[str, tuple | None] = {}
+    for vi in list(proto.graph.value_info) + list(proto.graph.output):
+        t = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        if t is None or not t.HasField("shape"):
+            continue
+        out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+    return out
+
+
+def subgraph_nodes(graph: Any) -> Iterable[tuple[Any, Any]]:
+    """``(owner, node)`` for every node inside a subgraph (If / Loop / Scan bodies, at any
+    depth) of ``graph``; ``owner`` is the main-graph node holding it."""
+    for owner in graph:
+        stack = list(_subgraphs(owner))
+        while stack:
+            sub = stack.pop()
+            for n in sub:
+                yield owner, n
+                stack.extend(_subgraphs(n))
+
+
+def _subgraphs(node: Any) -> list:
+    out = []
+    for a in node.attributes.values():
+        if a.is_ref():
+            continue
+        name = a.type.name
+        if name == "GRAPH":
+            out.append(a.value)
+        elif name == "GRAPHS":
+            out.extend(a.value)
+    return out

@@ -8,7 +8,9 @@ Rules the editor enforces so that no pass has to remember them:
   nothing reads it);
 * rewritten weights are computed in float64 and cast to the dtype of the tensor they replace
   (fp16 / bf16 models stay so);
-* a graph output keeps its name when the value behind it is replaced;
+* a graph output keeps its name, declared type and shape (symbolic dim names included) when
+  the value behind it is replaced;
+* a rewritten initializer keeps its doc string and metadata;
 * IR version 3 files list every initializer as a graph input: new ones are listed too, unused
   ones are dropped with their input entry.
 
@@ -85,7 +87,9 @@ class OnnxEditor:
         if (old is not None and old.is_initializer() and (ir3 or not old.is_graph_input()) and not old.is_graph_output()
                 and list(old.uses()) == [(node, index)]):
             arr = np.require(np.asarray(array).astype(dtype) if dtype is not None else np.asarray(array), requirements="C")
-            tensor = ir.Tensor(arr, name=old.name)
+            prev = old.const_value
+            tensor = ir.Tensor(arr, name=old.name, doc_string=getattr(prev, "doc_string", None),
+                               metadata_props=dict(getattr(prev, "metadata_props", None) or {}))
             old.const_value = tensor
             old.shape = ir.Shape(arr.shape)
             old.dtype = tensor.dtype
@@ -133,9 +137,9 @@ class OnnxEditor:
     def replace_value(self, old: Any, new: Any) -> Any:
         """Make every reader of ``old`` (and the graph output it may be) read ``new``.
 
-        A graph output keeps its name: ``new`` takes it, or an ``Identity`` carries it when
-        ``new`` is itself a graph input, output or initializer. Returns the value now standing
-        in for ``old``.
+        A graph output keeps its name and its declared type and shape: ``new`` takes them, or
+        an ``Identity`` carries them when ``new`` is itself a graph input, output or
+        initializer. Returns the value now standing in for ``old``.
         """
         if old is new:
             return new
@@ -146,9 +150,9 @@ class OnnxEditor:
             ident = self.add_node("Identity", [new], new.producer(), f"{old.name}_identity")
             new = ident.outputs[0]
         name = old.name
-        if old.type is not None and new.type is None:
+        if old.type is not None:  # the declared interface, not what inference says about ``new``
             new.type = old.type
-        if old.shape is not None and new.shape is None:
+        if old.shape is not None:
             new.shape = old.shape
         old.name = self.unique_name(f"{name}_replaced")
         old.replace_all_uses_with(new, replace_graph_outputs=True)

@@ -21,14 +21,25 @@ EXTERNAL_MIN_TENSOR = 1024
 """Tensors smaller than this stay inline even in external-data outputs."""
 
 
+def nbytes(tensor: Any) -> int:
+    """Bytes of an IR tensor's data; string tensors (no fixed bit width) by their contents."""
+    try:
+        return int(tensor.nbytes)
+    except (TypeError, ValueError):
+        try:
+            return int(sum(len(x) for x in tensor.numpy().reshape(-1)))
+        except Exception:
+            return 0
+
+
 def tensor_bytes(model: Any) -> int:
     total = 0
     for v in model.graph.initializers.values():
         if v.const_value is not None:
-            total += int(v.const_value.nbytes)
+            total += nbytes(v.const_value)
     for n in model.graph:
         if n.op_type == "Constant" and "value" in n.attributes:
-            total += int(n.attributes["value"].as_tensor().nbytes)
+            total += nbytes(n.attributes["value"].as_tensor())
     return total
 
 

@@ -7,14 +7,22 @@ the exporter spelled it:
   form before opset 10, inputs from initializers or ``Constant`` nodes after; negative axes,
   INT_MAX ends) + ``Concat(axis=1)``, phases in any order (YOLOv5 ``Focus``);
 * ``SpaceToDepth``, optionally followed by a channel shuffle (``Gather`` on axis 1, or the
-  ``Reshape → Transpose → Reshape`` of a pixel_unshuffle / DCR↔CRD conversion).
+  ``Reshape → Transpose → Reshape`` of a pixel_unshuffle / DCR↔CRD conversion);
+* ``Reshape → Transpose → Reshape`` alone (``F.pixel_unshuffle`` / ``nn.PixelUnshuffle`` as
+  ``torch.onnx.export`` writes them, with the ``Unsqueeze`` / ``Squeeze`` of a dynamic-size
+  export). A reshuffle that measures as no sub-sampling at all (a ShuffleNet channel shuffle)
+  is not a space-to-depth and is left alone without a report.
 
 Which channel holds which phase is not read from the ops' attributes but *measured*: the
 subgraph is run by onnx's reference evaluator on a labelled input (every element its own
 index, in float64) and the output must be exactly ``s2d[n, j, u, v] = x[n, c_j, r*u + dy_j,
 r*v + dx_j]`` with every (c, dy, dx) once. When H or W is symbolic the measurement is taken
 at two sizes, and Slices must start inside the first block and run to the end
-(``start < step``, ``end >= 2**31 - 1``), so the rewrite holds for every input size.
+(``start < step``, ``end >= 2**31 - 1``), so the rewrite holds for every input size. Whether
+H and W are symbolic is decided from the graph inputs' declared shapes propagated by shape
+inference, never from the file's ``value_info`` alone (which may be stale: a model exported
+at a fixed size whose input was made dynamic later); when inference cannot reach the tensor
+they count as symbolic if any graph input has a symbolic non-batch dimension.
 
 Rewrite: one Conv on ``x`` with kernel ``r*k``, stride ``r*s``, padding ``r*p`` and the
 weights of :func:`modelsurgeon.rewrite.space_to_depth.merge_weight` (float64, cast to the
@@ -33,7 +41,7 @@ from ...errors import BadInput
 from ...match.onnx import _attr, to_f64
 from ..base import Applied, Match, OnnxContext, Pass, Skipped
 
-SHUFFLE = {"Gather", "Transpose", "Reshape", "Identity"}
+SHUFFLE = {"Gather", "Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze"}
 MOVES = SHUFFLE | {"Slice", "Concat", "SpaceToDepth"}
 TO_END = 2 ** 31 - 1
 PROBE_SIZES = ((24, 48), (48, 72))  # divisible by 2, 3, 4, 6, 8, 12, 24; two sizes, never square
@@ -48,14 +56,19 @@ class FocusMatch(Match):
     r: int = 2
 
 
+NOT_S2D = "not a space-to-depth"
+"""Marker of a measurement showing no sub-sampling at all (a reshuffle of channels)."""
+
+
 def _data_inputs(node: Any) -> list:
     if node.op_type == "Concat":
         return [v for v in node.inputs if v is not None]
     return [node.inputs[0]] if node.inputs else []
 
 
-def region(g: OnnxGraph, s: Any) -> tuple[list, Any] | str | None:
-    """The space-to-depth subgraph ending at ``s`` and its one source tensor; ``None`` when
+def region(g: OnnxGraph, s: Any) -> tuple[list, Any, bool] | str | None:
+    """The space-to-depth subgraph ending at ``s``, its one source tensor and whether it is
+    a Reshape/Transpose reshuffle only (a space-to-depth only if measured so); ``None`` when
     there is no such subgraph, a reason when there is one that cannot be used."""
     nodes: dict[int, Any] = {}
     sources: dict[int, Any] = {}
@@ -80,9 +93,13 @@ def region(g: OnnxGraph, s: Any) -> tuple[list, Any] | str | None:
             else:
                 stack.append(d)
     ops = [n.op_type for n in nodes.values()]
-    if "SpaceToDepth" not in ops and (ops.count("Slice") < 2 or not any(_strided(g, n) for n in nodes.values())):
+    explicit = "SpaceToDepth" in ops or (ops.count("Slice") >= 2 and any(_strided(g, n) for n in nodes.values()))
+    reshuffle = not explicit and "Slice" not in ops and "Concat" not in ops and "Reshape" in ops and "Transpose" in ops
+    if not explicit and not reshuffle:
         return None  # channel splits and the like: no sub-sampling, no space-to-depth
     if len(sources) != 1:
+        if reshuffle:
+            return None
         return "the space-to-depth subgraph reads more than one tensor"
     order = {id(n): i for i, n in enumerate(g.graph)}
     members = sorted(nodes.values(), key=lambda n: order[id(n)])
@@ -93,7 +110,7 @@ def region(g: OnnxGraph, s: Any) -> tuple[list, Any] | str | None:
                 continue
             if o.is_graph_output() or any(id(c) not in inside for c in o.consumers()):
                 return f"{node_label(n)}'s output is also read outside the space-to-depth"
-    return members, next(iter(sources.values()))
+    return members, next(iter(sources.values())), reshuffle
 
 
 def _slice_params(g: OnnxGraph, node: Any):
@@ -154,12 +171,16 @@ def probe(g: OnnxGraph, members: list, x: Any, s: Any, shape: tuple[int, int, in
     if out.ndim != 4 or out.shape[0] != n:
         return f"its output has shape {list(out.shape)}, not a space-to-depth of {list(shape)}"
     _, c2, h2, w2 = out.shape
+    if (h2, w2) == (h, w):
+        return NOT_S2D
     if h2 == 0 or w2 == 0 or h % h2 or w % w2 or h // h2 != w // w2 or h // h2 < 2 or c2 != c * (h // h2) ** 2:
         return f"its output has shape {list(out.shape)}, not a space-to-depth of {list(shape)}"
     r = h // h2
     first = out[0, :, 0, 0].astype(np.int64)
     ch, rem = first // (h * w), first % (h * w)
     dy, dx = rem // w, rem % w
+    if (ch >= c).any() or (ch < 0).any():  # labels of another batch element
+        return "its output mixes batch elements"
     if (dy >= r).any() or (dx >= r).any() or len(set(zip(ch.tolist(), dy.tolist(), dx.tolist()))) != c2:
         return "its channels are not the r x r phases of the input"
     rows = r * np.arange(h2)[None, :] + dy[:, None]
@@ -218,11 +239,13 @@ class FocusToConv(Pass):
             if isinstance(found, str):
                 yield Skipped(label, found)
                 continue
-            members, x = found
+            members, x, reshuffle = found
+            result = self._measure(ctx, members, x, s, quiet=reshuffle)
+            if result is None:  # a reshuffle that does not measure as a space-to-depth
+                continue
             if s.is_graph_output() or any(c is not conv for c in s.consumers()):
                 yield Skipped(label, f"the space-to-depth output is also read by {g.describe_readers(s)}")
                 continue
-            result = self._measure(ctx, members, x, s)
             if isinstance(result, str):
                 yield Skipped(label, result)
                 continue
@@ -233,12 +256,18 @@ class FocusToConv(Pass):
                 continue
             yield FocusMatch(target=label, conv=conv, source=x, nodes=members, phases=phases, r=r)
 
-    def _measure(self, ctx: OnnxContext, members: list, x: Any, s: Any):
+    def _measure(self, ctx: OnnxContext, members: list, x: Any, s: Any, quiet: bool = False):
+        """``(r, phases)``, or why not. ``quiet`` (a Reshape/Transpose reshuffle, which is a
+        space-to-depth only if measured so): ``None`` unless the first measurement shows one."""
         g = ctx.graph
-        decl = shape_of(x)
+        decl = self._shape(ctx, x)
         if decl is None or len(decl) != 4:
+            if quiet:
+                return None
             return "the rank of the tensor it splits is unknown" if decl is None else "the tensor it splits is not 4-D"
         if not isinstance(decl[1], int):
+            if quiet:
+                return None
             return "the channel count of the tensor it splits is symbolic"
         example = ctx.input_shapes.get(x.name) if x.is_graph_input() else None
         n = decl[0] if isinstance(decl[0], int) else (example[0] if example else 1)
@@ -247,19 +276,46 @@ class FocusToConv(Pass):
         else:
             why = _size_independent(g, members, x)
             if why:
-                return why
+                return None if quiet else why
             sizes = list(PROBE_SIZES)
             if example:
                 sizes.insert(0, tuple(example[2:]))
         first = None
         for h, w in sizes:
             result = probe(g, members, x, s, (n, decl[1], h, w))
+            if quiet and first is None and isinstance(result, str):
+                return None  # no sub-sampling (a channel shuffle), or not measurable: not recognised
+            if result == NOT_S2D:
+                result = "its output is not sub-sampled: not a space-to-depth"
             if isinstance(result, str):
                 return result
             if first is not None and result != first:
                 return "its channel order depends on the input size"
             first = result
+        if not isinstance(decl[0], int) and n < 2:  # a symbolic batch: no data may cross batch elements
+            h, w = sizes[0]
+            result = probe(g, members, x, s, (2, decl[1], h, w))
+            if result != first and not (isinstance(result, str) and result.startswith("the subgraph cannot be evaluated")):
+                return "it moves data between batch elements (measured at batch 2)"
         return first
+
+    @staticmethod
+    def _shape(ctx: OnnxContext, x: Any) -> tuple | None:
+        """The shape of ``x`` from the graph inputs' declared shapes (see the module docstring):
+        a graph input's own declaration; otherwise the shape inference gives from the inputs,
+        which replaces a possibly stale ``value_info``; failing that the ``value_info``, with H
+        and W taken as symbolic when a graph input has a symbolic non-batch dimension."""
+        decl = shape_of(x)
+        if x.is_graph_input():
+            return decl
+        fresh = ctx.graph.propagated_shape(x)
+        if fresh is not None:
+            return fresh
+        if decl is None or len(decl) != 4:
+            return decl
+        dynamic = any(not isinstance(d, int) for v in ctx.model.graph.inputs if not v.is_initializer()
+                      for d in (shape_of(v) or (None, None))[1:])
+        return (decl[0], decl[1], None, None) if dynamic else decl
 
     def rewrite(self, ctx: OnnxContext, m: FocusMatch) -> Applied:
         from ...rewrite.space_to_depth import merge_weight
@@ -284,8 +340,8 @@ class FocusToConv(Pass):
         ed.remove_nodes(m.nodes)
         counts = Counter(n.op_type for n in m.nodes)
         what = " + ".join(f"{op}×{c}" if c > 1 else op for op, c in counts.items())
-        detail = (f"{what} (r={r}) + Conv k{k[0]} s{st[0]} p{pads[0]} → Conv k{r * k[0]} s{r * st[0]} "
-                  f"p{r * pads[0]} on {m.source.name}")
+        detail = (f"{what} (r={r}) + Conv k{_fmt(k)} s{_fmt(st)} p{_fmt(pads)} → Conv k{_fmt([r * v for v in k])} "
+                  f"s{_fmt([r * v for v in st])} p{_fmt([r * v for v in pads])} on {m.source.name}")
         if shared:
             detail += " (its weight is shared: written as a new initializer)"
         return Applied(m.target, detail, {
@@ -293,3 +349,9 @@ class FocusToConv(Pass):
             "removed": [node_label(n) for n in m.nodes],
             "kernel": [r * k[0], r * k[1]], "stride": [r * st[0], r * st[1]], "padding": [r * p for p in pads],
         })
+
+
+def _fmt(values: list) -> str:
+    """``3`` when every axis has the same value, else the full list ``[1,2]``."""
+    values = [int(v) for v in values]
+    return str(values[0]) if len(set(values)) == 1 else "[" + ",".join(map(str, values)) + "]"

@@ -14,7 +14,8 @@ new initializers (a weight another node also reads is therefore duplicated, neve
 under that reader); a bias-free Conv gains a bias input, a Gemm gains ``C`` (with
 ``beta = 1``), a MatMul keeps one ``Add``. The affine nodes are removed.
 
-Every BatchNormalization that is not folded is reported with the reason.
+Every BatchNormalization that is not folded is reported with the reason -- those inside a
+subgraph (an ``If`` branch, a ``Loop`` / ``Scan`` body) too: subgraphs are not rewritten.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from ...capture.onnx import node_label
+from ...capture.onnx import node_label, subgraph_nodes
 from ...match.onnx import LINEAR, LinearUnit, Step, walk, linear_unit, _bn_training
 from ...rewrite.onnx import fold_affine
 from ..base import Applied, Match, OnnxContext, Pass, Skipped
@@ -89,6 +90,10 @@ class FoldBN(Pass):
             if node.op_type == "BatchNormalization" and id(node) not in handled:
                 hit = reasons.get(id(node))
                 yield Skipped(node_label(node), hit[1] if hit else _unfolded_reason(ctx, node))
+        for owner, node in subgraph_nodes(g.graph):
+            if node.op_type == "BatchNormalization" and g.is_default_domain(node):
+                where = f"{owner.op_type} {owner.name}" if owner.name else node_label(owner)
+                yield Skipped(node_label(node), f"inside a subgraph ({where}): not rewritten")
 
     def rewrite(self, ctx: OnnxContext, m: FoldMatch) -> Applied:
         return apply_fold(ctx, m)

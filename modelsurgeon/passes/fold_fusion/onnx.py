@@ -8,7 +8,8 @@ Two steps, both exact:
    the BiFPN / Darknet weighted-shortcut normalisation ``relu(w) / (sum(relu(w)) + eps)``,
    shape arithmetic, transposed or cast weights. Left alone: random generators and
    (de)quantisation (:data:`modelsurgeon.capture.onnx.NOT_EVALUATED`), results that are graph
-   outputs, and results much larger than what they are computed from (an ``Expand`` of a
+   outputs, non-numeric results (string tensors: ``Constant`` nodes holding strings stay
+   nodes), and results much larger than what they are computed from (an ``Expand`` of a
    scalar stays an ``Expand``);
 2. a constant scalar or per-channel ``Mul`` / ``Div`` (and ``Add`` / ``Sub``) after a Conv,
    ConvTranspose, Gemm or MatMul whose output has no other reader is folded into its weights
@@ -28,6 +29,10 @@ from ...capture.onnx import EvaluationError, OnnxGraph, node_label
 from ...match.onnx import LINEAR
 from ..base import Applied, Match, OnnxContext, Pass, Skipped
 from ..fold_bn.onnx import FoldMatch, apply_fold, find_folds
+
+def _numeric(arr: Any) -> bool:
+    return arr is not None and getattr(arr, "dtype", None) is not None and arr.dtype.kind in "biufc"
+
 
 MAX_GROWTH_BYTES = 1 << 20
 """A constant result may exceed what it is computed from by at most this many bytes."""
@@ -105,6 +110,9 @@ class FoldFusion(Pass):
             except EvaluationError as e:
                 yield Skipped(target, f"the constant subgraph cannot be evaluated ({e})")
                 continue
+            if not all(_numeric(a) for a in arrays):
+                yield Skipped(target, "a non-numeric (string) constant: left as computed")
+                continue
             out_bytes, in_bytes = sum(int(a.nbytes) for a in arrays), _leaf_bytes(g, nodes)
             if out_bytes > in_bytes + MAX_GROWTH_BYTES:
                 yield Skipped(target, f"evaluating it would store {_mb(out_bytes)} computed from {_mb(in_bytes)}")
@@ -119,7 +127,11 @@ class FoldFusion(Pass):
             except EvaluationError as e:
                 yield Skipped("Constant nodes", f"cannot be read ({e})")
             else:
-                yield EvalMatch(target=f"{len(lift)} Constant node{'s' if len(lift) > 1 else ''}", nodes=lift, values=values)
+                values = [(v, a) for v, a in values if _numeric(a)]  # string Constants stay nodes
+                lift = [v.producer() for v, _ in values]
+                if lift:
+                    yield EvalMatch(target=f"{len(lift)} Constant node{'s' if len(lift) > 1 else ''}", nodes=lift,
+                                    values=values)
         yield from find_folds(ctx, allow_bn=False)
         for node in g.nodes:
             if node.op_type not in ("Mul", "Div") or len(node.inputs) != 2:
