@@ -31,7 +31,7 @@ def _shape_args(input_shape: Shape | Sequence[Shape] | None) -> list[str]:
 
 
 def apply_passes(model: Any, passes: Sequence[str], input_shape: Shape | Sequence[Shape] | None = None, *,
-                 trials: int = 1, seed: int = 0, atol: float | None = None, rtol: float | None = None,
+                 trials: int = 2, seed: int = 0, atol: float | None = None, rtol: float | None = None,
                  verify: bool = True, repeat: bool = False, pass_options: dict | None = None,
                  command: str | None = None):
     """Run passes on ``model`` in place and verify; returns the :class:`~modelsurgeon.report.Report`."""

@@ -13,6 +13,7 @@ before the rewrite, which then happens in place.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ class Options:
     input_shapes: Sequence[str] = ()
     dtype: str = "auto"
     seed: int = 0
-    trials: int = 1
+    trials: int = 2
     atol: float | None = None
     rtol: float | None = None
     verify: bool = True
@@ -75,6 +76,11 @@ def run(command: str, passes: Sequence[str], opts: Options) -> Report:
     passes = list(passes)
     if opts.trials < 1:
         raise BadInput("--trials must be at least 1")
+    for flag, value in (("--atol", opts.atol), ("--rtol", opts.rtol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise BadInput(f"{flag} {value}: a tolerance must be a finite number >= 0")
+    if not 0 <= opts.seed < 2**32:
+        raise BadInput(f"--seed {opts.seed}: choose a seed from 0 to 2**32 - 1")
     out_path = Path(opts.output) if opts.output else default_output(opts, command)
     out_fmt = output_format(out_path)
     check_output_path(out_path, opts.input, opts.in_place)
@@ -85,6 +91,10 @@ def run(command: str, passes: Sequence[str], opts: Options) -> Report:
         import torch  # noqa: F401
 
         report.timings["import"] = time.perf_counter() - t
+        if out_fmt == "onnx":
+            from .save.onnx_export import check_opset
+
+            check_opset(opts.opset)
     t = time.perf_counter()
     status(f"loading {opts.input.name}")
     ckpt = load_checkpoint(opts.input, arch=opts.arch, arch_kwargs=opts.arch_kwargs,
@@ -117,6 +127,7 @@ def _run_torch(command, passes, opts, ckpt, report, out_path, out_fmt) -> Report
     spec = InputSpec.parse(opts.input_shapes, "float32" if opts.dtype == "auto" else opts.dtype, opts.seed)
     multi = len(ckpt.slots) > 1
     report.slots = [s.name for s in ckpt.slots]
+    ckpt.attach(report)  # the loader's notes (aliased slots) and the writer's warnings go into the report
     report.passes = [PassReport(name) for name in passes]
     report.parity = ParityReport(trials=opts.trials, checked=opts.verify)
     primary = ckpt.primary()
@@ -124,7 +135,7 @@ def _run_torch(command, passes, opts, ckpt, report, out_path, out_fmt) -> Report
     for slot in ckpt.slots:
         status(f"{slot.name}: preparing" if multi else "preparing")
         slot.storage = prepare(slot.module)
-        recipe = ckpt.recipe if not multi and ckpt.recipe is not None else Recipe()
+        recipe = ckpt.recipe_for(slot)  # one per model: a safetensors output records its own
         refs = operate(slot.module, slot.storage, passes, opts, spec, report, recipe,
                        slot_name=slot.name if multi else None, primary=slot is primary)
         if slot is primary:
@@ -135,7 +146,9 @@ def _run_torch(command, passes, opts, ckpt, report, out_path, out_fmt) -> Report
     if report.stopped:  # a pass answered an inspection (truncate --list): nothing more to do
         report.parity = ParityReport(checked=False, note=f"({report.stopped}: nothing rewritten)")
         return report
-    if not opts.verify:
+    if opts.dry_run:
+        report.parity = ParityReport(checked=False, note="(--dry-run: nothing rewritten)")
+    elif not opts.verify:
         report.parity = ParityReport(checked=False, note="(--no-verify)")
     report.inputs = list(spec.shapes)
     if opts.verify and not report.parity.passed:
@@ -172,6 +185,7 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
     t = time.perf_counter()
     status(f"{label}capturing the dataflow graph")
     refs = References(spec, opts.trials, dtype)
+    state = BufferState(model)
     graph, out0, flops = _first_capture(model, spec, refs, report)
     report.timings["capture"] = report.timings.get("capture", 0) + time.perf_counter() - t
     before = torch_stats(model, graph, flops)
@@ -182,6 +196,16 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
     except ModelRunError as e:
         raise BadInput(f"the model cannot run on inputs {spec.describe()}: {e}")
     del out0
+    changed_by_running = state.changed()
+    if changed_by_running:
+        report.warnings.append(
+            f"{label}running the model changes its buffers ({', '.join(changed_by_running[:4])}"
+            f"{', ...' if len(changed_by_running) > 4 else ''}: a module updating its state in eval mode); "
+            "they are kept at the checkpoint's values in the output")
+    state.restore()
+    if refs.grown_error is not None and primary:
+        report.notes.append(f"{label}the model does not run at inputs {spec.describe(grow=1)} ({refs.grown_error}): "
+                            f"parity is checked at {spec.describe()} only")
     if refs.uninformative:
         report.warnings.append(f"{label}every output is zero on {refs.trials} random inputs: parity cannot "
                                "tell a right rewrite from a wrong one (choose other --input-shape/--seed)")
@@ -228,14 +252,21 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
                     step = refs.check(model, tol, runner=_rewritten_runner(name))
                     if not step.passed and not opts.force:
                         report.parity.merge(step, prefix=label)
-                        raise ParityError(f"parity failed after {name} ({step.worst()}); nothing written", report)
+                        raise ParityError(f"parity failed after {name} ({label}{step.worst()}); nothing written", report)
         if not (opts.repeat and changed):
             break
     if opts.repeat:
         report.extra["rounds"] = max(report.extra.get("rounds", 0), round_ + 1)
     report.timings["rewrite"] = report.timings.get("rewrite", 0) + time.perf_counter() - t
+    if opts.dry_run:  # nothing was rewritten: there is nothing to verify
+        state.restore()
+        if primary:
+            report.before, report.after = before, before
+            report.extra.update(extra)
+        return refs
     t = time.perf_counter()
     status(f"{label}verifying")
+    state.restore()  # the verification starts from the state the references started from
     try:
         graph_after, out_after, flops_after = _capture(model, inputs0, count_flops=True)
     except ModelRunError as e:
@@ -253,10 +284,41 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
             # the function changed on purpose: an ONNX export must reproduce the rewritten model
             refs.record(model, out_after)
             refs.rewritten = True
+    state.restore()
     if primary:
         report.extra.update(extra)
     report.timings["verify"] = report.timings.get("verify", 0) + time.perf_counter() - t
     return refs
+
+
+class BufferState:
+    """Buffers as the checkpoint holds them, for the ones running the model changes.
+
+    Capture, references and verification run the real model; a module that updates its
+    buffers in eval mode (a calibrated observer, a BatchNorm forced to training statistics)
+    would otherwise be saved with the state those runs left. The first run shows which
+    buffers move; they are put back before the verification run and after it."""
+
+    def __init__(self, model: Any):
+        self._saved = [(name, b, b.detach().clone()) for name, b in model.named_buffers() if b is not None]
+        self._moved: list | None = None
+
+    def changed(self) -> list[str]:
+        """Names of the buffers the runs so far changed (from then on, the ones restored)."""
+        import torch
+
+        self._moved = [(n, b, v) for n, b, v in self._saved
+                       if b.shape != v.shape or not torch.equal(b.detach(), v)]
+        self._saved = []
+        return [n for n, _, _ in self._moved]
+
+    def restore(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for _, b, v in self._moved or []:
+                if b.shape == v.shape:
+                    b.copy_(v)
 
 
 def _take_warnings(report, ctx, label: str) -> None:
@@ -357,7 +419,7 @@ def _save(ckpt, opts, report, out_path, out_fmt, primary, refs) -> None:
             if opts.verify:
                 tol = Tolerance.default(primary.storage.default_dtype, opts.atol, opts.rtol)
                 per_trial = []
-                for trial in range(refs.trials):
+                for trial in refs.same_shape_trials():  # the export has the example's fixed shapes
                     try:
                         outs = ort_run(tmp, refs.inputs(trial))
                     except Exception as e:

@@ -161,11 +161,37 @@ def test_unreadable_file_as_an_unprivileged_user(good):
     ("1,3,8,8,1,1,1,1,1", "more than 8 dimensions"),
     ("1,5,8,8", "cannot run on inputs 1,5,8,8"),  # wrong channel count
     ("1,3,8", "cannot run on inputs 1,3,8"),  # wrong rank
+    ("99999999999999999999,3,8,8", "a dimension above 2**31 - 1"),
+    ("1,3,1000000,1000000", "more than half of the memory available"),  # refused before allocating
 ])
 def test_malformed_or_wrong_input_shape(good, outdir, shape, fragment):
     before = snapshot(good.parent, outdir)
     r = run_cli("fold-bn", good, *TINY, "-s", shape, "-o", outdir / "o.pt")
     assert_refused(r, fragment, before, {good: good.read_bytes()})
+
+
+@pytest.mark.parametrize("option,fragment", [
+    (["--atol", "-1"], "a tolerance must be a finite number >= 0"),
+    (["--rtol", "nan"], "a tolerance must be a finite number >= 0"),
+    (["--seed", str(2**70)], "choose a seed from 0 to 2**32 - 1"),
+    (["--seed", "-1"], "choose a seed from 0 to 2**32 - 1"),
+    (["--opset", "99", "-o", "{out}/o.onnx"], "can use opsets 7 to"),
+    (["--opset", "5", "-o", "{out}/o.onnx"], "can use opsets 7 to"),
+])
+def test_impossible_option_values(good, outdir, option, fragment):
+    """Refused before any work (not reported as a parity failure or an internal error), and
+    --json's stdout stays empty (the exporter used to print whole graphs there)."""
+    before = snapshot(good.parent, outdir)
+    option = [o.replace("{out}", str(outdir)) for o in option]
+    out = [] if "-o" in option else ["-o", outdir / "o.pt"]
+    r = run_cli("fold-bn", good, *TINY, *SHAPE, *option, *out, "--json")
+    assert_refused(r, fragment, before, {good: good.read_bytes()})
+    assert r.out == ""
+
+
+def test_no_command_names_what_is_missing():
+    r = run_cli()
+    assert r.code == 2 and "missing command" in r.err
 
 
 def test_missing_output_directory(good, outdir):

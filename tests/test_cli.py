@@ -47,6 +47,8 @@ def test_dry_run_writes_nothing(ckpts, tmp_path):
     assert r.code == 0
     assert r.json()["dry_run"] is True and r.json()["written"] is False
     assert len(r.json()["applied"]) == 52
+    # nothing was rewritten, so nothing was verified: the report must not claim parity
+    assert r.json()["parity"]["checked"] is False and "dry-run" in r.json()["parity"]["note"]
     assert files_in(tmp_path) == before
 
 

@@ -166,7 +166,7 @@ def _main(argv: list[str]) -> int:
     except Exception as e:
         fmt = getattr(e, "format_message", None)
         if fmt is not None and hasattr(e, "exit_code"):  # click/typer usage errors
-            _error(fmt() + _usage_hint(e))
+            _error((fmt() or "missing command") + _usage_hint(e))
             return int(e.exit_code)
         if debug:
             import traceback

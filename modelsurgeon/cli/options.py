@@ -23,8 +23,9 @@ COMMON: list[inspect.Parameter] = [
         show_default=False)]),
     _P("dtype", _P.KEYWORD_ONLY, default="auto", annotation=Annotated[str, typer.Option(
         help="Input dtype: auto (the model's compute dtype), float32, float64, float16, bfloat16, int64, int32.")]),
-    _P("trials", _P.KEYWORD_ONLY, default=1, annotation=Annotated[int, typer.Option(
-        help="Random inputs to check parity on.")]),
+    _P("trials", _P.KEYWORD_ONLY, default=2, annotation=Annotated[int, typer.Option(
+        help="Random inputs to check parity on: the example input, then fresh ones (the second one batch larger, "
+        "when the model runs at it).")]),
     _P("seed", _P.KEYWORD_ONLY, default=0, annotation=Annotated[int, typer.Option(help="Seed of the random inputs.")]),
     _P("atol", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[float], typer.Option(
         help="Absolute tolerance (default by dtype: 1e-6 for float32 weights).", show_default=False)]),

@@ -10,6 +10,14 @@ MAX_ROWS = 25
 """Rows per table in the terminal report; ``--json`` always lists everything."""
 
 
+def _e(text: Any) -> str:
+    """User-derived text (tensor and node names, shapes such as ``[batch, 16, 32, 32]``, details,
+    reasons, paths) shown literally, not read as rich markup."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
 def _fmt_int(v: int | None) -> str:
     if v is None:
         return "-"
@@ -31,9 +39,9 @@ def _change(a: int | None, b: int | None) -> str:
 def render(report: Report, console: Any) -> None:
     from rich.table import Table
 
-    head = f"[bold]modelsurgeon {report.command}[/bold]  {report.input}"
+    head = f"[bold]modelsurgeon {report.command}[/bold]  {_e(report.input)}"
     if report.output:
-        head += f" → {report.output}" + ("" if report.written else " [dim](not written)[/dim]")
+        head += f" → {_e(report.output)}" + ("" if report.written else " [dim](not written)[/dim]")
     console.print(head)
     if report.inputs:
         console.print(f"inputs: {'; '.join('x'.join(map(str, s)) for s in report.inputs)}"
@@ -54,7 +62,7 @@ def render(report: Report, console: Any) -> None:
             console.print(f"[bold cyan]{p.name}[/bold cyan]: {len(p.applied)} rewritten, {len(p.skipped)} skipped")
             _tables(console, p.applied, p.skipped, multi_slot, with_pass=False, indent=True)
             for n in p.notes:
-                console.print(f"  [dim]note:[/dim] {n}")
+                console.print(f"  [dim]note:[/dim] {_e(n)}")
     else:
         if not report.applied and not report.stopped:
             console.print("[yellow]nothing to rewrite[/yellow]")
@@ -77,7 +85,9 @@ def render(report: Report, console: Any) -> None:
         console.print(t)
 
     p = report.parity
-    if p is not None and p.checked:
+    if p is not None and p.checked and not p.outputs and not report.written:
+        console.print("[red]parity not established[/red]: the rewritten model was not compared (see the error)")
+    elif p is not None and p.checked:
         t = Table(title=f"Parity ({p.trials} trial{'s' if p.trials != 1 else ''}, "
                         f"pass if max|Δ| ≤ {p.atol:g} + {p.rtol:g}·max|ref|)", title_justify="left")
         t.add_column("output")
@@ -85,30 +95,30 @@ def render(report: Report, console: Any) -> None:
         t.add_column("max rel", justify="right")
         t.add_column("")
         for o in p.outputs[:40]:
-            t.add_row(o.name, f"{o.max_abs:.3g}", f"{o.max_rel:.3g}",
-                      "[green]ok[/green]" if o.passed else f"[red]FAIL[/red] {o.note}")
+            t.add_row(_e(o.name), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}",
+                      "[green]ok[/green]" if o.passed else f"[red]FAIL[/red] {_e(o.note)}")
         if len(p.outputs) > 40:
             t.add_row(f"… {len(p.outputs) - 40} more", "", "", "")
         console.print(t)
     elif p is not None and not report.stopped:
-        console.print(f"[yellow]parity not checked[/yellow] {p.note}")
+        console.print(f"[yellow]parity not checked[/yellow] {_e(p.note)}")
     for n in report.notes:
-        console.print(f"[dim]note:[/dim] {n}")
+        console.print(f"[dim]note:[/dim] {_e(n)}")
     for w in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}")
+        console.print(f"[yellow]warning:[/yellow] {_e(w)}")
     if report.stopped:
         console.print(f"[bold]{report.stopped}:[/bold] nothing rewritten, nothing written")
     elif report.dry_run:
         console.print("[bold]dry run:[/bold] nothing written")
     elif report.written:
-        console.print(f"[bold green]wrote[/bold green] {report.output}")
+        console.print(f"[bold green]wrote[/bold green] {_e(report.output)}")
 
 
 def _render_truncate(info: dict, console: Any) -> None:
     """The truncate section: the stage and why, its blocks, what was removed and rebuilt."""
     from rich.table import Table
 
-    console.print(f"[bold]stage[/bold] {info.get('stage_label', info.get('stage'))}: {info.get('reason', '')}")
+    console.print(f"[bold]stage[/bold] {_e(info.get('stage_label', info.get('stage')))}: {_e(info.get('reason', ''))}")
     rows = info.get("blocks", [])
     marked = any("removed" in r for r in rows)
     t = Table(title=f"Blocks of {info.get('stage_label')} ({len(rows)})", title_justify="left")
@@ -119,7 +129,9 @@ def _render_truncate(info: dict, console: Any) -> None:
         t.add_column("")
     for r in rows:
         shape = "x".join(map(str, r["out_shape"])) if r.get("out_shape") else "-"
-        cells = [str(r["index"]), r["path"], r["type"], shape, str(r.get("out_channels") or "-"),
+        extra = [w for w in r.get("with", []) if isinstance(w, dict)]  # attached parameter-free calls
+        cells = [str(r["index"]), _e(" + ".join([r["path"]] + [w["path"] for w in extra])),
+                 _e(" + ".join([r["type"]] + [w["type"] for w in extra])), shape, str(r.get("out_channels") or "-"),
                  _fmt_int(r.get("params")), _fmt_int(r.get("flops"))]
         if marked:
             cells.append("[red]removed[/red]" if r.get("removed") else "[green]kept[/green]")
@@ -128,8 +140,8 @@ def _render_truncate(info: dict, console: Any) -> None:
     if not info.get("removed"):
         return
     ch = info.get("output_channels", {})
-    console.print(f"removed {len(info['removed'])} block(s) after {info.get('last_kept')}: "
-                  f"{', '.join(info['removed'])}; stage output {ch.get('before')} → {ch.get('after')} channels")
+    console.print(f"removed {len(info['removed'])} block(s) after {_e(info.get('last_kept'))}: "
+                  f"{_e(', '.join(info['removed']))}; stage output {ch.get('before')} → {ch.get('after')} channels")
     head = info.get("head", {})
     layers = [l for l in head.get("layers", []) if isinstance(l, dict)]
     if layers:
@@ -137,8 +149,8 @@ def _render_truncate(info: dict, console: Any) -> None:
         for col in ("layer", "action", "before", "after"):
             t.add_column(col)
         for l in layers:
-            action = "[bold red]rebuilt, re-initialised: needs fine-tuning[/bold red]" if l.get("reinitialised") else l["action"]
-            t.add_row(l["path"], action, l.get("before", "-"), l.get("after", "-"))
+            action = "[bold red]rebuilt, re-initialised: needs fine-tuning[/bold red]" if l.get("reinitialised") else _e(l["action"])
+            t.add_row(_e(l["path"]), action, _e(l.get("before", "-")), _e(l.get("after", "-")))
         console.print(t)
     elif head.get("unchanged"):
         console.print("the stage's output keeps its shape: the head is left as it is")
@@ -154,10 +166,10 @@ def _render_truncate(info: dict, console: Any) -> None:
         fmt = lambda ss: "; ".join("x".join(map(str, s)) for s in ss) or "-"
         console.print(f"model output: {fmt(shapes.get('before', []))} → {fmt(shapes.get('after', []))}")
     if "prefix_exact" in info:
-        console.print(f"kept prefix ({info.get('last_kept')}) identical to the original: "
+        console.print(f"kept prefix ({_e(info.get('last_kept'))}) identical to the original: "
                       + ("[green]yes, bit for bit[/green]" if info["prefix_exact"] else "[red]no[/red]"))
     if info.get("identity_note"):
-        console.print(f"[dim]note:[/dim] {info['identity_note']}")
+        console.print(f"[dim]note:[/dim] {_e(info['identity_note'])}")
 
 
 def _render_tensors(rows: list, console: Any) -> None:
@@ -167,7 +179,7 @@ def _render_tensors(rows: list, console: Any) -> None:
     for col, kw in (("#", {"justify": "right"}), ("tensor", {"style": "green"}), ("op", {}), ("shape", {}), ("", {})):
         t.add_column(col, **kw)
     for r in rows:
-        t.add_row(str(r["index"]), r["name"], r["op"], r["shape"], "output" if r.get("output") else "")
+        t.add_row(str(r["index"]), _e(r["name"]), _e(r["op"]), _e(r["shape"]), "output" if r.get("output") else "")
     console.print(t)
 
 
@@ -187,7 +199,7 @@ def _tables(console: Any, applied: list, skipped: list, multi_slot: bool, with_p
         t.add_column("target", style="green")
         t.add_column("change")
         for a in applied[:MAX_ROWS]:
-            t.add_row(*(([a.pass_name] if with_pass else []) + ([a.slot or ""] if multi_slot else []) + [a.target, a.detail]))
+            t.add_row(*(([a.pass_name] if with_pass else []) + ([_e(a.slot or "")] if multi_slot else []) + [_e(a.target), _e(a.detail)]))
         _more(t, len(applied))
         show(t)
     if skipped:
@@ -199,7 +211,7 @@ def _tables(console: Any, applied: list, skipped: list, multi_slot: bool, with_p
         t.add_column("target", style="yellow")
         t.add_column("reason")
         for s in skipped[:MAX_ROWS]:
-            t.add_row(*(([s.pass_name] if with_pass else []) + ([s.slot or ""] if multi_slot else []) + [s.target, s.reason]))
+            t.add_row(*(([s.pass_name] if with_pass else []) + ([_e(s.slot or "")] if multi_slot else []) + [_e(s.target), _e(s.reason)]))
         _more(t, len(skipped))
         show(t)
 

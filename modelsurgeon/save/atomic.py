@@ -12,7 +12,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from ..errors import BadInput, SurgeryError
 
@@ -36,18 +36,45 @@ def check_output_path(path: Path, input_path: Path | None = None, in_place: bool
         raise BadInput(f"output directory is not writable: {parent}")
 
 
+def _create_temporary(path: Path, make) -> tuple[Any, list]:
+    """``make()`` (which creates a temporary file or directory for ``path``), with Ctrl-C held
+    back while it runs: an interrupt landing after the creation but before the caller's
+    cleanup is armed would leave the temporary behind. Returns ``(result, held)``; the caller
+    raises ``KeyboardInterrupt`` inside its cleanup block when ``held`` is not empty."""
+    import signal
+    import threading
+
+    held: list = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        try:
+            previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+        except (ValueError, OSError):
+            previous = None
+    try:
+        return make(), held
+    except OSError as e:
+        raise BadInput(f"cannot write {path}: {e.strerror or e}")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s directory; on success it replaces ``path``."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
-    try:
+
+    def make() -> Path:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise BadInput(f"cannot write {path}: {e.strerror or e}")
-    os.close(fd)
-    tmp_path = Path(tmp)
+        os.close(fd)
+        return Path(tmp)
+
+    tmp_path, held = _create_temporary(path, make)
     try:
+        if held:
+            raise KeyboardInterrupt
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
@@ -121,11 +148,11 @@ def atomic_files(path: Path) -> Iterator[Path]:
 
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
+    tmp_dir, held = _create_temporary(
+        path, lambda: Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)))
     try:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
-    except OSError as e:
-        raise BadInput(f"cannot write {path}: {e.strerror or e}")
-    try:
+        if held:
+            raise KeyboardInterrupt
         yield tmp_dir
         main = tmp_dir / path.name
         umask = os.umask(0)

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput
+
+
+ORT_MIN_OPSET = 7  # the oldest opset onnxruntime runs
+
+
+def check_opset(opset: int) -> None:
+    """An opset the exporter can write and onnxruntime can run, or exit 2 before any work."""
+    from torch.onnx import _constants
+
+    lo, hi = max(_constants.ONNX_MIN_OPSET, ORT_MIN_OPSET), _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    if not lo <= opset <= hi:
+        raise BadInput(f"--opset {opset}: ONNX outputs exported from PyTorch can use opsets {lo} to {hi}")
 
 
 def export(model: Any, inputs: list, path: Path, opset: int = 17) -> None:
@@ -19,12 +32,36 @@ def export(model: Any, inputs: list, path: Path, opset: int = 17) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model, tuple(inputs), str(path), dynamo=False, opset_version=opset,
-                              do_constant_folding=True, input_names=names_in)
+            with _stdout_to_devnull():  # the exporter prints whole graphs on failure
+                torch.onnx.export(model, tuple(inputs), str(path), dynamo=False, opset_version=opset,
+                                  do_constant_folding=True, input_names=names_in)
         except OSError:
             raise  # the write failed: reported by the atomic writer as "cannot write"
         except Exception as e:
             raise BadInput(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+@contextlib.contextmanager
+def _stdout_to_devnull():
+    """Point file descriptor 1 at /dev/null (C++ code writes there directly): stdout carries
+    the report, and ``--json`` promises nothing else."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no usable stdout: nothing to protect
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def ort_run(path_or_bytes: Any, inputs: list) -> list:

@@ -88,7 +88,8 @@ class ParityReport:
 
 
 def flatten_outputs(obj: Any, name: str = "out") -> list[tuple[str, Any]]:
-    """``[(name, leaf)]`` for nested tuples/lists/dicts: ``out[0]``, ``out['boxes']``..."""
+    """``[(name, leaf)]`` for nested tuples/lists/dicts and output objects (dataclasses,
+    plain objects holding tensors): ``out[0]``, ``out['boxes']``, ``out.logits``..."""
     if isinstance(obj, (list, tuple)):
         out = []
         for i, o in enumerate(obj):
@@ -99,7 +100,33 @@ def flatten_outputs(obj: Any, name: str = "out") -> list[tuple[str, Any]]:
         for k, o in obj.items():
             out += flatten_outputs(o, f"{name}[{k!r}]")
         return out
+    fields = output_fields(obj)
+    if fields is not None:
+        out = []
+        for k, o in fields.items():
+            out += flatten_outputs(o, f"{name}.{k}")
+        return out
     return [(name, obj)]
+
+
+def output_fields(obj: Any) -> dict | None:
+    """The attributes of an output object (a dataclass, or an instance of a plain class whose
+    ``__dict__`` holds the results), or None for a leaf value."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    if _is_leaf(obj):
+        return None
+    d = getattr(obj, "__dict__", None)
+    return dict(d) if isinstance(d, dict) else None
+
+
+def _is_leaf(obj: Any) -> bool:
+    if obj is None or isinstance(obj, (str, bytes, bool, int, float, complex, type)):
+        return True
+    mod = type(obj).__module__ or ""
+    return mod.startswith(("torch", "numpy")) or callable(obj)
 
 
 def compare_arrays(name: str, ref: Any, out: Any, tol: Tolerance) -> OutputDiff:
@@ -114,6 +141,8 @@ def compare_arrays(name: str, ref: Any, out: Any, tol: Tolerance) -> OutputDiff:
         same = bool(np.array_equal(ref, out))
         return OutputDiff(name, 0.0 if same else float("inf"), 0.0 if same else float("inf"), same,
                           "" if same else "values differ")
+    if ref.dtype.kind == "c" or out.dtype.kind == "c":  # real and imaginary parts, side by side
+        ref, out = np.stack([ref.real, ref.imag], -1), np.stack([out.real, out.imag], -1)
     r = ref.astype(np.float64)
     o = out.astype(np.float64)
     if r.size == 0:
@@ -152,10 +181,15 @@ def compare_outputs(ref: Any, out: Any, tol: Tolerance, prefix: str = "") -> lis
     diffs = []
     for (name, r), (_, o) in zip(rl, ol):
         r, o = to_numpy(r), to_numpy(o)
-        if r is None or isinstance(r, (str, bool)) or (not hasattr(r, "shape") and not isinstance(r, (int, float))):
-            same = r == o
+        if r is None or isinstance(r, (str, bool)) or (not hasattr(r, "shape") and not isinstance(r, (int, float, complex))):
+            try:
+                same = bool(r == o)
+            except Exception:  # an object that cannot say whether it equals another
+                diffs.append(OutputDiff(prefix + name, float("inf"), float("inf"), False,
+                                        f"cannot compare outputs of type {type(r).__name__}"))
+                continue
             diffs.append(OutputDiff(prefix + name, 0.0 if same else float("inf"), 0.0 if same else float("inf"),
-                                    bool(same), "" if same else "values differ"))
+                                    same, "" if same else "values differ"))
             continue
         diffs.append(compare_arrays(prefix + name, r, o, tol))
     return diffs

@@ -22,7 +22,39 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise BadInput(f"--input-shape {text!r}: every dimension must be a positive integer")
     if len(dims) > 8:
         raise BadInput(f"--input-shape {text!r}: more than 8 dimensions")
+    if any(d > 2**31 - 1 for d in dims):
+        raise BadInput(f"--input-shape {text!r}: a dimension above 2**31 - 1")
+    _check_memory(text, dims)
     return dims
+
+
+def _check_memory(text: str, dims: tuple[int, ...]) -> None:
+    """Refuse, before allocating anything, an input that alone would take more than half of
+    the memory available (a typo such as 1,3,64000,64000 would otherwise end in the OOM killer)."""
+    import math
+
+    nbytes = math.prod(dims) * 8  # the widest input dtype; a second trial is one batch larger
+    avail = _available_memory()
+    if avail is not None and nbytes > avail // 2:
+        raise BadInput(f"--input-shape {text!r}: one input holds {math.prod(dims):.3g} values "
+                       f"({nbytes / 2**30:.3g} GiB), more than half of the memory available "
+                       f"({avail / 2**30:.3g} GiB)")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @dataclass
@@ -43,22 +75,24 @@ class InputSpec:
 
         return getattr(torch, self.dtype)
 
-    def make(self, trial: int, dtype: Any = None) -> list:
-        """The inputs of trial ``trial``: the same numbers for the same seed and trial."""
+    def make(self, trial: int, dtype: Any = None, grow: int = 0) -> list:
+        """The inputs of trial ``trial``: the same numbers for the same seed and trial.
+        ``grow`` adds to the first dimension of every input (another batch size)."""
         import torch
 
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + trial)
         dt = dtype or self.torch_dtype()
         out = []
         for shape in self.shapes:
+            shape = (shape[0] + grow, *shape[1:]) if grow and shape else shape
             if dt.is_floating_point:
                 out.append(torch.randn(shape, generator=g, dtype=torch.float32).to(dt))
             else:
                 out.append(torch.randint(0, 2, shape, generator=g, dtype=dt))
         return out
 
-    def describe(self) -> str:
-        return "; ".join(",".join(map(str, s)) for s in self.shapes)
+    def describe(self, grow: int = 0) -> str:
+        return "; ".join(",".join(map(str, (s[0] + grow, *s[1:]) if grow and s else s)) for s in self.shapes)
 
 
 def guess_shapes(model: Any) -> list[list[tuple[int, ...]]]:
