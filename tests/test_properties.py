@@ -15,21 +15,23 @@ docs/reliability.md.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, Phase, event, given, seed, settings
 from hypothesis import strategies as st
 
 import modelsurgeon as ms
 from modelsurgeon import passes as registry
 from modelsurgeon.verify.compare import Tolerance
-from strategies import PROPERTY_PASSES, build, storage_dtype
+from strategies import KNOWN_BUGS, PROPERTY_PASSES, build, storage_dtype
 
 TESTS = Path(__file__).resolve().parent
 FAST = dict(deadline=None, derandomize=True, database=None, print_blob=True,
@@ -41,6 +43,16 @@ SLOW = dict(FAST, derandomize=False)
 API_EXAMPLES, API_EXAMPLES_LONG = 400, 6000
 FILE_EXAMPLES, FILE_EXAMPLES_LONG = 40, 800  # each of .pt, .safetensors, .onnx outputs
 ONNX_EXAMPLES, ONNX_EXAMPLES_LONG = 40, 800  # the ONNX back end (.onnx in and out)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_intra_op_thread():
+    """The configurations are tiny models: intra-op threads only add synchronisation, which on
+    a loaded 2-core machine costs 10x (spinning OpenMP workers). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,6 +172,30 @@ def exact_twin(pass_name: str, cfg: dict, original):
     return twin
 
 
+def staged_twin(pass_name: str, cfg: dict, original):
+    """For a pass list (``optimize``): each pass's writes are rounded to the storage dtype
+    before the next pass reads them (what is verified is what is kept), so a tensor two passes
+    rewrite is rounded twice (fold-fusion scales a BatchNorm, fold-bn folds it) and a factor
+    that rounds to exactly 1 is dropped by a later round. The staged twin does the same with
+    each pass run alone, in float64, on the rounded result of the one before (rounds repeated
+    until nothing changes): every stored tensor must be its result."""
+    spec = PROPERTY_PASSES[pass_name]
+    current = copy.deepcopy(original)
+    for _ in range(8):
+        changed = False
+        for p in spec.passes:
+            stage = copy.deepcopy(current).double()
+            try:
+                report = ms.apply_passes(stage, [p], tuple(cfg["input_shape"]), command=p)
+            except ms.ParityError as e:
+                raise AssertionError(f"{p} alone is not exact in float64 ({e})") from None
+            changed |= bool(report.applied)
+            current = stage.to(storage_dtype(cfg))
+        if not (spec.repeat and changed):
+            break
+    return current
+
+
 def assert_rounded_twin(model, twin) -> None:
     """Every stored tensor is the float64 twin's, rounded once to the storage dtype."""
     sd, sd64 = model.state_dict(), twin.state_dict()
@@ -198,7 +234,10 @@ def check_api(pass_name: str, cfg: dict) -> str:
             spec.check_report(cfg, original, model, report)
         return outcome
     if storage_dtype(cfg) != torch.float64:
-        assert_rounded_twin(model, exact_twin(pass_name, cfg, original))
+        twin = exact_twin(pass_name, cfg, original)
+        if len(spec.passes or [pass_name]) > 1:
+            twin = staged_twin(pass_name, cfg, original)
+        assert_rounded_twin(model, twin)
     try:
         assert_parity(original, model, cfg, f"{pass_name} via the API")
     except AssertionError:
@@ -309,22 +348,27 @@ def check_onnx_input(pass_name: str, cfg: dict, tmp: Path) -> str:
     opts = ms.Options(input=src, output=out, input_shapes=[",".join(map(str, cfg["input_shape"]))],
                       repeat=spec.repeat)
     try:
-        ms.run(spec.command or pass_name, spec.passes or [pass_name], opts)
+        report = ms.run(spec.command or pass_name, spec.passes or [pass_name], opts)
     except ms.ParityError:
         assert not out.exists()
         return "parity error (refused)"
     finally:
         assert src.read_bytes() == data, "the input changed"
         assert not [p.name for p in tmp.iterdir() if p.name.endswith(".tmp")], "temporary file left"
+    for s in report.skipped:
+        assert s.reason and s.reason.strip(), s
+    if spec.check_onnx_report is not None:
+        spec.check_onnx_report(cfg, report)
+    what = "rewritten" if report.applied else ("skipped with reason" if report.skipped else "nothing to do")
     if not spec.exact:
-        return "written (onnx, not compared: the pass changes the function)"
+        return f"written (onnx, not compared: the pass changes the function), {what}"
     tol = Tolerance.default(storage_dtype(cfg))
     for t in range(2):
         x = fresh_batches(cfg, t)
         ref = np.concatenate([ort_outputs(src, xi) for xi in x])
         got = np.concatenate([ort_outputs(out, xi) for xi in x])
         assert_within(ref, got, tol, f"{pass_name} onnx → onnx, trial {t}")
-    return "written (onnx)"
+    return f"written (onnx), {what}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,58 +411,120 @@ def _files(pass_name, src, out, tmp_path, data):
     event(check_file(pass_name, cfg, tmp_path, src, out))
 
 
-def _onnx_backend(pass_name, tmp_path, data):
+def _skip_without_onnx_backend(pass_name):
     spec = PROPERTY_PASSES[pass_name]
     missing = [p for p in spec.passes or [pass_name] if not registry.available(p, "onnx")]
     if missing:
         pytest.skip(f"{', '.join(missing)}: no ONNX back end on this branch")
+
+
+def _onnx_backend(pass_name, tmp_path, data):
     cfg = data.draw(_configs(pass_name, onnx=True), label="configuration")
     _trace(cfg)
     event(check_onnx_input(pass_name, cfg, tmp_path))
 
 
+DEFAULT_EXAMPLES = {"api": API_EXAMPLES, "files": FILE_EXAMPLES, "onnx": ONNX_EXAMPLES,
+                    "api_long": API_EXAMPLES_LONG, "files_long": FILE_EXAMPLES_LONG, "onnx_long": ONNX_EXAMPLES_LONG}
+
+
+def examples(pass_name: str, route: str) -> int:
+    """Examples of ``pass_name`` on ``route``: the pass's own count (``PassSpec.examples``) or
+    the default above."""
+    return (PROPERTY_PASSES[pass_name].examples or {}).get(route, DEFAULT_EXAMPLES[route])
+
+
+def run_property(request, pass_name: str, route: str, body, long: bool = False) -> None:
+    """Run ``body(data)`` as a hypothesis test with the pass's example count for ``route``.
+
+    Settings are per test function in hypothesis, so the test is built here, per pass. Default
+    run: derandomised, with a seed of its own per test item (the routes of one pass draw
+    different configurations); long run: hypothesis' random seed (``--hypothesis-seed``).
+    ``--hypothesis-show-statistics`` reports each item, as for a plain ``@given`` test."""
+    key = route + ("_long" if long else "")
+
+    def prop(data):
+        body(data)
+
+    test = settings(max_examples=examples(pass_name, key), **(SLOW if long else FAST))(given(data=st.data())(prop))
+    if not long:
+        test = seed(zlib.crc32(request.node.nodeid.encode()))(test)
+    with _statistics(request.node):
+        test()
+
+
+@contextlib.contextmanager
+def _statistics(item):
+    try:
+        from hypothesis.statistics import collector, describe_statistics
+    except ImportError:  # pragma: no cover - another hypothesis version: no statistics, same test
+        yield
+        return
+
+    def note(stats):
+        stats["nodeid"] = item.nodeid
+        item.hypothesis_statistics = describe_statistics(stats)
+
+    with collector.with_value(note):
+        yield
+
+
 @pytest.mark.parametrize("pass_name", PASSES)
-@settings(max_examples=API_EXAMPLES, **FAST)
-@given(data=st.data())
-def test_pass_property_api(pass_name, data):
-    _api(pass_name, data)
+def test_pass_property_api(request, pass_name):
+    run_property(request, pass_name, "api", lambda data: _api(pass_name, data))
 
 
 @pytest.mark.parametrize("src,out", FILE_ROUTES, ids=ROUTE_IDS)
 @pytest.mark.parametrize("pass_name", PASSES)
-@settings(max_examples=FILE_EXAMPLES, **FAST)
-@given(data=st.data())
-def test_pass_property_files(pass_name, src, out, tmp_path, data):
-    _files(pass_name, src, out, tmp_path, data)
+def test_pass_property_files(request, pass_name, src, out, tmp_path):
+    run_property(request, pass_name, "files", lambda data: _files(pass_name, src, out, tmp_path, data))
 
 
 @pytest.mark.parametrize("pass_name", PASSES)
-@settings(max_examples=ONNX_EXAMPLES, **FAST)
-@given(data=st.data())
-def test_pass_property_onnx_backend(pass_name, tmp_path, data):
-    _onnx_backend(pass_name, tmp_path, data)
+def test_pass_property_onnx_backend(request, pass_name, tmp_path):
+    _skip_without_onnx_backend(pass_name)
+    run_property(request, pass_name, "onnx", lambda data: _onnx_backend(pass_name, tmp_path, data))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("pass_name", PASSES)
-@settings(max_examples=API_EXAMPLES_LONG, **SLOW)
-@given(data=st.data())
-def test_pass_property_api_long(pass_name, data):
-    _api(pass_name, data)
+def test_pass_property_api_long(request, pass_name):
+    run_property(request, pass_name, "api", lambda data: _api(pass_name, data), long=True)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("src,out", FILE_ROUTES, ids=ROUTE_IDS)
 @pytest.mark.parametrize("pass_name", PASSES)
-@settings(max_examples=FILE_EXAMPLES_LONG, **SLOW)
-@given(data=st.data())
-def test_pass_property_files_long(pass_name, src, out, tmp_path, data):
-    _files(pass_name, src, out, tmp_path, data)
+def test_pass_property_files_long(request, pass_name, src, out, tmp_path):
+    run_property(request, pass_name, "files", lambda data: _files(pass_name, src, out, tmp_path, data), long=True)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("pass_name", PASSES)
-@settings(max_examples=ONNX_EXAMPLES_LONG, **SLOW)
-@given(data=st.data())
-def test_pass_property_onnx_backend_long(pass_name, tmp_path, data):
-    _onnx_backend(pass_name, tmp_path, data)
+def test_pass_property_onnx_backend_long(request, pass_name, tmp_path):
+    _skip_without_onnx_backend(pass_name)
+    run_property(request, pass_name, "onnx", lambda data: _onnx_backend(pass_name, tmp_path, data), long=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration families left out because of a known library bug (strategies.KNOWN_BUGS)
+
+KNOWN_BUG_EXAMPLES = 10
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_BUGS))
+def test_known_bug_family_still_fails(request, name):
+    """Strict xfail: the family still breaks the property; once the bug is fixed this test
+    fails (XPASS), and the entry in ``KNOWN_BUGS`` is to be removed so that the family joins
+    the pass's configurations again."""
+    bug = KNOWN_BUGS[name]
+    request.applymarker(pytest.mark.xfail(strict=True, raises=bug.raises, reason=f"{bug.bug} ({bug.repro})"))
+
+    @settings(max_examples=KNOWN_BUG_EXAMPLES, **dict(FAST, phases=[Phase.explicit, Phase.reuse, Phase.generate]))
+    @seed(zlib.crc32(request.node.nodeid.encode()))
+    @given(data=st.data())
+    def prop(data):
+        cfg = data.draw(bug.configs, label="configuration")
+        check_api(bug.pass_name, cfg)
+
+    prop()
