@@ -361,3 +361,49 @@ class BiasedFusion(nn.Module):
     def forward(self, a, b):
         w = torch.softmax(self.w, 0)
         return w[0] * a + w[1] * b + self.bias.view(1, -1, 1, 1)
+
+
+# -- tensors a fold must not write or remove ------------------------------------------------------
+
+
+class InlineNonPersistent(nn.Module):
+    """Inline weights in a non-persistent buffer: a state_dict does not hold them, so a model
+    rebuilt from one gets the initial weights back -- they must not be set to 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = ConvBN(3, 8, "none")
+        self.b = ConvBN(3, 8, "none")
+        self.register_buffer("w", torch.tensor([0.3, 0.7]), persistent=False)
+
+    def forward(self, x):
+        return self.w[0] * self.a(x) + self.w[1] * self.b(x)
+
+
+def inline_non_persistent(seed=0):
+    """Factory (also for ``--arch``): random convs and BatchNorm statistics, eval mode."""
+    torch.manual_seed(seed)
+    return randomize_all(InlineNonPersistent(), seed).eval()
+
+
+class TiedAffine(nn.Module):
+    """Two conv-BN branches summed with inline weights; a BatchNorm that forward never runs
+    shares the first branch's affine weight and bias (tied): scaling them would change it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = ConvBN(3, 8, "none")
+        self.b = ConvBN(3, 8, "none")
+        self.aux = nn.BatchNorm2d(8)
+        self.aux.weight, self.aux.bias = self.a.bn.weight, self.a.bn.bias
+        self.fw = nn.Parameter(torch.tensor([0.4, 0.9]))
+
+    def forward(self, x):
+        return self.fw[0] * self.a(x) + self.fw[1] * self.b(x)
+
+
+class ReadsFusionWeight(Neck):
+    """The host's forward reads the fusion module's own weight besides calling it."""
+
+    def forward(self, x):
+        return super().forward(x) + self.fusion.w.sum()

@@ -18,6 +18,7 @@ import modelsurgeon as ms
 from conftest import EXAMPLES, run_cli
 from models.common import Conv, Focus
 from models.yolo import Model
+from s2dlayers import Contract, layered
 from testmodels import randomize_all
 
 YOLO = ("--trust-pickle", "--code-path", EXAMPLES / "yolo")
@@ -150,20 +151,6 @@ def test_functional_pixel_unshuffle(r):
     report, _ = _run(m, (1, 3, 4 * r, 4 * r))
     assert report.applied[0].detail.startswith(f"Stem(pixel_unshuffle {r}, k1 s1 p0) → Conv2d(k{r} s{r} p0)")
     assert type(m.stem) is nn.Conv2d
-
-
-class Contract(nn.Module):
-    """YOLOv5's Contract: space-to-depth by view/permute (phase-major)."""
-
-    def __init__(self, gain=2):
-        super().__init__()
-        self.gain = gain
-
-    def forward(self, x):
-        b, c, h, w = x.size()
-        s = self.gain
-        x = x.view(b, c, h // s, s, w // s, s).permute(0, 3, 5, 1, 2, 4).contiguous()
-        return x.view(b, c * s * s, h // s, w // s)
 
 
 def test_rearranging_module_is_probed_for_its_channel_order():
@@ -561,9 +548,6 @@ def test_int_max_style_slice_ends_mean_to_the_end(stop):
 # -- a space-to-depth that is its own layer, then a conv layer, routed by the host ----------------
 
 
-from s2dlayers import layered  # noqa: E402
-
-
 @pytest.mark.parametrize("kind,name,what", [("pixel_unshuffle", "PixelUnshuffle", "pixel_unshuffle 2"),
                                             ("spd", "space_to_depth", "2×2 slices"),
                                             ("contract", "Contract", "space-to-depth 2, probed")])
@@ -721,4 +705,60 @@ def test_slices_starting_from_the_end_are_skipped():
     assert not report.applied
     (s,) = report.skipped
     assert s.reason == "the slice starts at -24, counted from the end: exact only at this input size"
+    assert str(m) == str(original)
+
+
+# -- hooks: a module replaced with its hook, or a hook seeing another tensor ----------------------
+
+
+def _hooked(module, seen: list):
+    return module.register_forward_hook(lambda mod, inp, out: seen.append(tuple(out.shape)))
+
+
+@pytest.mark.parametrize("kind", ["pixel_unshuffle", "contract"])
+def test_space_to_depth_layer_with_a_hook_is_skipped_not_dropped(kind):
+    """A forward hook on a space-to-depth layer: it became nn.Identity and the hook was gone
+    (silently). Refused with the reason, as fold-bn refuses removing a hooked module."""
+    m = layered(kind, seed=6)
+    seen: list = []
+    _hooked(m.model[0], seen)
+    report, original = _run(m, (1, 3, 32, 32), seed=6)
+    assert not report.applied
+    (s,) = report.skipped
+    assert s.target == "model.0" and s.reason == "model.0 has a forward hook, which would be dropped with the module"
+    assert type(m.model[0]) is type(original.model[0]) and str(m) == str(original)
+    seen.clear()
+    with torch.no_grad():
+        m(torch.randn(2, 3, 24, 40))
+    assert seen == [(2, 12, 12, 20)]  # the hook still runs
+
+
+@pytest.mark.parametrize("on,reason", [
+    ("stem.0", "stem.0 has a forward hook, which would be dropped with the module"),
+    ("stem", "stem has a forward hook, which would be dropped with the module"),
+    ("stem.1.conv", "stem.1.conv has a forward hook, which would be dropped with the module"),
+    ("stem.1", "stem.1 has a forward hook, which would see the input of the space-to-depth in place of its output"),
+])
+def test_stem_with_a_hook_on_what_the_rewrite_removes_or_feeds_differently_is_skipped(on, reason):
+    m = Net(nn.Sequential(nn.PixelUnshuffle(2), Conv(12, 8, 3, 1)))
+    seen: list = []
+    _hooked(m.get_submodule(on), seen)
+    report, original = _run(m, (1, 3, 16, 16), seed=7)
+    assert not report.applied
+    (s,) = report.skipped
+    assert s.target == "stem" and s.reason == reason
+    assert str(m) == str(original) and m.stem[1].conv.kernel_size == (3, 3)
+    seen.clear()
+    with torch.no_grad():
+        m(torch.randn(1, 3, 8, 12))
+    assert len(seen) == 1
+
+
+def test_space_to_depth_layer_before_a_hooked_conv_is_skipped():
+    m = layered("pixel_unshuffle", seed=8)
+    _hooked(m.model[1].conv, [])
+    report, original = _run(m, (1, 3, 32, 32), seed=8)
+    assert not report.applied
+    (s,) = report.skipped
+    assert s.target == "model.0" and s.reason == "model.1.conv has a forward hook, which would be dropped with the module"
     assert str(m) == str(original)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import modelsurgeon as ms
 from conftest import ROOT, run_cli
+from test_regressions import InlineBN
 from testmodels import FrozenBatchNorm2d, randomize_all
 
 
@@ -263,6 +264,27 @@ def test_conv_subclass_that_reads_an_added_bias_gets_one():
     _same(m, original, (3, 3, 16, 16), (2, 3, 21, 30))
 
 
+def test_whether_an_overriding_forward_adds_a_bias_is_measured_only_when_asked_and_once(monkeypatch):
+    """Measuring it runs the layer twice with a temporary bias: not on every conv_unit call
+    (fold-bn, each absorber search), only when a rewrite must add a bias, once per module."""
+    from modelsurgeon.capture import capture
+    from modelsurgeon.match import conv as conv_match
+
+    calls: list = []
+    real = conv_match.reads_added_bias
+    monkeypatch.setattr(conv_match, "reads_added_bias", lambda *a: calls.append(a[0]) or real(*a))
+    m = randomize_all(nn.Sequential(Conv2dSame(3, 8, 3, stride=2, bias=False), NoBiasConv(8, 8, 1, bias=False),
+                                    nn.BatchNorm2d(8)), 2).eval()
+    g, _, _ = capture(m, [torch.randn(1, 3, 16, 16)])
+    evs = [e for e in g.events if e.name == "conv2d"]
+    units = [conv_match.conv_unit(g, e) for e in evs for _ in range(2)]
+    assert not calls
+    assert [u.can_add_bias for u in units] == [True, True, False, False]
+    assert "does not add a bias given to it" in units[2].no_bias_reason and units[0].no_bias_reason == ""
+    assert calls == [m[0], m[1]]  # once per module, whatever asks again
+    assert m[0].bias is None and m[1].bias is None
+
+
 # -- bug 8: torch.add(p, x, alpha=a) and torch.rsub(x, p) ------------------------------------
 
 
@@ -504,25 +526,11 @@ def test_every_unfolded_batchnorm_like_module_is_reported():
     _same(m, original, (2, 3, 16, 16), (1, 3, 11, 13))
 
 
-class InlineBN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.register_buffer("running_mean", torch.zeros(4))
-        self.register_buffer("running_var", torch.ones(4))
-        self.weight = nn.Parameter(torch.ones(4))
-        self.bias = nn.Parameter(torch.zeros(4))
-
-    def forward(self, x):
-        return F.batch_norm(self.conv(x), self.running_mean, self.running_var, self.weight, self.bias,
-                            False, 0.0, 1e-3)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_inline_batchnorm_neutralised_by_the_pass_is_not_folded_again(dtype):
     """optimize repeats its passes: the BatchNorm a fold made the identity (in fp16 only up to a
     scale, folded too) is neither folded again nor reported; one with default statistics would be."""
-    m = randomize_all(InlineBN(), 1).to(dtype).eval()
+    m = randomize_all(InlineBN(1e-3), 1).to(dtype).eval()
     original = copy.deepcopy(m).float()
     report = ms.apply_passes(m, ["fold-bn"], (2, 3, 8, 8), repeat=True)
     assert len(report.applied) == 1 and not report.skipped

@@ -669,3 +669,74 @@ def test_module_whose_class_pickles_itself_is_replaced_as_a_whole():
     assert isinstance(model.fusion, torch.fx.GraphModule) and type(model.fusion).__name__ == "OwnPickling"
     again = ms.fold_fusion(model, SHAPE)
     assert not again.applied and not again.skipped
+
+
+# -- tensors fold-fusion must not write, and module tensors it must not remove --------------------
+
+
+def test_inline_weight_in_a_non_persistent_buffer_is_not_set_to_1_and_state_dict_outputs_reload(tmp_path):
+    """A state_dict does not hold a non-persistent buffer: setting it to 1 after moving the
+    weights into the convs gave a file whose rebuilt model differed (by 0.62). Refused, as
+    fold-bn refuses it, with the reason."""
+    from fusionmodels import inline_non_persistent
+
+    model = inline_non_persistent(seed=3)
+    report, original = _fold(model)
+    assert not report.applied and len(report.skipped) == 2
+    assert all("w is a non-persistent buffer" in s.reason and "cannot be set to 1" in s.reason
+               for s in report.skipped), report.skipped
+    assert torch.equal(model.w, original.w)
+    src, out = tmp_path / "sd.pt", tmp_path / "out.safetensors"
+    torch.save(inline_non_persistent(seed=3).state_dict(), src)
+    r = run_cli("fold-fusion", src, "--arch", "fusionmodels:inline_non_persistent", "--code-path", ROOT / "tests",
+                "-s", "1,3,16,16", "-o", out, "--json")
+    assert r.code == 0, r.err
+    reloaded = ms.load(out, arch="fusionmodels:inline_non_persistent")
+    for shape in [(2, 3, 16, 16), (1, 3, 20, 12)]:
+        assert ms.verify(reloaded, original, shape, trials=2, seed=5).passed
+
+
+@pytest.mark.parametrize("where", ["inline", "module"])
+def test_batchnorm_affine_tied_to_a_module_forward_never_runs_is_not_scaled(where):
+    """A BatchNorm whose weight and bias another (unused) module registers too: scaling them
+    changed that module as well. The weight stays a multiply, with the reason."""
+    from fusionmodels import TiedAffine
+
+    if where == "inline":
+        model = finish(TiedAffine(), seed=4)
+        tied, other = model.a.bn, model.aux
+    else:
+        model = Neck(FastNormalizedFusion(2))
+        model.aux = nn.BatchNorm2d(8)
+        model.aux.weight, model.aux.bias = model.branches[0].bn.weight, model.branches[0].bn.bias
+        model = finish(model, seed=4)
+        tied, other = model.branches[0].bn, model.aux
+    before = (other.weight.detach().clone(), other.bias.detach().clone())
+    report, original = _fold(model)
+    assert other.weight is tied.weight and other.bias is tied.bias  # still tied
+    assert torch.equal(other.weight, before[0]) and torch.equal(other.bias, before[1])
+    reasons = [s.reason for s in report.skipped] + [i.get("reason", "") for a in report.applied
+                                                     for i in a.data.get("inputs", [])]
+    assert any("cannot be scaled" in r and "is shared with aux (tied)" in r for r in reasons), reasons
+    if where == "module":  # the other branch's weight still moves; the tied one stays a multiply
+        (a,) = report.applied
+        assert [i["kept"] for i in a.data["inputs"]] == [True, False]
+        _generated(model.fusion)
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(other(x), original.aux(x))
+
+
+def test_fusion_module_whose_weight_the_host_reads_too_is_skipped_not_broken():
+    """The host's forward reads ``self.fusion.w`` besides calling the fusion: removing the
+    module's parameters made the rewritten model fail (ParityError, AttributeError). Skipped
+    with the reason; the model is unchanged."""
+    from fusionmodels import ReadsFusionWeight
+
+    model = finish(ReadsFusionWeight(FastNormalizedFusion(2)), seed=5)
+    report, original = _fold(model)
+    assert not report.applied and report.skipped
+    assert all("fusion.w is also read outside its forward (by Tensor.sum in the model)" in s.reason
+               for s in report.skipped), report.skipped
+    assert isinstance(model.fusion.w, nn.Parameter) and torch.equal(model.fusion.w, original.fusion.w)
+    assert "forward" not in vars(model.fusion)

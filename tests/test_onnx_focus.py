@@ -275,3 +275,21 @@ def test_reshuffle_moving_data_between_batch_elements_is_skipped(tmp_path):
     rep, src, dst = run(tmp_path, b.model([tensor("x", ["N", 3, 8, 8])], [out(y, ["M", 4, 4, 4])], 13))
     assert rep["applied"] == []
     assert "between batch elements" in rep["skipped"][0]["reason"]
+
+
+def test_space_to_depth_read_elsewhere_is_skipped_before_any_measurement(tmp_path, monkeypatch):
+    """The cheap reader check comes first: the subgraph is not run by the reference evaluator
+    for a candidate skipped anyway (a Reshape/Transpose reshuffle aside, which is reported only
+    once measured to be a space-to-depth)."""
+    from modelsurgeon.passes.focus_to_conv import onnx as f2c
+
+    runs: list = []
+    real = f2c.probe
+    monkeypatch.setattr(f2c, "probe", lambda *a: runs.append(a[-1]) or real(*a))
+    b = Builder(31)
+    s = b.node("SpaceToDepth", ["x"], name="s2d", blocksize=2)
+    y = b.conv(s, 12, 4, name="conv")
+    model = b.model([tensor("x", ["N", 3, 8, 8])], [out(y, ["N", 4, 4, 4]), out(s, ["N", 12, 4, 4])], 13)
+    rep, src, dst = run(tmp_path, model)
+    assert "also read" in rep["skipped"][0]["reason"] and G.ops(dst) == ["SpaceToDepth", "Conv"]
+    assert runs == []

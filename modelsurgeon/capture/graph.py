@@ -103,6 +103,9 @@ class DataflowGraph:
         self._calls_by_module: dict[int, list[ModuleCall]] | None = None
         self._param_values: dict[int, int] = {}  # id(tensor) -> value id, for params/buffers
         self._holders: dict[int, list[tuple[str, str, Any]]] | None = None
+        # what matchers measured on the recorded model (by key, e.g. one result per module),
+        # valid as long as this recording is: a changed model is captured again
+        self.memo: dict[Any, Any] = {}
 
     # -- construction helpers (used by the recorder) ---------------------------------------
     def _new_value(self, **kw: Any) -> Value:

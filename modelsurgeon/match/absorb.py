@@ -10,7 +10,8 @@ and the walk may cross ops that commute with a per-channel scale, each of whose 
 by that op only: resampling and average pooling (linear, per channel), and -- when every ``k`` is
 non-negative -- ReLU, LeakyReLU and max pooling (positively homogeneous: ``f(k x) = k f(x)``).
 An additive per-channel constant can only be absorbed directly (nothing crossed): it becomes
-part of the bias.
+part of the bias. A tensor the layer would write must be registered by that one module (not
+tied to another) and not as a non-persistent buffer (:func:`~modelsurgeon.match.conv.unwritable`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from ..capture.graph import OUTPUT, DataflowGraph, OpEvent, Ref
 from .affine import BATCH_NORM, batch_norm_args
-from .conv import CONV_OPS, ConvUnit, conv_unit
+from .conv import CONV_OPS, ConvUnit, conv_unit, unwritable
 
 LINEAR_PASS = frozenset({
     "interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "avg_pool1d", "avg_pool2d",
@@ -190,11 +191,15 @@ def _bn_absorber(g: DataflowGraph, ev: OpEvent, cur: int, through: list[str]) ->
         return f"the BatchNorm {where} producing it computes its weight or bias"
     if len(g.param_uses(wv.tensor)) != 1 or len(g.param_uses(bv.tensor)) != 1:
         return f"the BatchNorm {where} producing it shares its parameters with other layers"
+    call = g.call(ev.scope)
+    module = call.module if getattr(call.module, "weight", None) is wv.tensor else None
+    for role, v in (("weight", wv), ("bias", bv)):
+        why = unwritable(g, v.tensor, v.name or f"its {role}", module)
+        if why is not None:
+            return f"the BatchNorm {where} producing it cannot be scaled: {why}"
     shape = g.value(cur).shape
     if shape is None or len(shape) < 2 or shape[1] != wv.tensor.numel():
         return f"its channels do not match the BatchNorm {where}"
-    call = g.call(ev.scope)
-    module = call.module if getattr(call.module, "weight", None) is wv.tensor else None
     src = ev.args[0] if ev.args else None
     before = g.producer(src.value) if isinstance(src, Ref) else None
     conv = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..capture.graph import DataflowGraph, OpEvent, Ref
@@ -26,8 +26,18 @@ class ConvUnit:
     bias: Any  # Parameter or None
     groups: int
     out_channels: int
-    can_add_bias: bool
-    no_bias_reason: str = ""  # why no bias can be added, when ``can_add_bias`` is false
+    # (can a bias be added, why not): the measurement behind it (:func:`reads_added_bias`) runs
+    # only when a rewrite asks, i.e. must add a bias to this bias-free layer
+    _bias_check: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def can_add_bias(self) -> bool:
+        return self._bias_check is not None and self._bias_check()[0]
+
+    @property
+    def no_bias_reason(self) -> str:
+        """Why no bias can be added, when :attr:`can_add_bias` is false."""
+        return "" if self._bias_check is None else self._bias_check()[1]
 
     def channel_axis(self, ndim: int) -> int:
         """Axis of the output channels in an output of ``ndim`` dimensions."""
@@ -63,6 +73,21 @@ def non_persistent(graph: DataflowGraph, tensor: Any) -> str | None:
     for path, name, mod in graph.holders(tensor):
         if name in getattr(mod, "_non_persistent_buffers_set", ()):
             return f"{path}.{name}" if path else name
+    return None
+
+
+def unwritable(graph: DataflowGraph, tensor: Any, name: str | None, owner: Any = None) -> str | None:
+    """Why a rewrite cannot write a new value into ``tensor`` (called ``name`` in the reason):
+    another module than ``owner`` registers it too (a tied tensor, whether or not that module
+    runs), or it is a non-persistent buffer (a state_dict would not carry the new value, so a
+    model rebuilt from it gets the old one back); ``None`` when it can be written."""
+    other = shared_with(graph, tensor, owner)
+    if other is not None:
+        return f"{name} is shared with {other} (tied)"
+    np_name = non_persistent(graph, tensor)
+    if np_name is not None:
+        where = "" if np_name == name else f" ({np_name})"
+        return f"{name} is a non-persistent buffer{where}: a state_dict cannot carry its new value"
     return None
 
 
@@ -125,8 +150,6 @@ def _arg(ev: OpEvent, index: int, name: str, default: Any = None) -> Any:
 
 def conv_unit(graph: DataflowGraph, ev: OpEvent) -> ConvUnit | str:
     """The rewritable conv unit behind ``ev``, or the reason it cannot be rewritten."""
-    import torch
-
     kind, _ = CONV_OPS[ev.name]
     w_ref = _arg(ev, 1, "weight")
     b_ref = _arg(ev, 2, "bias")
@@ -148,12 +171,9 @@ def conv_unit(graph: DataflowGraph, ev: OpEvent) -> ConvUnit | str:
     n_uses = len(graph.param_uses(weight))
     if n_uses != 1:
         return f"its weight {wv.name} is read {n_uses} times (shared with other layers)"
-    other = shared_with(graph, weight, owner)
-    if other is not None:
-        return f"its weight is shared with {other} (tied)"
-    np_name = non_persistent(graph, weight)
-    if np_name is not None:
-        return f"its weight {np_name} is a non-persistent buffer: a state_dict cannot carry its new value"
+    why = unwritable(graph, weight, "its weight", owner)
+    if why is not None:
+        return why
     bias = None
     if isinstance(b_ref, Ref):
         bv = graph.value(b_ref.value)
@@ -162,12 +182,9 @@ def conv_unit(graph: DataflowGraph, ev: OpEvent) -> ConvUnit | str:
         bias = bv.tensor
         if len(graph.param_uses(bias)) != 1:
             return f"its bias {bv.name} is read by other ops too"
-        other = shared_with(graph, bias, owner)
-        if other is not None:
-            return f"its bias is shared with {other} (tied)"
-        np_name = non_persistent(graph, bias)
-        if np_name is not None:
-            return f"its bias {np_name} is a non-persistent buffer: a state_dict cannot carry its new value"
+        why = unwritable(graph, bias, "its bias", owner)
+        if why is not None:
+            return why
     elif b_ref is not None:
         return "its bias is not a tensor"
     groups = 1
@@ -179,15 +196,32 @@ def conv_unit(graph: DataflowGraph, ev: OpEvent) -> ConvUnit | str:
         out_channels = weight.shape[1] * groups
     else:
         out_channels = weight.shape[0]
-    torch_classes = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
-    can_add, why = False, ""
-    if bias is None:
-        if owner is None or not isinstance(owner, torch_classes) or getattr(owner, "bias", 0) is not None:
-            why = f"{path} has no bias and is no torch conv/linear module, so none can be added"
-        elif not own_forward(owner) and not reads_added_bias(owner, _input_shape(graph, ev), ev.name):
-            why = (f"{path} has no bias and {type(owner).__name__} overrides its torch class's forward, "
-                   "which does not add a bias given to it")
-        else:
-            can_add = True
+    check = None if bias is not None else _bias_check(graph, ev, owner, path)
     return ConvUnit(event=ev, kind=kind, module=owner, path=path, weight=weight, bias=bias,
-                    groups=groups, out_channels=out_channels, can_add_bias=can_add, no_bias_reason=why)
+                    groups=groups, out_channels=out_channels, _bias_check=check)
+
+
+def _bias_check(graph: DataflowGraph, ev: OpEvent, owner: Any, path: str):
+    """``() -> (can_add, why)`` for a bias-free layer: a bias can be added to a torch conv/linear
+    module running its class's own forward, or overriding it with one measured to add a bias
+    given to it (:func:`reads_added_bias`: run on the first call only, and kept per module on
+    the graph, so the matchers asking again about the same layer in this recording -- fold-bn's
+    walk, each absorber search -- do not run the layer again)."""
+    import torch
+
+    torch_classes = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
+    if owner is None or not isinstance(owner, torch_classes) or getattr(owner, "bias", 0) is not None:
+        why = f"{path} has no bias and is no torch conv/linear module, so none can be added"
+        return lambda: (False, why)
+    if own_forward(owner):
+        return lambda: (True, "")
+    not_read = (f"{path} has no bias and {type(owner).__name__} overrides its torch class's forward, "
+                "which does not add a bias given to it")
+
+    def measured() -> tuple[bool, str]:
+        key = ("reads_added_bias", id(owner))
+        if key not in graph.memo:
+            graph.memo[key] = reads_added_bias(owner, _input_shape(graph, ev), ev.name)
+        return (True, "") if graph.memo[key] else (False, not_read)
+
+    return measured

@@ -16,7 +16,7 @@ fewer channels than the output is added into the first channels -- zero padding 
 more is cut: Darknet's weighted ``[shortcut]``), one after another for a weighted concatenation.
 The ``k_i`` are the normalised weights, evaluated once. The random inputs are tried at the
 recorded size and at other spatial sizes (one pixel larger, one pixel smaller, half the size):
-a module that is this weighted sum at the recorded size only is refused (:data:`SIZE_DEPENDENT`).
+a module that is this weighted sum at the recorded size only is refused (:class:`SizeDependent`).
 
 The module's call arguments are recorded by one plain forward pass with a pre-hook on each
 candidate (their structure -- ``(x, outputs)``, a list, varargs -- is what the replacement must
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..capture.graph import VIEW_OPS, DataflowGraph, ModuleCall, Ref
+from . import dims
 from .affine import ADD, DIV, MUL, RSUB, SUB, _cast_module
 
 FUSION_OPS = MUL | DIV | ADD | SUB | RSUB | VIEW_OPS | frozenset({
@@ -59,9 +60,10 @@ class Probe:
     offsets: list[int] = field(default_factory=list)  # per read value: the output channel its channel 0 lands on
 
 
-SIZE_DEPENDENT = "it behaves differently at other input sizes"
-"""Start of the reason :func:`probe` gives when the module is a weighted sum at the recorded size
-only (its weights must then not move, not even as inline ones)."""
+class SizeDependent(str):
+    """The reason :func:`probe` gives when the module is a weighted sum at the recorded input
+    size only: its weights must then not move, not even as inline ones (tested by type, so
+    the wording is free)."""
 
 
 class NotFusion(Exception):
@@ -220,7 +222,8 @@ def probe(module: Any, call_args: CallArgs, slot_shapes: list, groups: list[list
         try:
             return _probe(module, call_args, slot_shapes, groups, out_shape, stop_at, dtype, seed)
         except NotFusion as e:
-            return str(e)
+            why = e.args[0] if e.args else ""
+            return why if isinstance(why, SizeDependent) else str(e)
         except Exception as e:  # e.g. a forward that creates float32 tensors: retry in float32
             last = f"probing it failed ({type(e).__name__})"
     return last
@@ -314,7 +317,7 @@ def _probe(module, call_args, slot_shapes, groups, out_shape, stop_at, dtype, se
                 y = run({k: x for s, x in zip(groups, xs) for k in s}, expect)
             except NotFusion:
                 if other:
-                    raise NotFusion(f"{SIZE_DEPENDENT} (at {_size(size)})")
+                    raise NotFusion(_size_dependent(size))
                 raise
             except Exception:
                 if other:  # it cannot run at that size at all: neither can the original model
@@ -327,7 +330,7 @@ def _probe(module, call_args, slot_shapes, groups, out_shape, stop_at, dtype, se
                 pred[:, o:o + c] += x[:, :c].to(torch.float64) * k.view(view)
             err = float((y - pred).abs().max()) if y.numel() else 0.0
             if not bool(torch.isfinite(y).all()) or err > tol * 10 * max(1.0, float(y.abs().max())):
-                raise NotFusion(f"{SIZE_DEPENDENT} (at {_size(size)})" if other else
+                raise NotFusion(_size_dependent(size) if other else
                                 "it is not a per-channel weighted sum of its inputs")
         has_bias = bool((bias.abs() > 0).any())
         return Probe(c_out, coefficients, bias if has_bias else None, offsets)
@@ -350,8 +353,8 @@ def _resized(shape: tuple, spatial: list[int] | None) -> tuple:
     return tuple(shape) if spatial is None else tuple(shape[:2]) + tuple(spatial)
 
 
-def _size(spatial: list[int]) -> str:
-    return "×".join(str(d) for d in spatial)
+def _size_dependent(spatial: list[int]) -> SizeDependent:
+    return SizeDependent(f"it behaves differently at other input sizes (at {dims(spatial)})")
 
 
 def _grown(b_full: Any, shape: tuple) -> Any:

@@ -76,10 +76,6 @@ class Block:
         return self.calls[-1]
 
     @property
-    def attached(self) -> list[str]:
-        return [c.path for c in self.calls if c is not self.call]
-
-    @property
     def paths(self) -> list[str]:
         return [c.path for c in self.calls]
 
@@ -368,7 +364,7 @@ def _analyse(g: DataflowGraph, container: str, entries: list[_Entry]) -> _Analys
     return _Analysis(container, entries, tail, runs, breaks)
 
 
-def _stage(g: DataflowGraph, model: Any, a: _Analysis, span: tuple[int, int], flops: dict[str, int],
+def _stage(g: DataflowGraph, a: _Analysis, span: tuple[int, int], flops: dict[str, int],
            total_flops: int, total_params: int) -> Stage | None:
     s, e = span
     calls = [x.call for x in a.entries]
@@ -414,7 +410,7 @@ def find_stages(g: DataflowGraph, model: Any, flops: dict[str, int], total_flops
     for container, entries in _containers(g).items():
         a = _analyse(g, container, entries)
         for span in a.runs:
-            st = _stage(g, model, a, span, flops, total_flops, total_params)
+            st = _stage(g, a, span, flops, total_flops, total_params)
             if st is None or len(st.blocks) < 2 or not _on_path(st, live):
                 continue
             stages.append(st)
@@ -441,7 +437,7 @@ def stage_at(g: DataflowGraph, model: Any, flops: dict[str, int], total_flops: i
         c = calls[k]
         raise StageError(f"{generic}: {c.path} ({c.type_name}) {a.breaks.get(k, 'breaks the chain')}, so {label} "
                          "is not one chain of blocks that can be cut at its end")
-    st = _stage(g, model, a, (0, a.tail), flops, total_flops, _params(model))
+    st = _stage(g, a, (0, a.tail), flops, total_flops, _params(model))
     if st is None:
         raise StageError(f"{generic}: none of its children has parameters")
     if not _on_path(st, _live_values(g)):

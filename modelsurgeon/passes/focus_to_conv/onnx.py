@@ -60,6 +60,11 @@ NOT_S2D = "not a space-to-depth"
 """Marker of a measurement showing no sub-sampling at all (a reshuffle of channels)."""
 
 
+class Unevaluable(str):
+    """Why :func:`probe` got no measurement: the reference evaluator cannot run the subgraph
+    at that shape (tested by type, so the wording is free)."""
+
+
 def _data_inputs(node: Any) -> list:
     if node.op_type == "Concat":
         return [v for v in node.inputs if v is not None]
@@ -167,7 +172,7 @@ def probe(g: OnnxGraph, members: list, x: Any, s: Any, shape: tuple[int, int, in
     try:
         (out,) = g.run_nodes(members, {x: labels}, [s])
     except EvaluationError as e:
-        return f"the subgraph cannot be evaluated at size {h}x{w} ({e})"
+        return Unevaluable(f"the subgraph cannot be evaluated at size {h}x{w} ({e})")
     if out.ndim != 4 or out.shape[0] != n:
         return f"its output has shape {list(out.shape)}, not a space-to-depth of {list(shape)}"
     _, c2, h2, w2 = out.shape
@@ -240,12 +245,16 @@ class FocusToConv(Pass):
                 yield Skipped(label, found)
                 continue
             members, x, reshuffle = found
-            result = self._measure(ctx, members, x, s, quiet=reshuffle)
-            if result is None:  # a reshuffle that does not measure as a space-to-depth
-                continue
+            result = None
+            if reshuffle:  # a Reshape/Transpose reshuffle is a space-to-depth (reported) only if measured so
+                result = self._measure(ctx, members, x, s, quiet=True)
+                if result is None:
+                    continue
             if s.is_graph_output() or any(c is not conv for c in s.consumers()):
                 yield Skipped(label, f"the space-to-depth output is also read by {g.describe_readers(s)}")
                 continue
+            if result is None:  # the measurement runs the subgraph: only once the cheap check passed
+                result = self._measure(ctx, members, x, s)
             if isinstance(result, str):
                 yield Skipped(label, result)
                 continue
@@ -295,7 +304,7 @@ class FocusToConv(Pass):
         if not isinstance(decl[0], int) and n < 2:  # a symbolic batch: no data may cross batch elements
             h, w = sizes[0]
             result = probe(g, members, x, s, (2, decl[1], h, w))
-            if result != first and not (isinstance(result, str) and result.startswith("the subgraph cannot be evaluated")):
+            if result != first and not isinstance(result, Unevaluable):
                 return "it moves data between batch elements (measured at batch 2)"
         return first
 

@@ -34,8 +34,11 @@ becomes ``nn.Identity`` (routing attributes carried over) and that conv the merg
 Skipped with the reason: height/width not divisible by r, groups != 1, dilation != 1, padding
 other than zeros, other readers of the slices or of the space-to-depth output, shared modules,
 slices with an explicit stop or a negative start, a rearrangement that depends on the input
-size, and a space-to-depth written inline in a forward that does other work too (it cannot be
-removed without editing the model's source).
+size, a hook on a module to be removed (the stem or the space-to-depth layer, as for fold-bn:
+:func:`modelsurgeon.match.calls.call_obstacle`) or on the conv to be replaced (it would be
+dropped) or on a module reading the space-to-depth output (it would see another tensor), a stem
+or layer called with more than its one tensor, and a space-to-depth written inline in a forward
+that does other work too (it cannot be removed without editing the model's source).
 
 Options: ``check_grad`` (gradients of the new conv equal the original's mapped gradients,
 measured on the stem's real input and merged into the parity report) and ``bench`` (median CPU
@@ -48,6 +51,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ...capture.graph import OUTPUT, VIEW_OPS, DataflowGraph, ModuleCall, OpEvent, Ref
+from ...match import dims
+from ...match.calls import call_obstacle, hook_kind
 from ...match.conv import conv_unit
 from ...rewrite.modules import carried_attributes
 from ...rewrite.space_to_depth import Phase, merge_weight, pixel_unshuffle_phases
@@ -192,6 +197,9 @@ class FocusToConv(Pass):
         first = chain[0]
         if g.call_count(first) != 1:
             return Skipped(stem.path, f"{g.paths_of(first)[0]} is called {g.call_count(first)} times (a shared module)")
+        why = call_obstacle(stem, chain) or _hook_obstacle(g, s, conv, unit.path)
+        if why is not None:
+            return Skipped(stem.path, why)
         return StemMatch(target=stem.path, s2d=s, conv=conv, conv_path=unit.path, stem=stem.module, chain=chain,
                          kernel=kernel, stride=stride, padding=padding)
 
@@ -203,6 +211,9 @@ class FocusToConv(Pass):
         n = g.call_count(layer.module)
         if n != 1:
             return Skipped(layer.path, f"{layer.path} is called {n} times (a shared module)")
+        why = call_obstacle(layer, []) or _hook_obstacle(g, s, conv, conv_path)
+        if why is not None:
+            return Skipped(layer.path, why)
         return StemMatch(target=layer.path, s2d=s, conv=conv, conv_path=conv_path, stem=layer.module, chain=[],
                          kernel=kernel, stride=stride, padding=padding, layer=True)
 
@@ -455,8 +466,8 @@ def _probed(g: DataflowGraph, call: ModuleCall, claimed: set[int]) -> SpaceToDep
     for shape in _other_probe_shapes(tuple(x), r):
         why = _rearranges_as(call.module, shape, phases, r)
         if why is not None:
-            return Skipped(call.path, f"its rearrangement depends on the input size: at {_dims(shape)} it {why}, "
-                                      f"not the space-to-depth it is at {_dims(x)}")
+            return Skipped(call.path, f"its rearrangement depends on the input size: at {dims(shape)} it {why}, "
+                                      f"not the space-to-depth it is at {dims(x)}")
     return SpaceToDepth("probe", call.inputs[0], call.outputs[0], r, phases, list(range(call.start, call.end)),
                         call.path)
 
@@ -489,16 +500,12 @@ def _rearranges_as(module: Any, shape: tuple, phases: list[Phase], r: int) -> st
         return f"fails ({type(e).__name__})"
     expect = (n, len(phases), h // r, w // r)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expect:
-        got = _dims(tuple(out.shape)) if isinstance(out, torch.Tensor) else type(out).__name__
+        got = dims(tuple(out.shape)) if isinstance(out, torch.Tensor) else type(out).__name__
         return f"returns {got}"
     ref = torch.stack([probe[:, ci, dy::r, dx::r] for ci, dy, dx in phases], 1)
     if not torch.equal(out.to(torch.float64), ref):
         return "moves the elements differently"
     return None
-
-
-def _dims(shape: tuple) -> str:
-    return "×".join(str(d) for d in shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -568,6 +575,22 @@ def _not_a_conv(g: DataflowGraph, ev: OpEvent) -> str:
             return f"{call.path} pads with '{m.padding_mode}', not zeros"
     where = g.call(ev.scope).path
     return f"its output feeds {ev.name}{f' in {where}' if where else ''}, not a convolution"
+
+
+def _hook_obstacle(g: DataflowGraph, s: SpaceToDepth, conv: Any, conv_path: str) -> str | None:
+    """Why a hook forbids the rewrite besides those on removed modules
+    (:func:`~modelsurgeon.match.calls.call_obstacle`): one on the conv, which the merged conv
+    replaces, would be dropped; one on a module reading the space-to-depth output (the block
+    holding the conv) would see the space-to-depth's input in its place."""
+    kind = hook_kind(conv)
+    if kind is not None:
+        return f"{conv_path} has a {kind}, which would be dropped with the module"
+    for c in g.calls:
+        kind = hook_kind(c.module) if s.result in c.inputs else None
+        if kind is not None:
+            return (f"{c.path or 'the model'} has a {kind}, which would see the input of the space-to-depth "
+                    "in place of its output")
+    return None
 
 
 def _forward_of(host: str) -> str:

@@ -19,6 +19,7 @@ holding ``running_mean`` / ``running_var``, executed on the example input or not
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -27,7 +28,8 @@ from ...match.affine import (
     ADD, BATCH_NORM, ELEMENTWISE, MUL, DIV, RSUB, SUB, ChannelAffine, batch_norm_affine, batch_norm_args,
     elementwise_affine, probe_module, NormLike, PROBE_MAX_EVENTS,
 )
-from ...match.conv import CONV_OPS, ConvUnit, conv_unit, non_persistent, output_channel_axis, shared_with
+from ...match.calls import call_obstacle, read_outside
+from ...match.conv import CONV_OPS, ConvUnit, conv_unit, output_channel_axis, unwritable
 from ...rewrite.affine import fold_bias
 from ..base import Applied, Match, Pass, Skipped, TorchContext
 
@@ -104,7 +106,7 @@ class FoldBN(Pass):
                 continue
             # The fold changes the layer's output and every step's but the last: a hook seeing
             # one of them (on the layer, a container, a BatchNorm neutralised in place; a module
-            # removed with its hook is refused by _call_obstacle) would see folded values. The
+            # removed with its hook is refused by call_obstacle) would see folded values. The
             # chain stops before the step whose input a hook sees.
             changed = [ev.outputs[0]] + [s.out_value for s in steps[:-1]]
             cut = next((i for i, v in enumerate(changed) if v in hooked), None)
@@ -222,7 +224,7 @@ class FoldBN(Pass):
         r = self._module_affine(g, call, ev, cur, axis)
         if isinstance(r, (Step, _Reason)):
             kept = r.removal.children if isinstance(r, Step) and r.removal.kind == "children" else []
-            why = _call_obstacle(call, kept)
+            why = call_obstacle(call, kept)
             if why is not None:
                 return _Reason(why)
         return r
@@ -319,7 +321,7 @@ class FoldBN(Pass):
                 v = g.value(r.value)
                 if not v.is_param or len(g.param_uses(v.tensor)) != 1:
                     return _Reason(f"the batch_norm inline in {where} reads computed or shared statistics, so it cannot be made the identity")
-                why = _unwritable(g, v.tensor, v.name)
+                why = unwritable(g, v.tensor, v.name)
                 if why is not None:
                     return _Reason(f"the batch_norm inline in {where} cannot be made the identity: {why}")
                 params.append((v.tensor, f"var:{float(a.get('eps', 1e-5))}" if fill == "var" else fill))
@@ -332,13 +334,13 @@ class FoldBN(Pass):
         if root is None or not g.value(operand.value).const:
             return None
         shape = g.value(operand.value).shape
-        if shape is None or _numel(shape) != root.tensor.numel():
+        if shape is None or math.prod(shape) != root.tensor.numel():
             # ``pos[:, :, :H, :W]``: the part read was per-channel at the captured size only
             return _Reason(f"{ev.name} reads part of {root.name} {tuple(root.tensor.shape)} (a slice that may "
                            "depend on the input size), not the whole parameter per channel")
         if len(g.param_uses(root.tensor)) != 1:
             return _Reason(f"the per-channel parameter {root.name} is read by other ops too")
-        why = _unwritable(g, root.tensor, root.name)
+        why = unwritable(g, root.tensor, root.name)
         if why is not None:
             return _Reason(f"the per-channel parameter cannot be made the identity: {why}")
         fill = _identity_fill(ev, x_first)
@@ -420,13 +422,6 @@ def _target(g: DataflowGraph, ev: OpEvent) -> str:
     return g.call(ev.scope).path or f"{ev.name} in the model's forward"
 
 
-def _numel(shape: tuple) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
 def _bn_like(mod: Any) -> bool:
     """A BatchNorm class, or any module holding running statistics (frozen BN, BN+activation)."""
     import torch
@@ -435,35 +430,6 @@ def _bn_like(mod: Any) -> bool:
         return True
     return any(mod._buffers.get(k) is not None or mod._parameters.get(k) is not None
                for k in ("running_mean", "running_var"))
-
-
-def _hook_kind(mod: Any) -> str | None:
-    for attr, kind in (("_forward_hooks", "forward hook"), ("_forward_pre_hooks", "forward pre-hook"),
-                       ("_backward_hooks", "backward hook"), ("_backward_pre_hooks", "backward pre-hook")):
-        if getattr(mod, attr, None):
-            return kind
-    return None
-
-
-def _call_obstacle(call: ModuleCall, kept: list) -> str | None:
-    """Why a module that would be removed (replaced by ``nn.Identity`` or its ``kept`` children)
-    cannot be: a hook on it or on a removed sub-module would be dropped; arguments besides the
-    one tensor were neither probed nor can the replacement take them."""
-    keep = {id(m) for k in kept for m in k.modules()}
-    for name, sub in call.module.named_modules():
-        if id(sub) in keep:
-            continue
-        kind = _hook_kind(sub)
-        if kind is not None:
-            where = call.path if not name else f"{call.path}.{name}" if call.path else name
-            return f"{where} has a {kind}, which would be dropped with the module"
-    if call.kwarg_names:
-        return (f"{call.path} is called with keyword arguments ({', '.join(call.kwarg_names)}): its map "
-                "was found without them, and its replacement could not take them")
-    if call.arg_count != 1:
-        return (f"{call.path} is called with {call.arg_count} positional arguments: its map was found "
-                "from the tensor alone, and its replacement could not take the others")
-    return None
 
 
 def _hooked_outputs(g: DataflowGraph) -> dict[int, str]:
@@ -479,18 +445,6 @@ def _hooked_outputs(g: DataflowGraph) -> dict[int, str]:
             for v in c.inputs:
                 out.setdefault(v, f"{where} has a forward pre-hook")
     return out
-
-
-def _unwritable(g: DataflowGraph, tensor: Any, name: str | None) -> str | None:
-    """Why the pass cannot write a new value into ``tensor`` (another module registers it, or a
-    state_dict would not carry it)."""
-    other = shared_with(g, tensor)
-    if other is not None:
-        return f"{name} is shared with {other} (tied)"
-    np_name = non_persistent(g, tensor)
-    if np_name is not None:
-        return f"{np_name} is a non-persistent buffer: a state_dict cannot carry its new value"
-    return None
 
 
 def _identity_fill(ev: OpEvent, x_first: bool) -> float | str:
@@ -553,13 +507,10 @@ def _bn_events(g: DataflowGraph, ev: OpEvent) -> list[int]:
 
 
 def _params_read_outside(g: DataflowGraph, mod: Any, call: ModuleCall) -> str | None:
-    for name, t in list(mod.named_parameters()) + list(mod.named_buffers()):
-        if t is None:
-            continue
-        for e in g.param_uses(t):
-            if not (call.start <= e < call.end):
-                return f"{call.path}.{name}" if call.path else name
-    return None
+    found = read_outside(g, list(mod.named_parameters()) + list(mod.named_buffers()), call)
+    if found is None:
+        return None
+    return f"{call.path}.{found[0]}" if call.path else found[0]
 
 
 def _child_chain(g: DataflowGraph, call: ModuleCall, start_value: int) -> list | None:

@@ -34,7 +34,9 @@ from typing import Any, Iterable
 from ...capture.graph import OUTPUT, VIEW_OPS, DataflowGraph, OpEvent, Ref
 from ...match.absorb import Absorber, describe_use, describe_value, find_absorber
 from ...match.affine import ADD, DIV, MUL, RSUB, SUB, elementwise_affine
-from ...match.fusion import SIZE_DEPENDENT, Candidate, candidate, probe, record_args
+from ...match.calls import read_outside
+from ...match.conv import unwritable
+from ...match.fusion import Candidate, SizeDependent, candidate, probe, record_args
 from ...rewrite import weighted_sum
 from ..base import Applied, Match, Pass, Skipped, TorchContext
 
@@ -196,6 +198,9 @@ class FoldFusion(Pass):
         args, varargs = sig
         dtype = g.value(c.out_value).dtype
         target, owner, name, remove = _owner(g, call, parent)
+        why = _kept_elsewhere(g, owner, remove, call, target)
+        if why is not None:
+            return why
         return ModuleFusion(target=target, cand=c, terms=terms, out_channels=p.out_channels, bias=p.bias,
                             bias_term=bias_term, args=args, varargs=varargs, dtype=dtype, ndim=len(out_shape),
                             layout=layout, owner=owner, forward_name=name, remove=remove)
@@ -230,7 +235,7 @@ class FoldFusion(Pass):
         live = [t for t in terms if not t.one]
         # a module that probing showed to be a weighted sum at the recorded size only: its
         # weights do not move as inline ones either (the sum would be wrong at other sizes)
-        size_dependent = [(g.call(cid), why) for cid, why in refused.items() if why.startswith(SIZE_DEPENDENT)]
+        size_dependent = [(g.call(cid), why) for cid, why in refused.items() if isinstance(why, SizeDependent)]
         for t in live:
             for c, why in size_dependent:
                 if c.start <= t.event.id < c.end:
@@ -261,6 +266,9 @@ class FoldFusion(Pass):
             problem = None
             if any(w.version_of == pid for w in g.values):
                 problem = f"{pv.name} is modified in the forward"
+            why = None if problem else unwritable(g, pv.tensor, pv.name)
+            if why is not None:
+                problem = f"it cannot be set to 1: {why}"
             for e in _view_leaves(g, pid):
                 if problem:
                     break
@@ -397,6 +405,35 @@ def _owner(g: DataflowGraph, call: Any, parent: Any) -> tuple[str, Any, str, lis
         if child is not None and any(id(s) in ran for s in child.modules()):
             remove.append(n)
     return call.path, module, weighted_sum.free_name(module, remove), remove
+
+
+def _kept_elsewhere(g: DataflowGraph, owner: Any, remove: list[str], call: Any, target: str) -> str | None:
+    """Why ``owner`` cannot lose what ``remove`` names: an op outside the fusion module's call
+    reads one of those parameters / buffers (one of a removed submodule's included), or the
+    host calls a removed submodule outside it (its forward would no longer find them)."""
+    if owner is None:
+        return None
+    tensors, subs = [], []
+    for n in remove:
+        sub = owner._modules.get(n)
+        if sub is not None:
+            subs.append((n, sub))
+            tensors += [(f"{n}.{k}", t) for k, t in list(sub.named_parameters()) + list(sub.named_buffers())]
+        else:
+            tensors.append((n, owner._parameters.get(n, owner._buffers.get(n))))
+    where = f"{target}." if target else ""
+    found = read_outside(g, tensors, call)
+    if found is not None:
+        name, e = found
+        return (f"{where}{name} is also read outside its forward (by {describe_use(g, e)}), "
+                "so it cannot be removed with the module's own computation")
+    for n, sub in subs:
+        for m in sub.modules():
+            outside = [c for c in g.calls_of(m) if not (call.start <= c.start and c.end <= call.end)]
+            if outside:
+                return (f"{where}{n} is also called outside its forward ({outside[0].path or 'the model'}), "
+                        "so it cannot be removed with the module's own computation")
+    return None
 
 
 def _layout(p: Any, channels: list[int]) -> str | None:
