@@ -46,6 +46,7 @@ def apply_passes(model: Any, passes: Sequence[str], input_shape: Shape | Sequenc
     opts = Options(input=Path("<module>"), input_shapes=_shape_args(input_shape), trials=trials,
                    seed=seed, atol=atol, rtol=rtol, verify=verify, repeat=repeat,
                    pass_options=pass_options or {})
+    opts.check()
     spec = InputSpec.parse(opts.input_shapes, "float32", seed)
     report = Report(command=command or "+".join(passes), input=type(model).__name__)
     report.passes = [PassReport(n) for n in passes]

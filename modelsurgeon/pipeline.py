@@ -47,6 +47,16 @@ class Options:
     pass_options: dict = field(default_factory=dict)  # pass name -> options
     status: Callable[[str], None] | None = None
 
+    def check(self) -> None:
+        """Refuse impossible values before any work (the CLI and the Python API alike)."""
+        if self.trials < 1:
+            raise BadInput("--trials must be at least 1")
+        for flag, value in (("--atol", self.atol), ("--rtol", self.rtol)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise BadInput(f"{flag} {value}: a tolerance must be a finite number >= 0")
+        if not 0 <= self.seed < 2**32:
+            raise BadInput(f"--seed {self.seed}: choose a seed from 0 to 2**32 - 1")
+
 
 def default_output(opts: Options, command: str) -> Path:
     src = Path(opts.input)
@@ -74,13 +84,7 @@ def run(command: str, passes: Sequence[str], opts: Options) -> Report:
         if name not in registry.REGISTRY:
             raise BadInput(f"unknown pass {name!r} (known: {', '.join(registry.REGISTRY)})")
     passes = list(passes)
-    if opts.trials < 1:
-        raise BadInput("--trials must be at least 1")
-    for flag, value in (("--atol", opts.atol), ("--rtol", opts.rtol)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise BadInput(f"{flag} {value}: a tolerance must be a finite number >= 0")
-    if not 0 <= opts.seed < 2**32:
-        raise BadInput(f"--seed {opts.seed}: choose a seed from 0 to 2**32 - 1")
+    opts.check()
     out_path = Path(opts.output) if opts.output else default_output(opts, command)
     out_fmt = output_format(out_path)
     check_output_path(out_path, opts.input, opts.in_place)
@@ -119,7 +123,6 @@ def run(command: str, passes: Sequence[str], opts: Options) -> Report:
 def _run_torch(command, passes, opts, ckpt, report, out_path, out_fmt) -> Report:
     from .load.prepare import prepare
     from .passes.base import PassReport
-    from .rewrite.recipe import Recipe
     from .verify.compare import ParityReport
     from .verify.inputs import InputSpec
 
@@ -127,7 +130,7 @@ def _run_torch(command, passes, opts, ckpt, report, out_path, out_fmt) -> Report
     spec = InputSpec.parse(opts.input_shapes, "float32" if opts.dtype == "auto" else opts.dtype, opts.seed)
     multi = len(ckpt.slots) > 1
     report.slots = [s.name for s in ckpt.slots]
-    ckpt.attach(report)  # the loader's notes (aliased slots) and the writer's warnings go into the report
+    report.notes.extend(n for n in ckpt.notes if n not in report.notes)  # the loader's (aliased slots)
     report.passes = [PassReport(name) for name in passes]
     report.parity = ParityReport(trials=opts.trials, checked=opts.verify)
     primary = ckpt.primary()
@@ -166,7 +169,17 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
     """Capture, rewrite and verify one model in place; accumulate into ``report``.
 
     Returns the :class:`References` (the original's outputs), for an ONNX export's parity.
+    Whatever happens, buffers that running the model changed are left as the checkpoint had
+    them (:class:`BufferState`).
     """
+    state = BufferState(model)
+    try:
+        return _operate(model, storage, passes, opts, spec, report, recipe, slot_name, primary, state)
+    finally:
+        state.restore()
+
+
+def _operate(model, storage, passes, opts, spec, report, recipe, slot_name, primary, state):
     from . import passes as registry
     from .load.prepare import compute_dtype
     from .passes.base import TorchContext, run_pass
@@ -185,7 +198,6 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
     t = time.perf_counter()
     status(f"{label}capturing the dataflow graph")
     refs = References(spec, opts.trials, dtype)
-    state = BufferState(model)
     graph, out0, flops = _first_capture(model, spec, refs, report)
     report.timings["capture"] = report.timings.get("capture", 0) + time.perf_counter() - t
     before = torch_stats(model, graph, flops)
@@ -259,7 +271,6 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
         report.extra["rounds"] = max(report.extra.get("rounds", 0), round_ + 1)
     report.timings["rewrite"] = report.timings.get("rewrite", 0) + time.perf_counter() - t
     if opts.dry_run:  # nothing was rewritten: there is nothing to verify
-        state.restore()
         if primary:
             report.before, report.after = before, before
             report.extra.update(extra)
@@ -284,7 +295,6 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
             # the function changed on purpose: an ONNX export must reproduce the rewritten model
             refs.record(model, out_after)
             refs.rewritten = True
-    state.restore()
     if primary:
         report.extra.update(extra)
     report.timings["verify"] = report.timings.get("verify", 0) + time.perf_counter() - t
@@ -296,8 +306,9 @@ class BufferState:
 
     Capture, references and verification run the real model; a module that updates its
     buffers in eval mode (a calibrated observer, a BatchNorm forced to training statistics)
-    would otherwise be saved with the state those runs left. The first run shows which
-    buffers move; they are put back before the verification run and after it."""
+    would otherwise be saved with the state those runs left. The first runs show which
+    buffers move (:meth:`changed`); they are put back before the passes, before the
+    verification run and at the end (:func:`operate`)."""
 
     def __init__(self, model: Any):
         self._saved = [(name, b, b.detach().clone()) for name, b in model.named_buffers() if b is not None]
@@ -315,6 +326,8 @@ class BufferState:
     def restore(self) -> None:
         import torch
 
+        if self._moved is None:  # ended before the first runs were compared
+            self.changed()
         with torch.no_grad():
             for _, b, v in self._moved or []:
                 if b.shape == v.shape:
@@ -443,7 +456,8 @@ def _save(ckpt, opts, report, out_path, out_fmt, primary, refs) -> None:
         if out_fmt == "pt":
             save_pt(ckpt, out_path)
         else:
-            name = save_safetensors(ckpt, out_path)
+            name, warnings = save_safetensors(ckpt, out_path)
+            report.warnings.extend(warnings)
             if len(ckpt.slots) > 1:
                 report.notes.append(f"wrote the '{name}' model's tensors")
         if ckpt.format in ("module", "container") and out_fmt == "safetensors":

@@ -41,16 +41,6 @@ def run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
         return _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt)
 
 
-def _stats(model):
-    """``onnx_stats``, with the BatchNormalizations inside subgraphs (If / Loop bodies) counted."""
-    from .capture.onnx import subgraph_nodes
-    from .report.stats import onnx_stats
-
-    stats = onnx_stats(model)
-    stats.bn = (stats.bn or 0) + sum(n.op_type == "BatchNormalization" for _, n in subgraph_nodes(model.graph))
-    return stats
-
-
 def _type_outputs(model, refs, report) -> None:
     """Give graph outputs that shape inference left untyped (the output of a custom-domain
     op a cut made an output) the elem type and shape of the original's value of that tensor in
@@ -89,6 +79,7 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
     from . import passes as registry
     from .capture.onnx import OnnxGraph, infer_shapes
     from .passes.base import OnnxContext, PassReport, run_pass
+    from .report.stats import onnx_stats
     from .rewrite.onnx import OnnxEditor
     from .save.atomic import atomic_files
     from .save.onnx import check, wants_external, write
@@ -109,7 +100,7 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
     report.notes.extend(spec.notes)
     report.passes = [PassReport(name) for name in passes]
     report.parity = ParityReport(trials=opts.trials, checked=opts.verify)
-    report.before = _stats(model)
+    report.before = onnx_stats(model)
     editor = OnnxEditor(model)
     input_shapes = dict(zip(spec.names, spec.shapes))
     impls = {name: registry.get(name, "onnx") for name in passes}
@@ -175,7 +166,7 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
         if not (opts.repeat and changed):
             break
     report.timings["rewrite"] = time.perf_counter() - t
-    report.after = _stats(model)
+    report.after = onnx_stats(model)
 
     if opts.dry_run:
         report.parity = ParityReport(checked=False, note="(--dry-run: nothing rewritten)")

@@ -313,8 +313,6 @@ def propagated_shapes(model: Any) -> dict[str, tuple | None]:
     stale (a model exported at a fixed size whose inputs were made dynamic later). Values
     inference cannot reach (after custom ops) are missing. Empty if inference failed."""
     import onnx
-    import onnx_ir as ir
-    from onnx_ir.passes.common import _c_api_utils
 
     def infer(proto):
         del proto.graph.value_info[:]
@@ -324,6 +322,8 @@ def propagated_shapes(model: Any) -> dict[str, tuple | None]:
         return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
 
     try:
+        from onnx_ir.passes.common import _c_api_utils  # private: inside the try, like the inference
+
         with quiet_onnx_ir():
             proto = _c_api_utils.call_onnx_api(infer, model)
     except Exception:

@@ -113,7 +113,7 @@ def _classify(path: Path, obj: Any, arch: str | None, kwargs: dict, trust: bool 
                 slots.append(ModelSlot(name=str(k), key=k, module=v))
             ckpt = Checkpoint(path=path, format="container", container=obj, slots=slots, aliases=aliases)
             for k, orig in aliases.items():
-                ckpt.note(f"'{k}' is the same module object as '{orig}': rewritten once, and saved as "
+                ckpt.notes.append(f"'{k}' is the same module object as '{orig}': rewritten once, and saved as "
                           f"one object under both keys")
             return ckpt
         sd, sd_key = _find_state_dict(obj)
@@ -155,7 +155,7 @@ def _from_state_dict(path: Path, container: Any, sd: Mapping, sd_key: str | None
                      arch: str | None, kwargs: dict, meta: dict | None,
                      fmt: str = "state_dict", trust: bool = False) -> Checkpoint:
     from ..rewrite.recipe import Recipe, apply, relocate, wrapper_prefix
-    from .arch import build_model, load_state, match_dtypes, split_state, strip_prefix
+    from .arch import build_model, key_prefix, load_state, match_dtypes, split_state
 
     recipe = Recipe()
     if meta:
@@ -186,7 +186,7 @@ def _from_state_dict(path: Path, container: Any, sd: Mapping, sd_key: str | None
         except Exception as e:
             raise BadInput(f"{path.name}: cannot replay its modelsurgeon recipe on {arch}: {e}")
         recipe = relocate(recipe, wrapper_prefix(model), "")  # in memory: relative to the root itself
-    _, prefix = strip_prefix(sd, model)
+    prefix = key_prefix(sd, model)
     state, extra = split_state(sd, prefix, model)
     match_dtypes(model, state)
     load_state(model, state, path.name)

@@ -36,7 +36,7 @@ def build_model(arch: str, kwargs: dict) -> Any:
     except ImportError as e:
         raise BadInput(f"--arch: cannot import '{mod_name}' ({e}); add its source tree with --code-path DIR")
     except SystemExit as e:  # a module that parses the command line at import, say
-        raise BadInput(f"--arch {arch} exited ({_exit(e)}) while importing '{mod_name}': "
+        raise BadInput(f"--arch {arch} exited ({exit_reason(e)}) while importing '{mod_name}': "
                        f"it must build the model without ending the program")
     except Exception as e:
         raise BadInput(f"--arch: importing '{mod_name}' failed: {type(e).__name__}: {e}")
@@ -50,7 +50,7 @@ def build_model(arch: str, kwargs: dict) -> Any:
     except TypeError as e:
         raise BadInput(f"--arch: {arch}(**{kwargs}) failed: {e}")
     except SystemExit as e:  # an argparse-based factory, say
-        raise BadInput(f"--arch {arch} exited ({_exit(e)}) when called: it must return the model "
+        raise BadInput(f"--arch {arch} exited ({exit_reason(e)}) when called: it must return the model "
                        f"(pass its arguments with --arch-kwargs JSON)")
     except Exception as e:
         raise BadInput(f"--arch: {arch} raised {type(e).__name__}: {e}")
@@ -59,29 +59,31 @@ def build_model(arch: str, kwargs: dict) -> Any:
     return model
 
 
-def _exit(e: SystemExit) -> str:
+def exit_reason(e: SystemExit) -> str:
+    """``SystemExit 2``, or the first line of the message a ``SystemExit`` carries: what code
+    that ended the program (a factory, a module imported, an unpickled object) said."""
     code = e.code
     if isinstance(code, str):
         code = repr((code.strip().splitlines() or [""])[0][:100])
     return f"SystemExit {code}"
 
 
-def strip_prefix(state: Mapping[str, Any], model: Any) -> tuple[dict, str]:
-    """Match the checkpoint's keys to the model's, removing a common prefix (``model.``,
-    ``module.`` from DataParallel, a Lightning attribute name) if that is what it takes."""
+def key_prefix(state: Mapping[str, Any], model: Any) -> str:
+    """The prefix to remove from the checkpoint's keys to match the model's (``model.``,
+    ``module.`` from DataParallel, a Lightning attribute name), or ``""``."""
     expected = set(model.state_dict().keys())
     keys = list(state.keys())
     if not keys or set(keys) & expected:
-        return dict(state), ""
+        return ""
     for k in keys:
         head, dot, _ = k.partition(".")
         if not dot:
             continue
         prefix = head + "."
-        stripped = {kk[len(prefix):]: v for kk, v in state.items() if kk.startswith(prefix)}
-        if set(stripped) & expected and len(stripped) >= len(expected) * 0.5:
-            return stripped, prefix
-    return dict(state), ""
+        stripped = {kk[len(prefix):] for kk in keys if kk.startswith(prefix)}
+        if stripped & expected and len(stripped) >= len(expected) * 0.5:
+            return prefix
+    return ""
 
 
 def split_state(state: Mapping[str, Any], prefix: str, model: Any) -> tuple[dict, dict]:

@@ -49,9 +49,7 @@ class Checkpoint:
     """Container keys holding the very module object of an earlier slot (``{'model': m,
     'ema': m}``) -> that slot's key. ``slots`` lists each object once, so it is rewritten once;
     the saved container keeps the keys pointing at the same object."""
-    notes: list[str] = field(default_factory=list)  # for the report (see attach)
-    warnings: list[str] = field(default_factory=list)
-    _report: Any = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)  # what the loader has to say, for the report
 
     @property
     def is_onnx(self) -> bool:
@@ -71,28 +69,9 @@ class Checkpoint:
             slot.recipe = self.recipe if single else Recipe()
         return slot.recipe
 
-    def attach(self, report: Any) -> None:
-        """Hand the loader's notes and warnings to ``report``, and the writer's later ones."""
-        self._report = report
-        for text in self.notes:
-            _add(report.notes, text)
-        for text in self.warnings:
-            _add(report.warnings, text)
-
-    def note(self, text: str) -> None:
-        _add(self._report.notes if self._report is not None else self.notes, text)
-
-    def warn(self, text: str) -> None:
-        _add(self._report.warnings if self._report is not None else self.warnings, text)
-
     def primary(self) -> ModelSlot:
         """The model used for single-model outputs: ``ema`` when present, else the first."""
         for s in self.slots:
             if s.name == "ema":
                 return s
         return self.slots[0]
-
-
-def _add(items: list, text: str) -> None:
-    if text not in items:
-        items.append(text)

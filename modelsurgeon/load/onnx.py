@@ -27,6 +27,11 @@ def _first_line(e: BaseException) -> str:
     return (lines[0] if lines else type(e).__name__)[:300]
 
 
+def _subgraphs(attr) -> list:
+    """The GraphProtos an attribute holds (an ``If`` branch, a ``Loop`` / ``Scan`` body)."""
+    return ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+
+
 def _all_tensors(graph):
     """Every TensorProto of a GraphProto: initializers and tensor attributes, subgraphs included."""
     yield from graph.initializer
@@ -35,9 +40,7 @@ def _all_tensors(graph):
             if attr.HasField("t"):
                 yield attr.t
             yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for sub in attr.graphs:
+            for sub in _subgraphs(attr):
                 yield from _all_tensors(sub)
 
 
@@ -78,7 +81,7 @@ def graph_problem(graph, outer: frozenset = frozenset()) -> str | None:
             if i and i not in scope:
                 return f"{_node_label(n)} reads {i!r}, which no node, input or initializer produces"
         for attr in n.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for sub in _subgraphs(attr):
                 why = graph_problem(sub, frozenset(scope))
                 if why:
                     return why
@@ -102,7 +105,7 @@ def densify_sparse(graph, path: Path) -> int:
     count = 0
     for node in graph.node:
         for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for sub in _subgraphs(attr):
                 count += densify_sparse(sub, path)
     for sp in graph.sparse_initializer:
         name = sp.values.name

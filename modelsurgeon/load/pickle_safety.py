@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import BadInput, UnsafeCheckpoint
+from .arch import exit_reason
 
 MAX_NAMES = 6
 
@@ -135,7 +136,7 @@ def torch_load(path: Path, trust_pickle: bool):
             f"tree with --code-path DIR"
         )
     except SystemExit as e:  # code the file runs (or imports) ended the program
-        raise BadInput(f"{path.name} could not be unpickled: its code exited (SystemExit {e.code})")
+        raise BadInput(f"{path.name} could not be unpickled: its code exited ({exit_reason(e)})")
     except Exception as e:
         raise BadInput(f"{path.name} could not be unpickled: {type(e).__name__}: {_first_line(e)}")
 

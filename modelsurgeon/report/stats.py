@@ -24,12 +24,15 @@ def torch_stats(model: Any, graph: Any = None, flops: int | None = None) -> Mode
 def onnx_stats(model: Any) -> ModelStats:
     """Before/after figures of an ONNX model: elements of the constant tensors (initializers and
     ``Constant`` nodes), FLOPs of its Conv/Gemm/MatMul nodes (batch of one), BatchNormalization
-    nodes, nodes of the main graph (reported as both ``modules`` and ``ops``)."""
+    nodes (those inside If / Loop bodies included), nodes of the main graph (reported as both
+    ``modules`` and ``ops``)."""
+    from ..capture.onnx import subgraph_nodes
     from .flops import onnx_flops
 
     nodes = list(model.graph)
     params = sum(int(v.const_value.size) for v in model.graph.initializers.values() if v.const_value is not None)
     params += sum(int(n.attributes["value"].as_tensor().size) for n in nodes
                   if n.op_type == "Constant" and "value" in n.attributes)
-    return ModelStats(params=params, flops=onnx_flops(model), bn=sum(n.op_type == "BatchNormalization" for n in nodes),
-                      modules=len(nodes), ops=len(nodes))
+    bn = sum(n.op_type == "BatchNormalization" for n in nodes)
+    bn += sum(n.op_type == "BatchNormalization" for _, n in subgraph_nodes(model.graph))
+    return ModelStats(params=params, flops=onnx_flops(model), bn=bn, modules=len(nodes), ops=len(nodes))

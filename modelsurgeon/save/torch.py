@@ -18,8 +18,7 @@ def recipe_of(ckpt: Checkpoint, slot: ModelSlot) -> list[dict]:
     itself, also when the slot is a ``DataParallel`` wrapper (whose keys keep ``module.``)."""
     from ..rewrite.recipe import relocate, wrapper_prefix
 
-    recipe = ckpt.recipe_for(slot)
-    return relocate(recipe, "", wrapper_prefix(slot.module)).to_json() if recipe is not None else []
+    return relocate(ckpt.recipe_for(slot), "", wrapper_prefix(slot.module)).to_json()
 
 
 def meta_for(ckpt: Checkpoint, slot: ModelSlot) -> dict:
@@ -105,19 +104,20 @@ def write_pt(obj: Any, path: Path) -> None:
         staged.rename(tmp_dir / path.name)
 
 
-def save_safetensors(ckpt: Checkpoint, path: Path) -> str:
-    """Write the primary model's tensors + metadata; returns the slot written."""
+def save_safetensors(ckpt: Checkpoint, path: Path) -> tuple[str, list[str]]:
+    """Write the primary model's tensors + metadata; returns the slot written and warnings."""
     import torch
     from safetensors.torch import save_file
 
     slot = ckpt.primary()
     _check_describable(ckpt, slot, "safetensors file")
     sd = state_dict_of(slot)
+    warnings = []
     plain = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if plain:
         shown = ", ".join(plain[:4]) + (f" (+{len(plain) - 4} more)" if len(plain) > 4 else "")
-        ckpt.warn(f"the state_dict's non-tensor entries ({shown}) are not in the .safetensors output "
-                  f"(it holds tensors only): write .pt to keep them")
+        warnings.append(f"the state_dict's non-tensor entries ({shown}) are not in the .safetensors output "
+                        f"(it holds tensors only): write .pt to keep them")
     tensors = {}
     seen: dict[tuple, str] = {}
     for k, v in sd.items():
@@ -134,4 +134,4 @@ def save_safetensors(ckpt: Checkpoint, path: Path) -> str:
     metadata[META_KEY] = json.dumps(meta_for(ckpt, slot), sort_keys=True)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-    return slot.name
+    return slot.name, warnings
