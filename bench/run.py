@@ -276,7 +276,7 @@ def markdown(res: dict) -> str:
         "# Performance",
         "",
         f"Measured on {m['date']}: {m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']}"
-        f" ({m['platform']}). Produced by `python -m bench`; raw figures in `bench/out/results.json`."
+        f" ({m['platform']}). Produced by `python -m bench`, which also writes the raw figures to `bench/out/results.json` (not committed)."
         " Medians of several runs of separate processes; min–max in brackets; ratios are taken pair"
         " by pair (A and B run alternately).",
         "",
@@ -346,15 +346,18 @@ def target_notes(rows: list[dict]) -> list[str]:
         if ratio <= 1.3 and rss <= 1.2 or not o or not b:
             continue
         run = o.get("capture", 0) + o.get("reference", 0) + o.get("verify", 0)
-        base = r["b"]["wall_s"]["median"]
+        base, ours = r["b"]["wall_s"]["median"], r["a"]["wall_s"]["median"]
+        save_extra = o.get("save", 0) - b.get("save", 0)
+        explained = run + o.get("rewrite", 0) + save_extra + (o.get("load", 0) - b.get("load", 0))
         parts = [f"running the model {run:.2f} s (the capture, which is also the first reference; the second "
                  f"trial's reference at batch 2; the verification of both trials)",
                  f"the fold arithmetic {o.get('rewrite', 0):.2f} s (float64, one rounding)",
-                 f"saving {o.get('save', 0):.2f} s against the baseline's {b.get('save', 0):.2f} s (the same "
-                 "torch writer, plus the fsync before the atomic rename that a plain torch.save does not do; "
-                 "one-run save times of a 1 GB file vary by a second or more on this machine)"]
+                 f"saving {save_extra:+.2f} s against the baseline (the same torch writer, plus the fsync before "
+                 "the atomic rename that a plain torch.save does not do)",
+                 f"the rest, {ours - base - explained:+.2f} s, is the difference of the medians not seen in "
+                 "the one-run breakdown: CLI imports, and the spread of one-run I/O times on this machine"]
         notes.append(f"{r['checkpoint']} ({r['size_mb']:.0f} MB): fold-bn takes {ratio:.2f}x the wall time of "
-                     f"load+save ({base:.2f} s)" + (f" and {rss:.2f}x its peak RSS" if rss > 1.2 else "")
+                     f"load+save ({ours:.2f} s against {base:.2f} s)" + (f" and {rss:.2f}x its peak RSS" if rss > 1.2 else "")
                      + ": beyond one load and one save it spends " + "; ".join(parts) + ". The verification is "
                      "the point of the tool (`--trials 1` drops the second trial, `--no-verify` all of it).")
     return notes

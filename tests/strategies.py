@@ -831,6 +831,18 @@ def check_fold_bn_report(cfg: dict, original: nn.Module, model: nn.Module, repor
         assert any("norm" in t for t in skipped) or cfg["norm"] == "frozen", (cfg["variant"], skipped, applied)
     elif still_there and isinstance(original.norm, nn.modules.batchnorm._BatchNorm):
         assert any("norm" in t for t in skipped), f"norm neither folded nor skipped: {skipped}, {applied}"
+    if cfg["variant"] == "plain" and cfg["norm"] != "inline_bn":
+        # the main case must not be given up silently: a plain conv -> norm is folded, unless a
+        # reason on this list (a property of the configuration, not of the pass) says otherwise
+        allowed = FOLD_BN_PLAIN_SKIPS
+        assert "conv" in applied or any(w in r for r in skipped.values() for w in allowed), \
+            f"a plain conv -> {cfg['norm']} was not folded: applied {applied}, skipped {skipped}"
+
+
+FOLD_BN_PLAIN_SKIPS = (
+    # reasons a plain configuration may legitimately keep its norm
+    "not an affine map",
+)
 
 
 FOCUS_SKIP_WORDS = {

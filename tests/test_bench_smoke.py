@@ -17,6 +17,9 @@ def test_bench_smoke(tmp_path):
     fb = res["fold_bn"][0]
     assert fb["a"]["exit_codes"] == [0] and fb["b"]["exit_codes"] == [0]
     assert fb["ratio_wall"]["median"] > 0 and fb["ratio_rss"]["median"] > 0
+    # the per-stage breakdown ran (a failed run or a renamed timing would print "-" silently)
+    assert set(fb["breakdown"]["modelsurgeon"]) == {"import", "load", "capture", "reference", "rewrite", "verify", "save"}
+    assert set(fb["breakdown"]["baseline"]) == {"load", "save"}
     assert set(res["startup"]) == {"--help", "--version"}
     names = [m["model"] for m in res["models"]]
     assert len(names) == 3
