@@ -630,3 +630,20 @@ def test_backbone_called_through_slices_is_the_container_with_every_block(tmp_pa
         r3, _ = original(x)
         assert torch.equal(a3, r3) and a5.shape == (2, 4, 8, 8)
         assert torch.equal(a5, small.p5(_prefix(original.features, 4, x)))
+
+
+def test_cut_that_changes_the_feature_size_a_neck_needs_exits_2(tmp_path):
+    """BiFPN upsamples c5's output and adds it to c4's: removing c5 leaves c4's output (twice
+    the size) in its place, so the neck cannot run. The cut is refused with the size change,
+    not reported as a parity failure of a rewrite that was made."""
+    from zoo.bifpn import bifpn
+
+    src = tmp_path / "bifpn.pt"
+    torch.save(randomize(bifpn(), seed=3), src)
+    before = src.read_bytes()
+    r = run_cli("truncate", src, "--trust-pickle", "--code-path", EXAMPLES, "-n", "1", "-s", "1,3,64,64",
+                "-o", tmp_path / "o.pt")
+    assert r.code == 2, r.err
+    assert r.err.count("\n") == 1 and "cannot truncate <model> after c4: the truncated model fails" in r.err
+    assert "from 1×256×4×4 to 1×128×8×8" in r.err
+    assert files_in(tmp_path) == {"bifpn.pt"} and src.read_bytes() == before

@@ -28,6 +28,8 @@ Match (nothing changes):
 Rewrite: the removed blocks become ``nn.Identity`` through the editor (the host's forward keeps
 calling them by name; a Sequential keeps its indices, so routing by index still holds); head
 layers are rebuilt with the input width measured by running the truncated model up to them.
+A truncated model that then fails to run (a neck combining the stage's output with features of
+the size it had, say) refuses the cut (exit 2) with the size change it met.
 
 Verify: the output of the last kept block on every trial equals the original's, exactly
 (references taken before the rewrite); the whole model runs and its output shapes are reported.
@@ -40,6 +42,7 @@ from typing import Any, Iterable
 
 from ...capture.graph import OUTPUT, DataflowGraph, ModuleCall, OpEvent, Ref
 from ...errors import BadInput, ParityError
+from ...match import dims
 from ...match.conv import CONV_OPS
 from ...match.head import GATHERING, NEUTRAL, is_classifier_layer, layer_of, shape_only, short_name
 from ...match.stage import Stage, StageError, find_stages, module_flops, stage_at
@@ -187,26 +190,11 @@ class Truncate(Pass):
         for b in m.removed:
             for mod in b.modules:
                 ed.replace(mod, torch.nn.Identity())
-        head_rows = []
-        for i, layer in enumerate(m.layers):
-            old = layer.module
-            if layer.kind == "drop":
-                ed.replace(old, torch.nn.Identity())
-                head_rows.append({"path": layer.path, "type": type(old).__name__, "action": "dropped",
-                                  "before": _describe(old), "after": "Identity"})
-                continue
-            width = _probe_width(ctx.model, old, ctx.inputs, layer.path)
-            if width == _in_width(old):  # same input width (e.g. a block of equal channels removed)
-                head_rows.append({"path": layer.path, "type": type(old).__name__, "action": "kept",
-                                  "before": _describe(old), "after": _describe(old),
-                                  "reinitialised": False})
-                continue
-            new = _rebuild(old, width, INIT_SEED + i)
-            ed.replace(old, new)
-            head_rows.append({"path": layer.path, "type": type(old).__name__, "action": "rebuilt",
-                              "before": _describe(old), "after": _describe(new), "reinitialised": True})
-            ctx.warnings.append(f"{layer.path} was rebuilt as {_describe(new)} with fresh random weights: "
-                                "the model needs fine-tuning before its outputs mean anything")
+        try:
+            head_rows = _repair_head(ctx, m)
+            _check_runs(ctx.model, ctx.inputs)
+        except _Fails as f:
+            raise _refusal(m, f) from f.error
         info = ctx.report_extra.setdefault("truncate", {})
         info.setdefault("head", {})["layers"] = head_rows
         n = m.stage.children
@@ -618,6 +606,34 @@ def _consumer(g: DataflowGraph, eid: int, stage: Stage) -> str:
 # running and rebuilding
 
 
+def _repair_head(ctx: TorchContext, m: TruncateMatch) -> list[dict]:
+    """Drop or rebuild the head layers for the new input width; rows for the report."""
+    import torch
+
+    ed = ctx.editor
+    head_rows = []
+    for i, layer in enumerate(m.layers):
+        old = layer.module
+        if layer.kind == "drop":
+            ed.replace(old, torch.nn.Identity())
+            head_rows.append({"path": layer.path, "type": type(old).__name__, "action": "dropped",
+                              "before": _describe(old), "after": "Identity"})
+            continue
+        width = _probe_width(ctx.model, old, ctx.inputs, layer.path)
+        if width == _in_width(old):  # same input width (e.g. a block of equal channels removed)
+            head_rows.append({"path": layer.path, "type": type(old).__name__, "action": "kept",
+                              "before": _describe(old), "after": _describe(old),
+                              "reinitialised": False})
+            continue
+        new = _rebuild(old, width, INIT_SEED + i)
+        ed.replace(old, new)
+        head_rows.append({"path": layer.path, "type": type(old).__name__, "action": "rebuilt",
+                          "before": _describe(old), "after": _describe(new), "reinitialised": True})
+        ctx.warnings.append(f"{layer.path} was rebuilt as {_describe(new)} with fresh random weights: "
+                            "the model needs fine-tuning before its outputs mean anything")
+    return head_rows
+
+
 def _run_to(model: Any, module: Any, inputs: list, full: bool = False, count_flops: bool = False):
     """Run ``model`` and take ``module``'s output (only that unless ``full``).
 
@@ -669,11 +685,45 @@ def _probe_width(model: Any, layer: Any, inputs: list, path: str) -> int:
             raise ParityError(f"head layer {path} receives no tensor after truncation; nothing written")
         return int(r.shape[-1] if isinstance(layer, nn.Linear) else r.shape[1])
     except Exception as e:
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        raise ParityError(f"the truncated model fails before reaching {path}: {type(e).__name__}: {msg}; nothing written")
+        raise _Fails(e, f"before reaching {path}") from e
     finally:
         h.remove()
     raise ParityError(f"head layer {path} is no longer called after truncation; nothing written")
+
+
+class _Fails(Exception):
+    """The truncated model raised ``error`` (``where``: how far it got)."""
+
+    def __init__(self, error: BaseException, where: str = ""):
+        super().__init__(where)
+        self.error, self.where = error, where
+
+
+def _check_runs(model: Any, inputs: list) -> None:
+    """The truncated model runs on the example input, or the cut is refused (exit 2) with what
+    the removed blocks changed: a neck that combines the stage's output with features of the
+    size it used to have (an FPN's upsample-and-add, say) cannot take a cut that changes it."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as e:
+        raise _Fails(e) from e
+
+
+def _refusal(m: TruncateMatch, f: _Fails) -> BadInput:
+    e = f.error
+    msg = (str(e).strip().splitlines() or [""])[0][:300]
+    last = m.last_kept
+    old, new = m.stage.blocks[-1].out_shape, last.out_shape
+    change = ""
+    if old is not None and new is not None and tuple(old[2:]) != tuple(new[2:]):
+        change = (f"; the removed blocks change the stage's output size from {dims(old)} to {dims(new)}, and "
+                  "later layers need the old size (only the channel count can change)")
+    where = f" {f.where}" if f.where else ""
+    return BadInput(f"cannot truncate {m.stage.label} after {last.path}: the truncated model fails{where} "
+                    f"({type(e).__name__}: {msg}){change}; nothing written")
 
 
 def _rebuild(old: Any, width: int, seed: int) -> Any:
