@@ -208,6 +208,17 @@ def save(model: onnx.ModelProto, path: Path, check: bool = True) -> Path:
     return Path(path)
 
 
+def run_pass(tmp_path: Path, model: onnx.ModelProto, command: str, *args, name: str = "m"):
+    """Save ``model``, run ``modelsurgeon COMMAND`` on it (must succeed): (report, src, dst)."""
+    from conftest import run_cli
+
+    src = save(model, tmp_path / f"{name}.onnx")
+    dst = tmp_path / f"{name}.out.onnx"
+    r = run_cli(command, src, "-o", dst, "--json", *args)
+    assert r.code == 0, r.err
+    return r.json(), src, dst
+
+
 def ops(path: Path) -> list[str]:
     return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import run_cli
+from testmodels import seeded_resnet
 from modelsurgeon.errors import BadInput, UnsafeCheckpoint
 from modelsurgeon.load import load_checkpoint
 
@@ -153,18 +154,8 @@ def test_torchscript_archive_is_refused_clearly(tmp_path):
 # -- containers and state_dicts as real checkpoints hold them ------------------------------------
 
 
-def _resnet(seed: int = 0):
-    """The same small ResNet for the same seed (weights and BatchNorm statistics random)."""
-    from zoo import randomize
-    from zoo.resnet import resnet
-
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return randomize(resnet(), seed).eval()
-
-
 def test_same_module_under_two_keys_is_one_slot_rewritten_once(tmp_path):
-    m = _resnet(1)
+    m = seeded_resnet(1)
     p = tmp_path / "shared.pt"
     torch.save({"model": m, "ema": m, "epoch": 4}, p)
     ck = load_checkpoint(p, trust_pickle=True)
@@ -185,7 +176,7 @@ def test_same_module_under_two_keys_is_one_slot_rewritten_once(tmp_path):
     got = torch.load(out2, weights_only=False)
     assert got["model"] is got["ema"]
     assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in got["ema"].modules())
-    ref = _resnet(1)
+    ref = seeded_resnet(1)
     assert ms_verify(got["ema"], ref)
 
 
@@ -198,7 +189,7 @@ def ms_verify(model, ref, shape=(1, 3, 32, 32)) -> bool:
 def test_lightning_state_dict_keeps_keys_outside_the_model(tmp_path):
     import modelsurgeon as ms
 
-    m = _resnet(2)
+    m = seeded_resnet(2)
     loss_w = torch.tensor([0.5, 1.0, 2.0])
     sd = {**{f"model.{k}": v for k, v in m.state_dict().items()}, "loss.weight": loss_w,
           "metric.count": torch.tensor(7)}
@@ -216,7 +207,7 @@ def test_lightning_state_dict_keeps_keys_outside_the_model(tmp_path):
     assert torch.equal(got["state_dict"]["metric.count"], torch.tensor(7))
     assert not any(k.startswith("model.") and "bn" in k for k in got["state_dict"])
     again = ms.load(out, arch="zoo.resnet:resnet")  # the extra keys do not disturb a reload
-    assert ms_verify(again, _resnet(2))
+    assert ms_verify(again, seeded_resnet(2))
     st = tmp_path / "folded.safetensors"
     r = run_cli("fold-bn", p, "--arch", "zoo.resnet:resnet", "-s", "1,3,32,32", "-o", st, "-q")
     assert r.code == 0, r.err
@@ -224,14 +215,14 @@ def test_lightning_state_dict_keeps_keys_outside_the_model(tmp_path):
 
     tensors = load_file(str(st))
     assert torch.equal(tensors["loss.weight"], loss_w) and torch.equal(tensors["metric.count"], torch.tensor(7))
-    assert ms_verify(ms.load(st, arch="zoo.resnet:resnet"), _resnet(2))
+    assert ms_verify(ms.load(st, arch="zoo.resnet:resnet"), seeded_resnet(2))
 
 
 def test_state_dict_with_a_non_tensor_entry(tmp_path):
     import modelsurgeon as ms
 
     p = tmp_path / "versioned.pt"
-    torch.save({**_resnet(3).state_dict(), "version": 3}, p)
+    torch.save({**seeded_resnet(3).state_dict(), "version": 3}, p)
     ck = load_checkpoint(p, arch="zoo.resnet:resnet")
     assert ck.format == "state_dict" and ck.slots[0].sd_extra == {"version": 3}
     out = tmp_path / "f.pt"
@@ -239,12 +230,12 @@ def test_state_dict_with_a_non_tensor_entry(tmp_path):
     assert r.code == 0, r.err
     got = torch.load(out, weights_only=True)
     assert got["state_dict"]["version"] == 3
-    assert ms_verify(ms.load(out, arch="zoo.resnet:resnet"), _resnet(3))
+    assert ms_verify(ms.load(out, arch="zoo.resnet:resnet"), seeded_resnet(3))
     st = tmp_path / "f.safetensors"
     r = run_cli("fold-bn", p, "--arch", "zoo.resnet:resnet", "-s", "1,3,32,32", "-o", st, "--json")
     assert r.code == 0, r.err  # safetensors holds tensors only: said so
     assert any("non-tensor entries (version)" in w for w in r.json()["warnings"])
-    assert ms_verify(ms.load(st, arch="zoo.resnet:resnet"), _resnet(3))
+    assert ms_verify(ms.load(st, arch="zoo.resnet:resnet"), seeded_resnet(3))
     # a container is not a state_dict with extras: its nested dicts keep it one
     q = tmp_path / "meta-only.pt"
     torch.save({"epoch": 3, "opt": {"lr": 0.1}, "best": torch.tensor(0.5)}, q)
@@ -259,7 +250,7 @@ def test_fp16_state_dict_stays_fp16(tmp_path, suffix, command):
 
     import modelsurgeon as ms
 
-    m = _resnet(4)
+    m = seeded_resnet(4)
     sd = {k: v.half() if v.is_floating_point() else v for k, v in m.state_dict().items()}
     p = tmp_path / f"half{suffix}"
     if suffix == ".pt":
@@ -286,7 +277,7 @@ def test_fp16_state_dict_stays_fp16(tmp_path, suffix, command):
 
 
 def test_float64_state_dict_keeps_its_precision(tmp_path):
-    m = _resnet(5).double()
+    m = seeded_resnet(5).double()
     p = tmp_path / "f64.pt"
     torch.save(m.state_dict(), p)
     loaded = load_checkpoint(p, arch="zoo.resnet:resnet").slots[0].module

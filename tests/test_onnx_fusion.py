@@ -13,11 +13,7 @@ from onnx_graphs import Builder, out, tensor
 
 
 def run(tmp_path, model, *args, command="fold-fusion", name="m"):
-    src = G.save(model, tmp_path / f"{name}.onnx")
-    dst = tmp_path / f"{name}.out.onnx"
-    r = run_cli(command, src, "-o", dst, "--json", *args)
-    assert r.code == 0, r.err
-    return r.json(), src, dst
+    return G.run_pass(tmp_path, model, command, *args, name=name)
 
 
 @pytest.mark.parametrize("opset", [11, 13, 17])

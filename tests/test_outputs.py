@@ -13,6 +13,7 @@ import torch
 
 import modelsurgeon as ms
 from conftest import EXAMPLES, run_cli
+from testmodels import seeded_resnet
 
 NO_MODELSURGEON = "import sys; sys.modules['modelsurgeon'] = None\n"
 
@@ -115,13 +116,6 @@ def test_api_round_trip(tmp_path):
     assert ms.verify(again, ref.eval(), (1, 3, 32, 32)).passed
 
 
-def _resnet(seed: int = 0):
-    from zoo import randomize
-    from zoo.resnet import resnet
-
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return randomize(resnet(), seed).eval()
 
 
 def dp_resnet():
@@ -135,7 +129,7 @@ def dp_resnet():
 def test_dataparallel_module_to_safetensors_reloads_with_the_models_factory(tmp_path, command):
     from safetensors import safe_open
 
-    net = _resnet(6)
+    net = seeded_resnet(6)
     src = tmp_path / "dp.pt"
     torch.save(torch.nn.DataParallel(net), src)
     extra = ["--blocks", "1"] if command == "truncate" else []
@@ -175,7 +169,7 @@ def test_dataparallel_module_to_safetensors_reloads_with_the_models_factory(tmp_
 
 
 def test_container_to_safetensors_records_the_written_models_recipe(tmp_path):
-    model, ema = _resnet(7), _resnet(8)
+    model, ema = seeded_resnet(7), seeded_resnet(8)
     src = tmp_path / "ck.pt"
     torch.save({"model": model, "ema": ema, "epoch": 9}, src)
     out = tmp_path / "ema.safetensors"

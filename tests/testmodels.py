@@ -254,3 +254,14 @@ class NonPersistentScale(nn.Module):
 def non_persistent_scale() -> nn.Module:
     torch.manual_seed(0)
     return randomize_all(NonPersistentScale(), 3).eval()
+
+
+def seeded_resnet(seed: int = 0) -> nn.Module:
+    """The same small ResNet for the same seed (weights and BatchNorm statistics random), in
+    eval mode; the global RNG is left as it was."""
+    from zoo import randomize
+    from zoo.resnet import resnet
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return randomize(resnet(), seed).eval()
