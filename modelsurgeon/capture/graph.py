@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 OUTPUT = -1
 """Pseudo event id for "returned by the model" in :meth:`DataflowGraph.uses`."""
@@ -142,6 +142,19 @@ class DataflowGraph:
                 uses[o].append(OUTPUT)
             self._uses = dict(uses)
         return self._uses.get(vid, [])
+
+    def walk_uses(self, start: int, step: Callable[[int, int], Iterable[int]]) -> None:
+        """Walk forward from value ``start``: ``step(v, u)`` is called for each use ``u`` (an
+        event id, or :data:`OUTPUT`) of every value ``v`` reached, once per value, and returns
+        the values to walk on to (none: the walk stops there)."""
+        stack, seen = [start], set()
+        while stack:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            for u in self.uses(v):
+                stack.extend(step(v, u))
 
     def consumers(self, vid: int) -> list[OpEvent | None]:
         """Events reading ``vid``; ``None`` stands for the model's output."""

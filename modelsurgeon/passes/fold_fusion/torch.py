@@ -545,21 +545,16 @@ def _computation(g: DataflowGraph, vid: int | None) -> str:
 
 def _view_leaves(g: DataflowGraph, vid: int) -> list[int]:
     """Events reading value ``vid`` through pure views (the views themselves excluded)."""
-    out, stack, seen = [], [vid], set()
-    while stack:
-        v = stack.pop()
-        if v in seen:
-            continue
-        seen.add(v)
-        for e in g.uses(v):
-            if e == OUTPUT:
-                out.append(e)
-                continue
-            ev = g.event(e)
-            if ev.name in VIEW_OPS and ev.inputs and ev.inputs[0] == v and not ev.inplace:
-                stack.extend(ev.outputs)
-            else:
-                out.append(e)
+    out = []
+
+    def step(v: int, e: int) -> list[int]:
+        ev = g.event(e) if e != OUTPUT else None
+        if ev is not None and ev.name in VIEW_OPS and ev.inputs and ev.inputs[0] == v and not ev.inplace:
+            return ev.outputs
+        out.append(e)
+        return []
+
+    g.walk_uses(vid, step)
     return list(dict.fromkeys(out))
 
 

@@ -449,20 +449,17 @@ def _refuse_later_readers(g: DataflowGraph, model: Any, stage: Stage, stage_out:
         return
     later = [(c.start, c.end, c) for c in stage.later]
     hits = []
-    stack, seen = [stage_out], set()
-    while stack:
-        v = stack.pop()
-        if v in seen:
-            continue
-        seen.add(v)
-        for u in g.uses(v):
-            if u == OUTPUT:
-                continue
-            hit = next((c for s, e, c in later if s <= u < e), None)
-            if hit is not None:
-                hits.append(hit)
-                continue
-            stack.extend(g.event(u).outputs)
+
+    def step(_v: int, u: int) -> list[int]:
+        if u == OUTPUT:
+            return []
+        hit = next((c for s, e, c in later if s <= u < e), None)
+        if hit is not None:
+            hits.append(hit)
+            return []
+        return g.event(u).outputs
+
+    g.walk_uses(stage_out, step)
     if hits:
         hit = min(hits, key=lambda c: c.start)
         raise BadInput(f"cannot truncate {where}: the stage's output feeds {hit.path} ({hit.type_name}), a later "
@@ -509,39 +506,34 @@ def _walk_head(g: DataflowGraph, stage: Stage, stage_out: int, head: str, protec
                where: str) -> tuple[list[HeadLayer], bool]:
     layers: list[HeadLayer] = []
     reached = False
-    seen: set[int] = set()
-    stack = [stage_out]
-    visited_values: set[int] = set()
-    while stack:
-        v = stack.pop()
-        if v in visited_values:
-            continue
-        visited_values.add(v)
-        for u in g.uses(v):
-            if u == OUTPUT:
-                reached = True
-                continue
-            if u in seen:
-                continue
-            seen.add(u)
-            ev = g.event(u)
-            if head == "reinit" and ev.name in CONV_OPS:
-                layers.append(_rebuildable(g, ev, v, stage, where))
-                continue
-            if shape_only(g, ev, v):
-                stack.extend(ev.outputs)
-                continue
-            if head == "drop":
-                d = _droppable(g, ev, v, protected)
-                if d is not None:
-                    layers.append(HeadLayer(d, "drop"))
-                    seen.update(range(d.start, d.end))
-                    stack.append(d.outputs[0])
-                    continue
-            hint = (" (only torch Linear/Conv layers are rebuilt; --head drop replaces the head by nn.Identity)"
-                    if head == "reinit" else " (only whole modules taking it as their one input can be dropped)")
-            raise BadInput(f"cannot truncate {where}: the stage's output reaches {_consumer(g, u, stage)}, whose "
-                           f"result depends on the channel count and cannot be repaired{hint}; nothing written")
+    seen: set[int] = set()  # events handled (a dropped module's, all at once)
+
+    def step(v: int, u: int) -> list[int]:
+        nonlocal reached
+        if u == OUTPUT:
+            reached = True
+            return []
+        if u in seen:
+            return []
+        seen.add(u)
+        ev = g.event(u)
+        if head == "reinit" and ev.name in CONV_OPS:
+            layers.append(_rebuildable(g, ev, v, stage, where))
+            return []
+        if shape_only(g, ev, v):
+            return ev.outputs
+        if head == "drop":
+            d = _droppable(g, ev, v, protected)
+            if d is not None:
+                layers.append(HeadLayer(d, "drop"))
+                seen.update(range(d.start, d.end))
+                return [d.outputs[0]]
+        hint = (" (only torch Linear/Conv layers are rebuilt; --head drop replaces the head by nn.Identity)"
+                if head == "reinit" else " (only whole modules taking it as their one input can be dropped)")
+        raise BadInput(f"cannot truncate {where}: the stage's output reaches {_consumer(g, u, stage)}, whose "
+                       f"result depends on the channel count and cannot be repaired{hint}; nothing written")
+
+    g.walk_uses(stage_out, step)
     return layers, reached
 
 
