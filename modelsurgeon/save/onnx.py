@@ -53,11 +53,37 @@ def write(model: Any, directory: Path, name: str, external: bool) -> Path:
 
     target = Path(directory) / name
     if external:
+        # tensors kept inline are copied first: onnx_ir would load and close their maps itself
+        load_external(model, max_bytes=EXTERNAL_MIN_TENSOR)
         ir.save(model, str(target), external_data=f"{name}.data", size_threshold_bytes=EXTERNAL_MIN_TENSOR)
     else:
-        ir.external_data.load_to_model(model)
+        load_external(model)
         target.write_bytes(ir.to_proto(model).SerializeToString())
     return target
+
+
+def load_external(model: Any, max_bytes: int | None = None) -> int:
+    """Copy the model's external initializers (those of at most ``max_bytes``, or all) into
+    memory, in place; returns how many.
+
+    The input's memory maps are never closed here: arrays the passes read from them (the
+    constants a graph evaluated, a weight a matcher looked at) may still be alive, and closing
+    a map under a live array raises ``BufferError``. The maps go away with the last array
+    reading them; on an ``--in-place`` write the data file is replaced by a new one, so a map
+    of the old one never sees the new bytes."""
+    import numpy as np
+    import onnx_ir as ir
+
+    count = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            t = value.const_value
+            if not isinstance(t, ir.ExternalTensor) or (max_bytes is not None and t.nbytes > max_bytes):
+                continue
+            value.const_value = ir.Tensor(np.array(t.numpy(), copy=True), name=t.name, dtype=t.dtype,
+                                          doc_string=t.doc_string, metadata_props=dict(t.metadata_props))
+            count += 1
+    return count
 
 
 def check(path: Path) -> str | None:
