@@ -117,6 +117,8 @@ def _per_channel(c: Any, x_shape: tuple[int, ...], axis: int):
     """``c`` as a float64 vector over the channel axis, if it broadcasts only along it."""
     import torch
 
+    if not -len(x_shape) <= axis < len(x_shape):
+        return None  # a 1-D vector (a detector's box coordinates) has no channel axis here
     channels = x_shape[axis]
     if isinstance(c, (int, float)) and not isinstance(c, bool):
         return torch.full((channels,), float(c), dtype=torch.float64)
