@@ -1,4 +1,6 @@
-"""The errors modelsurgeon raises, each carrying the exit code the CLI returns for it.
+"""The errors modelsurgeon raises, each carrying the exit code the CLI returns for it and a
+stable code string for machines (``--json`` prints ``{"error": {"code", "message",
+"exit_code"}}``; docs/json.md lists the codes).
 
 Exit codes: 0 done, 1 parity failed (nothing written), 2 bad input or usage (nothing written),
 3 an internal error (a bug in modelsurgeon: please report it with ``--debug`` output),
@@ -12,23 +14,33 @@ class SurgeryError(Exception):
     """Base class: a failure with a one-line message for the user."""
 
     exit_code = 2
+    code = "bad-input"
+
+    def __init__(self, message: str = "", *, code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 class BadInput(SurgeryError):
     """The input file, the options or the model cannot be used as given (exit 2)."""
 
     exit_code = 2
+    code = "bad-input"
 
 
 class UnsafeCheckpoint(BadInput):
     """Loading the checkpoint would unpickle code objects and --trust-pickle was not given."""
+
+    code = "unsafe-checkpoint"
 
 
 class ParityError(SurgeryError):
     """The rewritten model does not reproduce the original's outputs (exit 1)."""
 
     exit_code = 1
+    code = "parity-failed"
 
-    def __init__(self, message: str, report=None):
-        super().__init__(message)
+    def __init__(self, message: str, report=None, *, code: str | None = None):
+        super().__init__(message, code=code)
         self.report = report

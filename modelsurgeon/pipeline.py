@@ -59,10 +59,15 @@ class Options:
 
 
 def default_output(opts: Options, command: str) -> Path:
+    """``INPUT.<command>.<ext>`` next to the input; a ``.bin`` / ``.tar`` / ``.pkl`` checkpoint
+    gets ``.pt`` (the container torch writes)."""
+    from .save import FORMATS
+
     src = Path(opts.input)
     if opts.in_place:
         return src
-    return src.with_name(f"{src.stem}.{command}{src.suffix}")
+    suffix = src.suffix if src.suffix.lower() in FORMATS else ".pt"
+    return src.with_name(f"{src.stem}.{command}{suffix}")
 
 
 def run(command: str, passes: Sequence[str], opts: Options) -> Report:
@@ -138,6 +143,7 @@ def _run_torch(command, passes, opts, ckpt, report, out_path, out_fmt) -> Report
     for slot in ckpt.slots:
         status(f"{slot.name}: preparing" if multi else "preparing")
         slot.storage = prepare(slot.module)
+        slot.storage.mode_stored = not ckpt.needs_arch
         recipe = ckpt.recipe_for(slot)  # one per model: a safetensors output records its own
         refs = operate(slot.module, slot.storage, passes, opts, spec, report, recipe,
                        slot_name=slot.name if multi else None, primary=slot is primary)
@@ -198,7 +204,7 @@ def _operate(model, storage, passes, opts, spec, report, recipe, slot_name, prim
     t = time.perf_counter()
     status(f"{label}capturing the dataflow graph")
     refs = References(spec, opts.trials, dtype)
-    graph, out0, flops = _first_capture(model, spec, refs, report)
+    graph, out0, flops = _first_capture(model, spec, refs, report, compute_dtype(storage))
     report.timings["capture"] = report.timings.get("capture", 0) + time.perf_counter() - t
     before = torch_stats(model, graph, flops)
     t = time.perf_counter()
@@ -218,9 +224,6 @@ def _operate(model, storage, passes, opts, spec, report, recipe, slot_name, prim
     if refs.grown_error is not None and primary:
         report.notes.append(f"{label}the model does not run at inputs {spec.describe(grow=1)} ({refs.grown_error}): "
                             f"parity is checked at {spec.describe()} only")
-    if refs.uninformative:
-        report.warnings.append(f"{label}every output is zero on {refs.trials} random inputs: parity cannot "
-                               "tell a right rewrite from a wrong one (choose other --input-shape/--seed)")
     report.timings["reference"] = report.timings.get("reference", 0) + time.perf_counter() - t
     editor = ModuleEditor(model, storage, recipe)
     inputs0 = refs.inputs(0)
@@ -267,6 +270,9 @@ def _operate(model, storage, passes, opts, spec, report, recipe, slot_name, prim
                         raise ParityError(f"parity failed after {name} ({label}{step.worst()}); nothing written", report)
         if not (opts.repeat and changed):
             break
+    if refs.uninformative:  # said after the passes: an inspection (truncate --list) compares nothing
+        report.warnings.append(f"{label}every output is zero on {refs.trials} random inputs: parity cannot "
+                               "tell a right rewrite from a wrong one (choose other --input-shape/--seed)")
     if opts.repeat:
         report.extra["rounds"] = max(report.extra.get("rounds", 0), round_ + 1)
     report.timings["rewrite"] = report.timings.get("rewrite", 0) + time.perf_counter() - t
@@ -363,7 +369,7 @@ def _capture(model, inputs, count_flops=False):
         raise ModelRunError(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from e
 
 
-def _first_capture(model, spec, refs, report):
+def _first_capture(model, spec, refs, report, compute=None):
     """Capture on the given shapes, or guess shapes from the first layer if none were given."""
     from .verify.inputs import guess_shapes
     from .verify.torch import ModelRunError
@@ -372,7 +378,8 @@ def _first_capture(model, spec, refs, report):
         try:
             return _capture(model, refs.inputs(0), count_flops=True)
         except ModelRunError as e:
-            raise BadInput(f"the model cannot run on inputs {spec.describe()}: {e}")
+            _blame_dtype(model, spec, refs, compute, e)
+            raise BadInput(f"the model cannot run on inputs {spec.describe()}: {e}", code="model-cannot-run")
     candidates = guess_shapes(model)
     errors = []
     for shapes in candidates:
@@ -388,6 +395,22 @@ def _first_capture(model, spec, refs, report):
     spec.shapes = []
     tried = "; ".join(errors[:3]) if errors else "no conv or linear layer to guess from"
     raise BadInput(f"no --input-shape given and none could be guessed ({tried}): pass --input-shape")
+
+
+def _blame_dtype(model, spec, refs, compute, e) -> None:
+    """An explicit ``--dtype`` the model cannot compute in is the dtype's fault, not the
+    shape's: said so when the same shapes run in the model's own compute dtype."""
+    from .verify.torch import ModelRunError, run
+
+    if spec.dtype == "auto" or compute is None or refs.dtype == compute:
+        return
+    try:
+        run(model, spec.make(0, compute))
+    except ModelRunError:
+        return
+    name = str(compute).replace("torch.", "")
+    raise BadInput(f"--dtype {spec.dtype}: the model computes in {name} and cannot run {spec.dtype} inputs ({e}); "
+                   f"leave --dtype at auto, or convert the model", code="input-dtype")
 
 
 def _recapture(model, inputs, pass_name):
@@ -463,8 +486,25 @@ def _save(ckpt, opts, report, out_path, out_fmt, primary, refs) -> None:
         if ckpt.format in ("module", "container") and out_fmt == "safetensors":
             report.notes.append("rebuild with modelsurgeon.load(path, arch='package.module:factory') "
                                 "using the original architecture's factory")
+        elif ckpt.needs_arch:
+            _how_to_load(ckpt, report, out_path)
     report.written = True
     report.timings["save"] = time.perf_counter() - t
+
+
+def _how_to_load(ckpt, report, out_path) -> None:
+    """A state_dict output of a rewritten structure: how to load it (report note + ``load``)."""
+    edited = bool(ckpt.recipe)
+    api = f"modelsurgeon.load({str(out_path)!r}, arch={ckpt.arch!r})"
+    if edited:
+        torch_way = (f"plain torch: build {ckpt.arch}, replay the structural edits recorded in the file "
+                     "(modelsurgeon.load does this), then load_state_dict; the original structure no longer "
+                     "takes these tensors")
+    else:
+        torch_way = f"plain torch: {ckpt.arch}(...).load_state_dict(<the file's tensors>) (no structural edit)"
+    report.extra["load"] = {"api": api, "structure_changed": edited, "torch": torch_way}
+    report.notes.append(f"load the result with {api}" + ("; its structure changed (recorded in the file)" if edited
+                                                           else f", or {torch_way}"))
 
 
 def _flat_tensors(out: Any) -> list:

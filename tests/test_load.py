@@ -105,7 +105,7 @@ def test_safetensors_with_arch(ckpts):
 @pytest.mark.parametrize("content,name,msg", [
     (b"", "empty.pt", "empty"),
     (os.urandom(4096), "random.pt", "not a readable"),
-    (b"<html><body>404 Not Found</body></html>", "page.pt", "not a readable"),
+    (b"<html><body>404 Not Found</body></html>", "page.pt", "not a checkpoint"),
     (b"not a safetensors header" * 4, "bad.safetensors", "not a readable safetensors"),
 ])
 def test_unreadable_files(tmp_path, content, name, msg):

@@ -14,12 +14,19 @@ from typing import Annotated, List, Optional
 import typer
 
 from .._version import __version__
-from .options import surgery_command
-from .run import ExitWith
+from .options import Group, surgery_command
+from .run import ExitWith, write_json
+
+EXIT_CODES = ("Exit codes: 0 done; 1 parity failed (nothing written); 2 bad input or usage (nothing "
+              "written); 3 internal error (a bug: rerun with --debug and report it); 130 interrupted.")
 
 app = typer.Typer(
     name="modelsurgeon",
-    help="Exact, verified surgery on trained PyTorch checkpoints and ONNX files.",
+    cls=Group,
+    help="Exact, verified surgery on trained PyTorch checkpoints and ONNX files.\n\n"
+         "Every rewrite is checked against the original on random inputs; a mismatch exits 1 and "
+         "writes nothing. With --json, stdout holds one JSON object, an error included.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -38,18 +45,14 @@ def _root(
     version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    """Exact, verified surgery on trained PyTorch checkpoints and ONNX files.
-
-    Every rewrite is checked against the original on random inputs; a mismatch exits 1 and
-    writes nothing. Exit codes: 0 done, 1 parity failed, 2 bad input, 3 internal error.
-    """
+    """Exact, verified surgery on trained PyTorch checkpoints and ONNX files."""
 
 
 @surgery_command(app, "fold-bn", ["fold-bn"])
 def fold_bn() -> dict:
     """Fold BatchNorm (any class) and per-channel scale layers into the conv/linear before them.
 
-    Example: modelsurgeon fold-bn model.pt --trust-pickle -s 1,3,224,224 -o folded.pt
+    Example (after python examples/build.py): modelsurgeon fold-bn examples/checkpoints/resnet.pt --trust-pickle --code-path examples -s 1,3,64,64 -o resnet-folded.pt
     """
     return {}
 
@@ -61,23 +64,23 @@ def focus_to_conv(
 ) -> dict:
     """Replace space-to-depth stems (YOLOv5 Focus, pixel_unshuffle) + conv by one strided conv.
 
-    Example: modelsurgeon focus-to-conv yolov5s.pt --trust-pickle --code-path yolov5 -s 1,3,640,640 -o v6stem.pt
+    Example (after python examples/build.py): modelsurgeon focus-to-conv examples/checkpoints/yolov5s-focus.pt --trust-pickle --code-path examples/yolo -s 1,3,64,64 -o yolov5s-v6stem.pt
     """
     return {"focus-to-conv": {"check_grad": check_grad, "bench": bench}}
 
 
 @surgery_command(app, "truncate", ["truncate"])
 def truncate(
-    blocks: Annotated[Optional[int], typer.Option("--blocks", "-n", help="Remove the last N blocks of the stage.", show_default=False)] = None,
-    after: Annotated[Optional[str], typer.Option("--after", help="Keep everything up to and including this block.", show_default=False)] = None,
-    stage: Annotated[Optional[str], typer.Option("--stage", help="Module path of the stage to cut (default: found automatically).", show_default=False)] = None,
+    blocks: Annotated[Optional[int], typer.Option("--blocks", "-n", metavar="N", help="Remove the last N blocks of the stage.", show_default=False)] = None,
+    after: Annotated[Optional[str], typer.Option("--after", metavar="BLOCK", help="Keep everything up to and including this block.", show_default=False)] = None,
+    stage: Annotated[Optional[str], typer.Option("--stage", metavar="PATH", help="Module path of the stage to cut (default: found automatically).", show_default=False)] = None,
     list_blocks: Annotated[bool, typer.Option("--list", help="List the stage's blocks (index, path, channels, params, FLOPs) and exit.")] = False,
-    head: Annotated[str, typer.Option("--head", help="What to do with layers whose input width changed: reinit or drop.")] = "reinit",
-    at: Annotated[Optional[List[str]], typer.Option("--at", help="ONNX: make this tensor a graph output and remove what follows; repeatable.", show_default=False)] = None,
+    head: Annotated[str, typer.Option("--head", metavar="reinit|drop", help="What to do with layers whose input width changed: reinit or drop.")] = "reinit",
+    at: Annotated[Optional[List[str]], typer.Option("--at", metavar="TENSOR", help="ONNX: make this tensor a graph output and remove what follows; repeatable.", show_default=False)] = None,
 ) -> dict:
     """Drop the last blocks of a backbone stage and rewire what consumed them.
 
-    Example: modelsurgeon truncate mobilenetv2.pt --arch zoo.mobilenetv2:mobilenet_v2 --blocks 2 -o small.pt
+    Example (after python examples/build.py): modelsurgeon truncate examples/checkpoints/mobilenetv2.pt --arch zoo.mobilenetv2:mobilenet_v2 --code-path examples -s 1,3,64,64 --blocks 2 -o mobilenetv2-small.pt
     """
     return {"truncate": {"blocks": blocks, "after": after, "stage": stage, "list": list_blocks,
                          "head": head, "at": list(at or [])}}
@@ -87,7 +90,7 @@ def truncate(
 def fold_fusion() -> dict:
     """Fold fusion weights: evaluate parameter-only computations and fold constant scales into convs.
 
-    Example: modelsurgeon fold-fusion bifpn.pt --trust-pickle -s 1,3,256,256 -o folded.pt
+    Example (after python examples/build.py): modelsurgeon fold-fusion examples/checkpoints/bifpn.pt --trust-pickle --code-path examples -s 1,3,64,64 -o bifpn-folded.pt
     """
     return {}
 
@@ -116,13 +119,13 @@ def _optimize_passes(own: dict) -> list[str]:
 
 @surgery_command(app, "optimize", _optimize_passes, repeat=True)
 def optimize(
-    passes: Annotated[Optional[str], typer.Option("--passes", help="Comma-separated passes to run (default: every exact pass).", show_default=False)] = None,
-    skip: Annotated[Optional[str], typer.Option("--skip", help="Comma-separated passes not to run.", show_default=False)] = None,
+    passes: Annotated[Optional[str], typer.Option("--passes", metavar="LIST", help="Comma-separated passes to run (default: every exact pass).", show_default=False)] = None,
+    skip: Annotated[Optional[str], typer.Option("--skip", metavar="LIST", help="Comma-separated passes not to run.", show_default=False)] = None,
     verify_each: Annotated[bool, typer.Option("--verify-each", help="Check parity after each pass, not only at the end.")] = False,
 ) -> dict:
     """Run every exact pass (focus-to-conv, fold-fusion, fold-bn) until nothing changes; verify once.
 
-    Example: modelsurgeon optimize ckpt.pt --trust-pickle -o model.onnx -s 1,3,640,640 --json
+    Example (after python examples/build.py): modelsurgeon optimize examples/checkpoints/yolov5s-focus.pt --trust-pickle --code-path examples/yolo -s 1,3,64,64 -o yolov5s.onnx
     """
     return {}
 
@@ -139,12 +142,12 @@ def _main(argv: list[str]) -> int:
     from ..errors import SurgeryError
 
     debug = "--debug" in argv
+    as_json = "--json" in argv
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="modelsurgeon", standalone_mode=False)
         if rv == 130:  # typer turns a KeyboardInterrupt into Exit(130) and returns its code
-            _error("interrupted")
-            return 130
+            return _fail("interrupted", "interrupted", 130, as_json)
         return rv if isinstance(rv, int) else 0
     except ExitWith as e:
         return e.code
@@ -153,28 +156,31 @@ def _main(argv: list[str]) -> int:
             import traceback
 
             traceback.print_exc()
-        _error(str(e))
-        return e.exit_code
+        return _fail(str(e), e.code, e.exit_code, as_json and not getattr(e, "json_written", False))
     except KeyboardInterrupt:
-        _error("interrupted")
-        return 130
+        return _fail("interrupted", "interrupted", 130, as_json)
     except typer.Exit as e:
         return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
     except typer.Abort:
-        _error("aborted")
-        return 130
+        return _fail("aborted", "interrupted", 130, as_json)
     except Exception as e:
         fmt = getattr(e, "format_message", None)
         if fmt is not None and hasattr(e, "exit_code"):  # click/typer usage errors
-            _error((fmt() or "missing command") + _usage_hint(e))
-            return int(e.exit_code)
+            return _fail((fmt() or "missing command") + _usage_hint(e), "usage", int(e.exit_code), as_json)
         if debug:
             import traceback
 
             traceback.print_exc()
-        _error(f"internal error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
-               f"(rerun with --debug for the traceback)")
-        return 3
+        return _fail(f"internal error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
+                     f"(rerun with --debug for the traceback)", "internal-error", 3, as_json)
+
+
+def _fail(message: str, code: str, exit_code: int, as_json: bool) -> int:
+    """One line on stderr; with ``--json`` also the error object on stdout (docs/json.md)."""
+    _error(message)
+    if as_json:
+        write_json({}, message=message, code=code, exit_code=exit_code)
+    return exit_code
 
 
 def _usage_hint(e: Exception) -> str:

@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any, Callable
 
-from ..errors import ParityError, SurgeryError
+from ..errors import SurgeryError
 
 
 class ExitWith(Exception):
@@ -45,10 +45,15 @@ def execute(name: str, passes: Any, fn: Callable[..., dict], own: dict, common: 
     report = None
     try:
         report = run(name, pass_list, opts)
-    except ParityError as e:
+    except SurgeryError as e:
         if status:
             status.stop()
-        _emit(e.report, as_json, quiet, out)
+        report = getattr(e, "report", None)
+        if as_json:  # one JSON object on stdout: the report so far (if any) and the error
+            write_json(report.to_json() if report is not None else {}, e)
+            e.json_written = True
+        elif report is not None:
+            _emit(report, False, quiet, out)
         raise
     finally:
         if status:
@@ -57,12 +62,28 @@ def execute(name: str, passes: Any, fn: Callable[..., dict], own: dict, common: 
     raise ExitWith(0)
 
 
+def error_json(exc: BaseException | None, message: str | None = None, code: str | None = None,
+               exit_code: int | None = None) -> dict | None:
+    """The ``"error"`` member of a ``--json`` document (docs/json.md); ``None`` on success."""
+    if exc is None and message is None:
+        return None
+    return {"code": code or getattr(exc, "code", "internal-error"),
+            "message": " ".join((message if message is not None else str(exc)).split()),
+            "exit_code": exit_code if exit_code is not None else int(getattr(exc, "exit_code", 3))}
+
+
+def write_json(doc: dict, exc: BaseException | None = None, **error: Any) -> None:
+    doc = dict(doc)
+    doc["error"] = error_json(exc, **error)
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
 def _emit(report: Any, as_json: bool, quiet: bool, out: Any) -> None:
     if report is None:
         return
     if as_json:
-        sys.stdout.write(json.dumps(report.to_json(), indent=2, default=str) + "\n")
-        sys.stdout.flush()
+        write_json(report.to_json())
     elif not quiet:
         from ..report.render import render
 

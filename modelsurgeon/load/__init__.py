@@ -37,9 +37,9 @@ def add_code_paths(paths: Iterable[str | Path]) -> None:
 
 def check_input_file(path: Path) -> int:
     if not path.exists():
-        raise BadInput(f"{path}: no such file")
+        raise BadInput(f"{path}: no such file", code="not-found")
     if path.is_dir():
-        raise BadInput(f"{path}: is a directory, not a checkpoint file")
+        raise BadInput(f"{path}: is a directory, not a checkpoint file", code="not-a-checkpoint")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -49,7 +49,7 @@ def check_input_file(path: Path) -> int:
     except OSError as e:
         raise BadInput(f"{path}: cannot read ({e.strerror})")
     if size == 0:
-        raise BadInput(f"{path}: file is empty")
+        raise BadInput(f"{path}: file is empty", code="not-a-checkpoint")
     return size
 
 
@@ -177,7 +177,7 @@ def _from_state_dict(path: Path, container: Any, sd: Mapping, sd_key: str | None
     if not arch:
         raise BadInput(
             f"{path.name} holds only weights: pass --arch package.module:factory (and --code-path "
-            f"DIR if the package is not installed) to rebuild the model"
+            f"DIR if the package is not installed) to rebuild the model", code="needs-arch"
         )
     model = build_model(arch, kwargs)
     if recipe:

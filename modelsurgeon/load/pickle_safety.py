@@ -121,12 +121,12 @@ def torch_load(path: Path, trust_pickle: bool):
     except pickle.UnpicklingError as e:
         names = unsafe_globals(path)
         if not names:
-            raise BadInput(f"{path.name} is not a readable PyTorch checkpoint: {_unpickler_reason(e)}")
+            raise unreadable(path, e, _unpickler_reason(e))
         if not trust_pickle:
             raise refuse(path, names) from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError,
             IndexError, TypeError, zipfile.BadZipFile) as e:
-        raise BadInput(f"{path.name} is not a readable PyTorch checkpoint: {_first_line(e)}")
+        raise unreadable(path, e, _first_line(e))
     # the user trusts the file: a full unpickle
     try:
         return torch.load(str(path), weights_only=False, **kwargs)
@@ -139,6 +139,40 @@ def torch_load(path: Path, trust_pickle: bool):
         raise BadInput(f"{path.name} could not be unpickled: its code exited ({exit_reason(e)})")
     except Exception as e:
         raise BadInput(f"{path.name} could not be unpickled: {type(e).__name__}: {_first_line(e)}")
+
+
+def unreadable(path: Path, e: BaseException, reason: str) -> BadInput:
+    """Why ``torch.load`` could not read ``path``, said from what the file is: a text file is not
+    a checkpoint; a zip archive that is not a whole one, or a pickle that ends early, is a
+    truncated or corrupt checkpoint (torch says "[Errno 22] Invalid argument" or "failed
+    finding central directory")."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        head = b""
+    if head.startswith(b"PK\x03\x04"):
+        end = "its zip archive has no end (the file was cut short)" if not zipfile.is_zipfile(path) else reason
+        return BadInput(f"{path.name} is a truncated or corrupt checkpoint: {end}", code="truncated-checkpoint")
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        if isinstance(e, EOFError) or "truncated" in str(e) or "ran out of input" in str(e).lower():
+            return BadInput(f"{path.name} is a truncated or corrupt checkpoint: its pickle ends early",
+                            code="truncated-checkpoint")
+        return BadInput(f"{path.name} is not a readable PyTorch checkpoint: {reason}", code="not-a-checkpoint")
+    if _looks_like_text(head):
+        return BadInput(f"{path.name} is not a checkpoint: it is a text file", code="not-a-checkpoint")
+    return BadInput(f"{path.name} is not a readable PyTorch checkpoint: {reason}", code="not-a-checkpoint")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if not head or b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:  # a multi-byte character cut at the 4 KiB boundary is fine
+        if e.start < len(head) - 4:
+            return False
+    return True
 
 
 def _is_torchscript(path: Path) -> bool:

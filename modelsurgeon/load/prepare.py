@@ -22,6 +22,7 @@ class StorageState:
     training: dict[int, bool] = field(default_factory=dict)  # id(module) -> training flag
     default_dtype: Any = None
     upcast: bool = False
+    mode_stored: bool = True  # the file keeps train/eval flags (a pickled module); a state_dict does not
 
     def storage_dtype(self, tensor: Any, module: Any = None) -> Any:
         """The dtype ``tensor`` will be saved in."""

@@ -55,6 +55,17 @@ class ChannelAffine:
         return bool(torch.isfinite(self.scale).all() and torch.isfinite(self.shift).all())
 
 
+def is_bn_like(mod: Any) -> bool:
+    """A BatchNorm class, or any module holding running statistics (frozen BN such as
+    torchvision's ``FrozenBatchNorm2d``, BN+activation classes)."""
+    import torch
+
+    if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+        return True
+    return any(mod._buffers.get(k) is not None or mod._parameters.get(k) is not None
+               for k in ("running_mean", "running_var"))
+
+
 def batch_norm_args(ev: OpEvent) -> dict:
     """Arguments of a recorded ``F.batch_norm`` / ``torch.batch_norm`` call, by name."""
     import torch

@@ -16,9 +16,9 @@ from .._version import __version__
 class ModelStats:
     params: int = 0
     flops: int | None = None
-    bn: int = 0  # BatchNorm ops executed (torch) / BatchNormalization nodes (ONNX)
+    bn: int = 0  # BatchNorm-like modules + inline batch_norm ops (torch) / BatchNormalization nodes (ONNX)
     modules: int = 0  # modules in the tree (torch) / nodes in the graph (ONNX)
-    ops: int = 0  # ops executed in one forward (torch) / nodes (ONNX)
+    ops: int = 0  # ops reading the input's values in one forward (torch) / nodes (ONNX)
 
     def to_json(self) -> dict:
         return {"params": self.params, "flops": self.flops, "bn": self.bn, "modules": self.modules,

@@ -8,6 +8,8 @@ from . import ModelStats
 
 
 def torch_stats(model: Any, graph: Any = None, flops: int | None = None) -> ModelStats:
+    """"ops per forward" counts the ops that read the input's values: a grid or anchors built
+    from constants (YOLO's ``_make_grid``) or parameter-only computations are no per-input work."""
     seen: set[int] = set()
     params = 0
     for p in model.parameters():
@@ -16,9 +18,22 @@ def torch_stats(model: Any, graph: Any = None, flops: int | None = None) -> Mode
             params += p.numel()
     st = ModelStats(params=params, flops=flops, modules=sum(1 for _ in model.modules()))
     if graph is not None:
-        st.bn = graph.op_count("batch_norm")
-        st.ops = len(graph.events)
+        st.bn, st.ops = _bn_count(model, graph), sum(1 for ev in graph.events if graph.reads_variable(ev))
     return st
+
+
+def _bn_count(model: Any, graph: Any) -> int:
+    """BatchNorm-like modules of the model (any class holding running statistics: frozen BN
+    computes ``x * scale + shift``, no ``batch_norm`` op), plus ``batch_norm`` ops run outside
+    them (inline in a host forward)."""
+    from ..match.affine import is_bn_like
+
+    modules = {id(m) for m in model.modules() if is_bn_like(m)}
+    inline = 0
+    for ev in graph.events:
+        if ev.name == "batch_norm" and not any(id(c.module) in modules for c in graph.enclosing_calls(ev)):
+            inline += 1
+    return len(modules) + inline
 
 
 def onnx_stats(model: Any) -> ModelStats:

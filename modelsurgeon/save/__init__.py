@@ -12,14 +12,20 @@ from pathlib import Path
 
 from ..errors import BadInput
 
-TORCH_OUT = {".pt", ".pth", ".ckpt", ".bin"}
+TORCH_OUT = {".pt", ".pth", ".ckpt"}
 FORMATS = {**{s: "pt" for s in TORCH_OUT}, ".safetensors": "safetensors", ".onnx": "onnx"}
 
 
 def output_format(path: Path) -> str:
+    """The format an output path's extension names; ``.bin`` (a Hugging Face weights file, not
+    torch's zip container) and anything else are refused rather than guessed."""
+    if Path(path).is_dir():
+        raise BadInput(f"output {path} is a directory: name a file (.pt/.pth/.ckpt, .safetensors, .onnx)",
+                       code="output-is-directory")
     fmt = FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
-        raise BadInput(f"cannot tell the output format from {Path(path).name!r}: use .pt, .safetensors or .onnx")
+        raise BadInput(f"cannot tell the output format from {Path(path).name!r}: use .pt/.pth/.ckpt, "
+                       ".safetensors or .onnx", code="output-format")
     return fmt
 
 

@@ -24,7 +24,7 @@ def check_output_path(path: Path, input_path: Path | None = None, in_place: bool
     if not parent.is_dir():
         raise BadInput(f"output directory is not a directory: {parent}")
     if path.is_dir():
-        raise BadInput(f"output {path} is a directory")
+        raise BadInput(f"output {path} is a directory", code="output-is-directory")
     if input_path is not None and not in_place:
         try:
             same = path.exists() and os.path.samefile(path, input_path)

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 from ...capture.graph import OUTPUT, DataflowGraph, ModuleCall, OpEvent, Ref
 from ...match.affine import (
     ADD, BATCH_NORM, ELEMENTWISE, MUL, DIV, RSUB, SUB, ChannelAffine, batch_norm_affine, batch_norm_args,
-    elementwise_affine, probe_module, NormLike, PROBE_MAX_EVENTS,
+    elementwise_affine, is_bn_like, probe_module, NormLike, PROBE_MAX_EVENTS,
 )
 from ...match.calls import call_obstacle, read_outside
 from ...match.conv import CONV_OPS, ConvUnit, conv_unit, output_channel_axis, unwritable
@@ -422,14 +422,7 @@ def _target(g: DataflowGraph, ev: OpEvent) -> str:
     return g.call(ev.scope).path or f"{ev.name} in the model's forward"
 
 
-def _bn_like(mod: Any) -> bool:
-    """A BatchNorm class, or any module holding running statistics (frozen BN, BN+activation)."""
-    import torch
-
-    if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-        return True
-    return any(mod._buffers.get(k) is not None or mod._parameters.get(k) is not None
-               for k in ("running_mean", "running_var"))
+_bn_like = is_bn_like
 
 
 def _hooked_outputs(g: DataflowGraph) -> dict[int, str]:
@@ -489,7 +482,10 @@ def _input_reason(g: DataflowGraph, vid: int) -> str:
 
 
 def _stored_training(ctx: TorchContext) -> str | None:
-    flags = getattr(getattr(ctx.editor, "storage", None), "training", None) or {}
+    storage = getattr(ctx.editor, "storage", None)
+    if not getattr(storage, "mode_stored", True):  # a state_dict has no mode: the factory's says nothing
+        return None
+    flags = getattr(storage, "training", None) or {}
     if flags.get(id(ctx.model)) or any(flags.get(id(m)) for m in ctx.model.modules() if _bn_like(m)):
         return ("the model was stored in training mode; BatchNorms are folded using their running "
                 "statistics: the result is an inference model")
