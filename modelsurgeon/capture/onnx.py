@@ -10,7 +10,10 @@ contents. Constants are
 * outputs of nodes of the default domain whose inputs are all constants (a constant
   subgraph: fusion-weight normalisation, shape arithmetic...) -- evaluated on demand with
   onnx's reference evaluator (op semantics are never re-implemented here), except random
-  generators and (de)quantisation, which must stay in the graph.
+  generators and (de)quantisation, which must stay in the graph. An input read only for
+  what is known without running the model counts as constant there (:data:`METADATA_READS`:
+  ``CastLike``'s target type, the ``Shape`` / ``Size`` of a value whose shape is static), so
+  a dynamo export's zero conv bias ``Expand(CastLike(0, x), [C])`` is a constant.
 
 Edits go through :class:`modelsurgeon.rewrite.onnx.OnnxEditor`; a pass gets both in an
 :class:`~modelsurgeon.passes.base.OnnxContext`.
@@ -28,6 +31,8 @@ NOT_EVALUATED = {
     "Multinomial", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
 }
 DEFAULT_DOMAINS = ("", "ai.onnx")
+METADATA_READS = {"CastLike": 1, "Shape": 0, "Size": 0}
+"""op -> the input it reads for its dtype (``CastLike``) or static shape only, not its values."""
 
 
 class EvaluationError(Exception):
@@ -177,10 +182,35 @@ class OnnxGraph:
             return known.get(id(v), False)
 
         for n in self.graph:
-            flag = self.evaluable(n) and all(const(v) for v in n.inputs)
+            flag = self.evaluable(n) and all(const(v) or self.metadata_read(n, i) for i, v in enumerate(n.inputs))
             for o in n.outputs:
                 known[id(o)] = flag
         return known
+
+    def metadata_read(self, node: Any, index: int) -> bool:
+        """Input ``index`` of ``node`` is read for what is known without running the model: the
+        dtype ``CastLike`` takes from it, the static shape ``Shape`` / ``Size`` take from it."""
+        if METADATA_READS.get(node.op_type) != index or not self.is_default_domain(node):
+            return False
+        v = node.inputs[index] if index < len(node.inputs) else None
+        if v is None or v.dtype is None:
+            return False
+        return node.op_type == "CastLike" or self.known_shape(v) is not None
+
+    def known_shape(self, value: Any) -> tuple[int, ...] | None:
+        """A static shape of ``value`` that holds for every run: a graph input's declared shape,
+        or one inferred from the graph inputs' declared shapes (never a possibly stale
+        ``value_info``)."""
+        s = shape_of(value) if value.is_graph_input() else self.propagated_shape(value)
+        return s if s is not None and all(isinstance(d, int) for d in s) else None
+
+    def _placeholder(self, value: Any) -> Any:
+        """An array standing in for a value read only for its dtype or shape: zeros broadcast
+        to its static shape (no memory), a scalar when only the dtype is read."""
+        import numpy as np
+
+        dt = value.dtype.numpy()
+        return np.broadcast_to(np.zeros((), dtype=dt), self.known_shape(value) or ())
 
     def const_array(self, value: Any) -> Any:
         """The contents of a constant value as a numpy array (``None`` if not constant).
@@ -220,8 +250,9 @@ class OnnxGraph:
                     continue
                 seen.add(id(n))
                 stack.append((n, True))
-                for i in n.inputs:
-                    if i is not None and i.producer() is not None and id(i.producer()) not in seen:
+                for k, i in enumerate(n.inputs):
+                    if i is not None and i.producer() is not None and id(i.producer()) not in seen and \
+                            not (self.metadata_read(n, k) and not self.is_const(i)):
                         stack.append((i.producer(), False))
         return order
 
@@ -246,11 +277,14 @@ class OnnxGraph:
         fed = {id(v): (v, a) for v, a in feeds.items()}
         inits = {}
         for n in nodes:
-            for i in n.inputs:
+            for k, i in enumerate(n.inputs):
                 if i is None or id(i) in produced or id(i) in fed or i.name in inits:
                     continue
                 arr = self.const_array(i) if i.producer() is not None else (
                     i.const_value.numpy() if self.is_weight(i) else None)
+                if arr is None and self.metadata_read(n, k):
+                    fed[id(i)] = (i, self._placeholder(i))  # a feed: never serialized
+                    continue
                 if arr is None:
                     raise EvaluationError(f"input {i.name} is neither fed nor constant")
                 inits[i.name] = onnx.numpy_helper.from_array(np.asarray(arr), i.name)

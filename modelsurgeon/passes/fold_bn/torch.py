@@ -30,6 +30,7 @@ from ...match.affine import (
 )
 from ...match.calls import call_obstacle, read_outside
 from ...match.conv import CONV_OPS, ConvUnit, conv_unit, output_channel_axis, unwritable
+from ...match.reshape import channel_axis_after, shape_only_use
 from ...rewrite.affine import fold_bias
 from ..base import Applied, Match, Pass, Skipped, TorchContext
 
@@ -51,6 +52,7 @@ class Step:
     removal: Removal
     out_value: int
     bn_events: list[int] = field(default_factory=list)
+    via: list[int] = field(default_factory=list)  # reshapes crossed before it (channel axis kept)
 
 
 @dataclass
@@ -108,11 +110,12 @@ class FoldBN(Pass):
             # one of them (on the layer, a container, a BatchNorm neutralised in place; a module
             # removed with its hook is refused by call_obstacle) would see folded values. The
             # chain stops before the step whose input a hook sees.
-            changed = [ev.outputs[0]] + [s.out_value for s in steps[:-1]]
-            cut = next((i for i, v in enumerate(changed) if v in hooked), None)
+            entering = [([ev.outputs[0]] if i == 0 else [steps[i - 1].out_value]) + s.via for i, s in enumerate(steps)]
+            cut = next((i for i, vs in enumerate(entering) if any(v in hooked for v in vs)), None)
             observer = None
             if cut is not None:
-                observer = f"{hooked[changed[cut]]}, which would see folded values"
+                seen_by = next(v for v in entering[cut] if v in hooked)
+                observer = f"{hooked[seen_by]}, which would see folded values"
                 if cut > 0:
                     for s in steps[cut:]:
                         keys = s.bn_events + ([id(s.removal.module)] if s.removal.module is not None else [])
@@ -178,9 +181,9 @@ class FoldBN(Pass):
     # -- matching ------------------------------------------------------------------------------
     def _walk(self, g: DataflowGraph, vid: int, axis: int):
         steps: list[Step] = []
-        cur = vid
+        cur, via = vid, []
         while True:
-            uses = g.uses(cur)
+            uses = [u for u in g.uses(cur) if u == OUTPUT or not shape_only_use(g, u, cur)]
             if len(uses) != 1 or uses[0] == OUTPUT:
                 if not steps and len(uses) > 1:
                     bn = next((g.event(e) for e in uses if e != OUTPUT and g.event(e).name in BATCH_NORM), None)
@@ -190,9 +193,15 @@ class FoldBN(Pass):
             ev = g.event(uses[0])
             step = self._step(g, ev, cur, axis)
             if step is None:
-                break
+                moved = channel_axis_after(g, ev, cur, axis)  # LeViT: flatten(0, 1) -> BatchNorm1d
+                if moved is None:
+                    break
+                via.append(ev.outputs[0])
+                cur, axis = ev.outputs[0], moved
+                continue
             if isinstance(step, tuple):
                 return steps, step
+            step.via, via = via, []
             steps.append(step)
             cur = step.out_value
             if step.removal.kind == "children":
