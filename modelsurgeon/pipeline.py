@@ -214,6 +214,12 @@ def _operate(model, storage, passes, opts, spec, report, recipe, slot_name, prim
     except ModelRunError as e:
         raise BadInput(f"the model cannot run on inputs {spec.describe()}: {e}")
     del out0
+    if _judge_own_rounding(opts, storage, dtype, passes):
+        status(f"{label}running the original in float64 (its own rounding)")
+        why = refs.record_exact(model)
+        if why is not None:
+            report.notes.append(f"{label}the model's own float32 rounding is not measured ({why}): "
+                                "parity uses the fixed tolerance alone")
     changed_by_running = state.changed()
     if changed_by_running:
         report.warnings.append(
@@ -338,6 +344,22 @@ class BufferState:
             for _, b, v in self._moved or []:
                 if b.shape == v.shape:
                     b.copy_(v)
+
+
+def _judge_own_rounding(opts, storage, dtype, passes) -> bool:
+    """Whether to run the original in float64 too (``verify/compare.py``): float32 weights and
+    inputs, the default tolerances, function-preserving passes, and a run that verifies."""
+    import torch
+
+    from . import passes as registry
+
+    if not opts.verify or opts.dry_run or opts.atol is not None or opts.rtol is not None:
+        return False
+    if storage.default_dtype != torch.float32 or dtype != torch.float32:
+        return False
+    if any(o.get("list") for o in opts.pass_options.values() if isinstance(o, dict)):
+        return False  # an inspection: nothing is compared
+    return all(registry.get(name, "torch").preserves_function for name in passes)
 
 
 def _take_warnings(report, ctx, label: str) -> None:

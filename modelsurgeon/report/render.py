@@ -93,12 +93,18 @@ def render(report: Report, console: Any) -> None:
         t.add_column("output")
         t.add_column("max abs", justify="right")
         t.add_column("max rel", justify="right")
+        noise = any(o.own_noise is not None for o in p.outputs)
+        if noise:  # the model's own rounding: original vs float64, rewritten vs float64
+            t.add_column("vs float64 (original / rewritten)", justify="right")
         t.add_column("")
         for o in p.outputs[:40]:
-            t.add_row(_e(o.name), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}",
-                      "[green]ok[/green]" if o.passed else f"[red]FAIL[/red] {_e(o.note)}")
+            cells = [_e(o.name), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}"]
+            if noise:
+                cells.append("" if o.own_noise is None else f"{o.own_noise:.2g} / {o.vs_float64:.2g}")
+            status = "[green]ok[/green]" if o.passed else "[red]FAIL[/red]"
+            t.add_row(*cells, f"{status} {_e(o.note)}" if o.note else status)
         if len(p.outputs) > 40:
-            t.add_row(f"… {len(p.outputs) - 40} more", "", "", "")
+            t.add_row(f"… {len(p.outputs) - 40} more", *[""] * (len(t.columns) - 1))
         console.print(t)
     elif p is not None and not report.stopped:
         console.print(f"[yellow]parity not checked[/yellow] {_e(p.note)}")

@@ -87,6 +87,7 @@ class References:
         self.trials = max(1, trials)
         self.dtype = dtype
         self.outputs: list[Any] = []
+        self.exact: list[Any] | None = None  # the original's float64 outputs per trial (its own rounding)
         self.rewritten = False  # outputs re-recorded from a model whose function changed on purpose
         self.uninformative = False
         self.grown: int | None = None  # the trial at batch + 1, once the original ran on it
@@ -131,6 +132,32 @@ class References:
             extra += 1
         self.uninformative = not any(_informative(o) for o in self.outputs)
 
+    def record_exact(self, model: Any) -> str | None:
+        """Run the original once more in float64 on every trial's inputs and keep the outputs
+        (:attr:`exact`), so that the comparison allows for the model's own float32 rounding
+        (:mod:`.compare`). The model is cast in place and put back exactly (:func:`float64`):
+        no copy of it. Returns why it could not, or ``None``."""
+        import torch
+
+        from .inputs import _available_memory
+
+        need = 2 * sum(t.numel() * 8 for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())
+                                                 if t is not None and t.is_floating_point()}.values())
+        avail = _available_memory()
+        if avail is not None and need > avail // 2:
+            return "a float64 copy of the weights would take more than half of the memory available"
+        exact = []
+        try:
+            with float64(model):
+                for t in range(self.trials):
+                    with self.kernels(t):
+                        xs = [x.to(torch.float64) if x.is_floating_point() else x for x in self.inputs(t)]
+                        exact.append(detach(run(model, xs)))
+        except ModelRunError as e:
+            return f"the model does not run in float64: {e}"
+        self.exact = exact
+        return None
+
     def check(self, model: Any, tol: Tolerance, first_output: Any = None,
               runner: Callable[[Any, list], Any] = run) -> ParityReport:
         """Compare ``model`` (rewritten) against the references on every trial."""
@@ -141,8 +168,52 @@ class References:
             else:
                 with self.kernels(t):
                     out = runner(model, self.inputs(t))
-            per_trial.append(compare_outputs(self.outputs[t], out, tol))
+            exact = self.exact[t] if self.exact is not None and t < len(self.exact) else None
+            per_trial.append(compare_outputs(self.outputs[t], out, tol, exact=exact))
         return summarise(per_trial, tol)
+
+
+@contextlib.contextmanager
+def float64(model: Any):
+    """The model computing in float64 inside the block, then exactly as before: the very
+    parameter and buffer objects get their own data back (storage sharing kept), and module
+    attributes the forward replaced or appended to (a cached grid) are put back."""
+    import torch
+
+    tensors: dict[int, tuple] = {}
+    entries, attrs = [], []
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in store.items():
+                if t is None:
+                    continue
+                entries.append((store, name, t))
+                if t.is_floating_point():
+                    tensors.setdefault(id(t), (t, t.data))
+        state = {k: (v, list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else None)
+                 for k, v in vars(mod).items() if not k.startswith("_")}
+        attrs.append((mod, state))
+    try:
+        with torch.no_grad():
+            for t, data in tensors.values():
+                t.data = data.to(torch.float64)
+        yield
+    finally:
+        with torch.no_grad():
+            for t, data in tensors.values():
+                t.data = data
+        for store, name, t in entries:
+            store[name] = t
+        for mod, state in attrs:
+            for k in [k for k in vars(mod) if not k.startswith("_") and k not in state]:
+                del mod.__dict__[k]
+            for k, (obj, contents) in state.items():
+                mod.__dict__[k] = obj
+                if isinstance(contents, list):
+                    obj[:] = contents
+                elif isinstance(contents, dict):
+                    obj.clear()
+                    obj.update(contents)
 
 
 @contextlib.contextmanager
