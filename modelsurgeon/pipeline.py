@@ -43,6 +43,7 @@ class Options:
     dry_run: bool = False
     in_place: bool = False
     opset: int = 17
+    verify_at: Sequence[str] = ()  # modules (PyTorch) / tensors (ONNX) whose outputs are compared too
     repeat: bool = False  # run the pass list again until nothing changes (optimize)
     pass_options: dict = field(default_factory=dict)  # pass name -> options
     status: Callable[[str], None] | None = None
@@ -160,9 +161,10 @@ def _run_torch(command, passes, opts, ckpt, report, out_path, out_fmt) -> Report
     elif not opts.verify:
         report.parity = ParityReport(checked=False, note="(--no-verify)")
     report.inputs = list(spec.shapes)
+    hint = report.extra.pop("parity_hint", "")
     if opts.verify and not report.parity.passed:
         if not opts.force:
-            raise ParityError(f"parity failed ({report.parity.worst()}); nothing written", report)
+            raise ParityError(f"parity failed ({report.parity.worst()}){hint}; nothing written", report)
         report.warnings.append("parity failed; writing anyway because of --force")
     if ckpt.format == "container" and report.applied and ckpt.container.get("optimizer") is not None:
         report.warnings.append("the checkpoint's optimizer state was kept as is; it does not match the "
@@ -192,6 +194,7 @@ def _operate(model, storage, passes, opts, spec, report, recipe, slot_name, prim
     from .report.stats import torch_stats
     from .rewrite.modules import ModuleEditor
     from .verify.compare import Tolerance
+    from .verify.points import TorchPoints, empty_everywhere
     from .verify.torch import ModelRunError, References
 
     status = opts.status or (lambda _msg: None)
@@ -204,9 +207,14 @@ def _operate(model, storage, passes, opts, spec, report, recipe, slot_name, prim
     t = time.perf_counter()
     status(f"{label}capturing the dataflow graph")
     refs = References(spec, opts.trials, dtype)
+    refs.at = list(opts.verify_at)
     graph, out0, flops = _first_capture(model, spec, refs, report, compute_dtype(storage))
     report.timings["capture"] = report.timings.get("capture", 0) + time.perf_counter() - t
     before = torch_stats(model, graph, flops)
+    points = TorchPoints(model, graph, out0, opts.verify_at)  # where to compare (verify/points.py)
+    if points.describe() and primary:
+        report.notes.append(label + points.describe())
+        report.extra.update(post_processed=dict(points.post), suggest_verify_at=points.suggestion)
     t = time.perf_counter()
     status(f"{label}recording references ({opts.trials} trial{'s' if opts.trials > 1 else ''})")
     try:
@@ -271,14 +279,19 @@ def _operate(model, storage, passes, opts, spec, report, recipe, slot_name, prim
                 stale_after = name
                 if opts.verify_each and opts.verify and p.preserves_function:
                     step = refs.check(model, tol, runner=_rewritten_runner(name))
+                    points.judge(step, editor)
                     if not step.passed and not opts.force:
                         report.parity.merge(step, prefix=label)
-                        raise ParityError(f"parity failed after {name} ({label}{step.worst()}); nothing written", report)
+                        raise ParityError(f"parity failed after {name} ({label}{step.worst()}){points.hint(step)}; "
+                                          "nothing written", report)
         if not (opts.repeat and changed):
             break
     if refs.uninformative:  # said after the passes: an inspection (truncate --list) compares nothing
         report.warnings.append(f"{label}every output is zero on {refs.trials} random inputs: parity cannot "
                                "tell a right rewrite from a wrong one (choose other --input-shape/--seed)")
+    for name in empty_everywhere(refs.outputs)[:4]:
+        report.warnings.append(f"{label}{name} is empty on every trial (post-processing kept nothing): parity "
+                               "proves nothing about it; compare a module's outputs with --verify-at MODULE")
     if opts.repeat:
         report.extra["rounds"] = max(report.extra.get("rounds", 0), round_ + 1)
     report.timings["rewrite"] = report.timings.get("rewrite", 0) + time.perf_counter() - t
@@ -302,6 +315,8 @@ def _operate(model, storage, passes, opts, spec, report, recipe, slot_name, prim
             _take_warnings(report, custom_verify[1], label)
         else:
             result = refs.check(model, tol, first_output=out_after, runner=_rewritten_runner(None))
+            report.notes.extend(label + n for n in points.judge(result, editor))
+            report.extra["parity_hint"] = report.extra.get("parity_hint") or points.hint(result)
         report.parity.merge(result, prefix=label)
         if function_changed:
             # the function changed on purpose: an ONNX export must reproduce the rewritten model

@@ -84,7 +84,8 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
     from .save.atomic import atomic_files
     from .save.onnx import check, wants_external, write
     from .verify.compare import ParityReport, Tolerance
-    from .verify.onnx import OnnxInputs, OnnxReferences, OrtError, session
+    from .verify.onnx import OnnxInputs, OnnxReferences, OrtError
+    from .verify.points_onnx import OnnxPoints, session_with_outputs
 
     status = opts.status or (lambda _msg: None)
     report.backend = "onnx"
@@ -110,13 +111,17 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
                            options=opts.pass_options.get(name, {}), input_shapes=input_shapes)
 
     # options checks + tensors the references must include (before anything runs)
-    extra: list[str] = []
+    points = OnnxPoints(model, opts.verify_at)  # --verify-at tensors, post-processed outputs
+    if points.describe():
+        report.notes.append(points.describe())
+        report.extra.update(post_processed=dict(points.post), suggest_verify_at=points.suggestion)
+    extra: list[str] = list(opts.verify_at)
     for name, p in impls.items():
         prepare = getattr(p, "prepare", None)
         if prepare is not None:
             extra += [n for n in (prepare(context(name)) or []) if n not in extra]
     original_outputs = [v.name for v in model.graph.outputs]
-    expected = extra if any(not p.preserves_function for p in impls.values()) else original_outputs
+    expected = extra if any(not p.preserves_function for p in impls.values()) else original_outputs + list(opts.verify_at)
 
     refs = OnnxReferences(spec, opts.trials)
     values = OnnxGraph(model).values_by_name()
@@ -159,7 +164,8 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
                 infer_shapes(model)
                 if opts.verify_each and opts.verify:
                     status(f"{name}: checking parity")
-                    step = _check_in_memory(model, ckpt, references(), tol, expected, name, report)
+                    step = _check_in_memory(model, ckpt, references(), tol, [n for n in expected if n not in opts.verify_at],
+                                            name, report)
                     if not step.passed and not opts.force:
                         report.parity.merge(step)
                         raise ParityError(f"parity failed after {name} ({step.worst()}); nothing written", report)
@@ -167,6 +173,7 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
             break
     report.timings["rewrite"] = time.perf_counter() - t
     report.after = onnx_stats(model)
+    points.after_passes(model)
 
     if opts.dry_run:
         report.parity = ParityReport(checked=False, note="(--dry-run: nothing rewritten)")
@@ -196,16 +203,17 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
             t = time.perf_counter()
             status("verifying the written model")
             try:
-                result = references().check(session(tmp), tol, expected)
+                result = references().check(session_with_outputs(tmp, opts.verify_at), tol, expected)
             except OrtError as e:
                 raise ParityError(f"onnxruntime cannot run the rewritten model: {e}; nothing written", report)
+            report.notes.extend(points.judge(result, model))
             report.parity.merge(result)
             report.parity.note = ("the written file run in onnxruntime (graph optimisations off) against the "
                                   "original file, output by output")
             report.timings["verify"] = time.perf_counter() - t
             if not result.passed:
                 if not opts.force:
-                    raise ParityError(f"parity failed ({result.worst()}); nothing written", report)
+                    raise ParityError(f"parity failed ({result.worst()}){points.hint(result)}; nothing written", report)
                 report.warnings.append("parity failed; writing anyway because of --force")
     if external:
         report.notes.append(f"tensors written as external data next to the model: {out_path.name}.data")

@@ -32,13 +32,14 @@ def _randomize(model: nn.Module, seed: int) -> nn.Module:
 
 
 class Head(nn.Module):
-    def __init__(self, c: int, anchors: int, classes: int):
+    def __init__(self, c: int, anchors: int, classes: int, norm: bool = False):
         super().__init__()
         self.cls_logits = nn.Conv2d(c, anchors * classes, 3, padding=1)
         self.bbox_pred = nn.Conv2d(c, anchors * 4, 3, padding=1)
+        self.cls_norm = nn.BatchNorm2d(anchors * classes) if norm else nn.Identity()
 
     def forward(self, x):
-        return self.cls_logits(x), self.bbox_pred(x)
+        return self.cls_norm(self.cls_logits(x)), self.bbox_pred(x)
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,7 @@ def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> t
 
 class TinyDetector(nn.Module):
     def __init__(self, classes: int = 4, anchors: int = 3, topk: int = 40, score_thresh: float = 0.05,
-                 original_size=(96, 80)):
+                 original_size=(96, 80), head_norm: bool = False):
         super().__init__()
         self.classes, self.anchors, self.topk, self.score_thresh = classes, anchors, topk, score_thresh
         self.original_size = original_size
@@ -73,7 +74,7 @@ class TinyDetector(nn.Module):
             nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
             nn.Conv2d(16, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
         )
-        self.head = Head(32, anchors, classes)
+        self.head = Head(32, anchors, classes, head_norm)
 
     def forward(self, images):
         cls, reg = self.head(self.backbone(images))

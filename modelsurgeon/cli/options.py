@@ -60,6 +60,10 @@ COMMON: list[inspect.Parameter] = [
     _P("rtol", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[float], typer.Option(
         metavar="FLOAT", help="Tolerance relative to each output's largest magnitude (default by dtype: 1e-4 float32, "
         "1e-2 float16, 5e-2 bfloat16).", show_default=False)]),
+    _P("verify_at", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[List[str]], typer.Option(
+        "--verify-at", metavar="MODULE", help="Also compare this module's outputs (ONNX: this tensor's), e.g. a "
+        "detector's head; repeatable. A post-processed output (top-k, NMS) that differs by tie-breaking is then "
+        "excused when these match and every rewrite lies before them.", show_default=False)]),
     _P("no_verify", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(
         "--no-verify", help="Skip the parity check.")]),
     _P("force", _P.KEYWORD_ONLY, default=False, annotation=Annotated[bool, typer.Option(

@@ -33,6 +33,7 @@ def execute(name: str, passes: Any, fn: Callable[..., dict], own: dict, common: 
         dtype=common["dtype"], seed=common["seed"], trials=common["trials"], atol=common["atol"],
         rtol=common["rtol"], verify=not common["no_verify"], force=common["force"],
         dry_run=common["dry_run"], in_place=common["in_place"], opset=common["opset"],
+        verify_at=list(common["verify_at"] or ()),
         pass_options=pass_options, verify_each=verify_each or bool(own.get("verify_each")),
         repeat=repeat,
     )

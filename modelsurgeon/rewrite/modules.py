@@ -95,6 +95,10 @@ class ModuleEditor:
         self._storage_count: dict[int, int] | None = None
         self._workspace = None  # float64 buffer reused by every in-place weight scaling
         self.neutralised: set[int] = set()  # id() of the tensors neutralise() filled (this run)
+        # what the edits touched, as they were found: modules replaced or given another forward
+        # or a bias, tensors written (``--verify-at`` checks they all feed the verified modules)
+        self.changed_modules: list[Any] = []
+        self.changed_tensors: list[Any] = []
 
     # -- paths -------------------------------------------------------------------------------
     def paths_of(self, module: Any) -> list[str]:
@@ -115,6 +119,7 @@ class ModuleEditor:
             raise ValueError("cannot replace the model's root module")
         if spec is None:
             spec = self.spec_for(new)
+        self.changed_modules.append(old)
         carried = carried_attributes(old, new)
         for k, v in carried.items():
             setattr(new, k, v)
@@ -140,6 +145,7 @@ class ModuleEditor:
             raise ValueError(f"{type(module).__name__} is not in the model")
         if self.storage is not None and hasattr(self.storage, "inherit"):
             self.storage.inherit(module, new)
+        self.changed_modules.append(module)
         set_forward(module, name, new, remove)
         # one edit: every alias of the module is the same object, on replay as here
         self.recipe.edits.append({"op": "set_forward", "path": paths[0], "name": name,
@@ -165,6 +171,7 @@ class ModuleEditor:
         """Write a float64 result into ``param`` (same object), rounded to its storage dtype."""
         import torch
 
+        self.changed_tensors.append(param)
         with torch.no_grad():
             dt = self.storage.storage_dtype(param, module) if self.storage is not None else param.dtype
             param.data = value64.to(dt).to(param.dtype).reshape(param.shape).contiguous()
@@ -178,6 +185,7 @@ class ModuleEditor:
 
         from .affine import scale_output_channels, scale_output_channels_, workspace
 
+        self.changed_tensors.append(param)
         dt = self.storage.storage_dtype(param, module) if self.storage is not None else param.dtype
 
         cast = None if dt == param.dtype else (lambda block: block.to(dt))  # round to what is saved
@@ -204,6 +212,7 @@ class ModuleEditor:
         import torch
 
         dt = self.storage.storage_dtype(module.weight, module) if self.storage is not None else module.weight.dtype
+        self.changed_modules.append(module)
         module.bias = torch.nn.Parameter(value64.to(dt).to(module.weight.dtype).contiguous(),
                                          requires_grad=module.weight.requires_grad)
         for path in self.paths_of(module):
@@ -214,6 +223,7 @@ class ModuleEditor:
         """Make an inline per-channel op the identity by filling its parameter with 1 or 0."""
         import torch
 
+        self.changed_tensors.append(param)
         with torch.no_grad():
             param.data = torch.full_like(param.data, fill)
         self.neutralised.add(id(param))

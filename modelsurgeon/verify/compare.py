@@ -53,6 +53,7 @@ class OutputDiff:
     own_noise: float | None = None  # original vs its float64 run, relative to max|exact|
     vs_float64: float | None = None  # rewritten vs the original's float64 run, relative
     by_noise: bool = False  # failed the fixed rule, passed as within the model's own rounding
+    excused: bool = False  # a post-processed output that failed, vouched for by --verify-at outputs
 
     def to_json(self) -> dict:
         d = {"name": self.name, "max_abs": self.max_abs, "max_rel": self.max_rel, "passed": self.passed}
@@ -60,6 +61,8 @@ class OutputDiff:
             d["note"] = self.note
         if self.own_noise is not None:
             d.update(own_noise=self.own_noise, vs_float64=self.vs_float64, by_noise=self.by_noise)
+        if self.excused:
+            d["excused"] = True
         return d
 
     def copy(self, name: str | None = None) -> "OutputDiff":
@@ -262,6 +265,7 @@ def summarise(diffs_per_trial: list[list[OutputDiff]], tol: Tolerance) -> Parity
                 w.max_rel = max(w.max_rel, d.max_rel)
                 w.passed = w.passed and d.passed
                 w.by_noise = w.by_noise or d.by_noise
+                w.excused = w.excused or d.excused
                 if d.own_noise is not None:
                     w.own_noise = max(w.own_noise or 0.0, d.own_noise)
                     w.vs_float64 = max(w.vs_float64 or 0.0, d.vs_float64)

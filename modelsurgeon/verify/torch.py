@@ -88,6 +88,9 @@ class References:
         self.dtype = dtype
         self.outputs: list[Any] = []
         self.exact: list[Any] | None = None  # the original's float64 outputs per trial (its own rounding)
+        self.at: list[str] = []  # --verify-at module paths (verify/points.py)
+        self.at_outputs: list[dict] = []  # per trial: path -> [output of each call]
+        self.at_exact: list[dict] | None = None
         self.rewritten = False  # outputs re-recorded from a model whose function changed on purpose
         self.uninformative = False
         self.grown: int | None = None  # the trial at batch + 1, once the original ran on it
@@ -113,24 +116,41 @@ class References:
         References that are zero everywhere (a ReLU-clipped logit, say) would let any rewrite
         pass: up to :data:`EXTRA_TRIALS` more trials are added until one output is not; if
         none is, ``uninformative`` is set for the report."""
+        if self.at:
+            first_output = None  # trial 0 runs again, with the --verify-at modules recorded
         self.outputs = [detach(first_output)] if first_output is not None else []
+        self.at_outputs = [{}] if first_output is not None else []
         for t in range(len(self.outputs), self.trials):
             if t == GROWN_TRIAL and self.grown is None and self.grown_error is None and self.spec.shapes:
                 self.grown = t  # try the larger batch; if the original cannot run it, keep the shape
                 try:
-                    with self.kernels(t):
-                        self.outputs.append(detach(run(model, self.inputs(t))))
+                    self._record_trial(model, t)
                     continue
                 except ModelRunError as e:
                     self.grown, self.grown_error = None, str(e)
-            with self.kernels(t):
-                self.outputs.append(detach(run(model, self.inputs(t))))
+            self._record_trial(model, t)
         extra = 0
         while extra < EXTRA_TRIALS and not any(_informative(o) for o in self.outputs):
-            self.outputs.append(detach(run(model, self.inputs(self.trials))))
+            self._record_trial(model, self.trials)
             self.trials += 1
             extra += 1
         self.uninformative = not any(_informative(o) for o in self.outputs)
+
+    def run_trial(self, model: Any, trial: int, runner: Callable[[Any, list], Any] = run, dtype: Any = None) -> tuple:
+        """``(output, {path: [outputs]})`` of ``model`` on ``trial``'s inputs (cast to ``dtype``)."""
+        from .points import module_outputs
+
+        xs = self.inputs(trial)
+        if dtype is not None:
+            xs = [x.to(dtype) if x.is_floating_point() else x for x in xs]
+        with self.kernels(trial), (module_outputs(model, self.at) if self.at else contextlib.nullcontext({})) as got:
+            out = runner(model, xs)
+        return out, got
+
+    def _record_trial(self, model: Any, trial: int) -> None:
+        out, got = self.run_trial(model, trial)
+        self.outputs.append(detach(out))
+        self.at_outputs.append(got)
 
     def record_exact(self, model: Any) -> str | None:
         """Run the original once more in float64 on every trial's inputs and keep the outputs
@@ -146,16 +166,16 @@ class References:
         avail = _available_memory()
         if avail is not None and need > avail // 2:
             return "a float64 copy of the weights would take more than half of the memory available"
-        exact = []
+        exact, at = [], []
         try:
             with float64(model):
                 for t in range(self.trials):
-                    with self.kernels(t):
-                        xs = [x.to(torch.float64) if x.is_floating_point() else x for x in self.inputs(t)]
-                        exact.append(detach(run(model, xs)))
+                    out, got = self.run_trial(model, t, dtype=torch.float64)
+                    exact.append(detach(out))
+                    at.append(got)
         except ModelRunError as e:
             return f"the model does not run in float64: {e}"
-        self.exact = exact
+        self.exact, self.at_exact = exact, at
         return None
 
     def check(self, model: Any, tol: Tolerance, first_output: Any = None,
@@ -163,13 +183,20 @@ class References:
         """Compare ``model`` (rewritten) against the references on every trial."""
         per_trial: list[list[OutputDiff]] = []
         for t in range(self.trials):
-            if t == 0 and first_output is not None:
-                out = first_output
+            if t == 0 and first_output is not None and not self.at:
+                out, got = first_output, {}
             else:
-                with self.kernels(t):
-                    out = runner(model, self.inputs(t))
+                out, got = self.run_trial(model, t, runner)
             exact = self.exact[t] if self.exact is not None and t < len(self.exact) else None
-            per_trial.append(compare_outputs(self.outputs[t], out, tol, exact=exact))
+            diffs = compare_outputs(self.outputs[t], out, tol, exact=exact)
+            for p in self.at:
+                ref = self.at_outputs[t].get(p, [])
+                ex = self.at_exact[t].get(p) if self.at_exact is not None and t < len(self.at_exact) else None
+                if not ref:
+                    diffs.append(OutputDiff(f"at:{p}", float("inf"), float("inf"), False, "did not run in this trial"))
+                    continue
+                diffs += compare_outputs(ref, got.get(p, []), tol, prefix=f"at:{p}:", exact=ex)
+            per_trial.append(diffs)
         return summarise(per_trial, tol)
 
 
