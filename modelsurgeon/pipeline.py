@@ -300,6 +300,14 @@ def _operate(model, storage, passes, opts, spec, report, recipe, slot_name, prim
             report.before, report.after = before, before
             report.extra.update(extra)
         return refs
+    if editor.placeholders:  # folded modules removed as the host's own fuse() removes them
+        from .rewrite.removal import finish_removals
+        from .verify.compare import compare_outputs
+
+        status(f"{label}checking the host's fused forwards")
+        state.restore()
+        same = lambda a, b: all(d.passed for d in compare_outputs(a, b, tol))  # noqa: E731
+        report.notes.extend(label + n for n in finish_removals(model, editor, inputs0, same))
     t = time.perf_counter()
     status(f"{label}verifying")
     state.restore()  # the verification starts from the state the references started from

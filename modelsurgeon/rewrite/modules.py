@@ -99,6 +99,7 @@ class ModuleEditor:
         # or a bias, tensors written (``--verify-at`` checks they all feed the verified modules)
         self.changed_modules: list[Any] = []
         self.changed_tensors: list[Any] = []
+        self.placeholders: list[Any] = []  # nn.Identity modules standing for removed ones (remove())
 
     # -- paths -------------------------------------------------------------------------------
     def paths_of(self, module: Any) -> list[str]:
@@ -131,6 +132,30 @@ class ModuleEditor:
         for k, v in carried.items():
             self.recipe.edits.append({"op": "setattr", "path": paths[0], "name": k, "value": _jsonable(v)})
         return paths
+
+    def remove(self, module: Any) -> list[str]:
+        """Remove a module the pass folded away: an ``nn.Identity`` placeholder takes its place
+        while the passes run; at the end :func:`~modelsurgeon.rewrite.removal.finish_removals`
+        removes it the way the host's deploy path does (the class's fused forward), or keeps it."""
+        import torch
+
+        placeholder = torch.nn.Identity()
+        paths = self.replace(module, placeholder)
+        self.placeholders.append(placeholder)
+        return paths
+
+    def use_forward(self, module: Any, attrs: list[str], method: str) -> None:
+        """Delete placeholder submodules ``attrs`` of ``module`` and make its class's fused forward
+        ``method`` its forward (:func:`~modelsurgeon.rewrite.removal.use_forward`; recipe
+        ``use_forward``)."""
+        from .removal import use_forward
+
+        paths = self.paths_of(module)
+        if not paths:
+            raise ValueError(f"{type(module).__name__} is not in the model")
+        use_forward(module, attrs, method)
+        self.changed_modules.append(module)
+        self.recipe.edits.append({"op": "use_forward", "path": paths[0], "remove": list(attrs), "method": method})
 
     def set_forward(self, module: Any, new: Any, spec: dict, name: str, remove: list[str]) -> str:
         """Make ``new`` ``module``'s forward, in place (:func:`~modelsurgeon.rewrite.recipe.set_forward`):

@@ -16,6 +16,11 @@ Edits are a closed set of data records -- nothing in a recipe is imported or exe
   it was), the parameters, buffers and submodules named in ``remove`` are deleted from P, the
   built module is registered as P's submodule N and becomes P's forward (:func:`set_forward`)
 
+* ``{"op": "use_forward", "path": P, "remove": [NAME, ...], "method": M}``: the submodules named
+  in ``remove`` (placeholders of folded modules) are deleted from P and P's class's fused
+  forward M (``forward_fuse``...) becomes its forward, as the host's ``fuse()`` does
+  (:func:`modelsurgeon.rewrite.removal.use_forward`)
+
 A ``SPEC`` is ``{"from": PATH}`` (a module already in the tree, moved), or
 ``{"class": "Conv2d", "kwargs": {...}}`` for a ``torch.nn`` class, or
 ``{"class": "Sequential", "children": [SPEC, ...]}``, or a kind a pass registers with
@@ -290,6 +295,10 @@ def _apply(recipe: Recipe, root: Any) -> Any:
             m = get_module(root, path)
             new = build(e["module"], root)  # before the removal: "from" specs read the old tree
             set_forward(m, e["name"], new, e.get("remove", []))
+        elif op == "use_forward":
+            from .removal import use_forward
+
+            use_forward(get_module(root, path), list(e.get("remove", [])), str(e.get("method", "")))
         else:
             raise ValueError(f"unknown recipe edit: {op!r}")
     return root

@@ -175,7 +175,11 @@ def atomic_files(path: Path) -> Iterator[Path]:
             raise BadInput(f"cannot write {path}: {os.strerror(code)}") from e
         raise
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        # with Ctrl-C held back: an interrupt landing in the middle of the removal (the run was
+        # just finishing) would leave the temporary directory half removed
+        _, held_now = _create_temporary(path, lambda: shutil.rmtree(tmp_dir, ignore_errors=True))
+        if held_now:
+            raise KeyboardInterrupt
 
 
 def disk_full(directory: Path, margin: int = 1 << 20) -> bool:

@@ -5,6 +5,8 @@ checkpoints need this source tree on the import path exactly as real YOLOv5 chec
 (``--code-path examples/yolo``).
 """
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -29,6 +31,24 @@ class Conv(nn.Module):
 
     def forward_fuse(self, x):
         return self.act(self.conv(x))
+
+
+class DWConv(Conv):
+    """Depth-wise conv + BN + SiLU."""
+
+    def __init__(self, c1, c2, k=1, s=1, act=True):
+        super().__init__(c1, c2, k, s, g=math.gcd(c1, c2), act=act)
+
+
+def fuse_conv_and_bn(conv, bn):
+    """A new conv computing ``bn(conv(x))`` in eval mode (what YOLOv5's deploy path builds)."""
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True).requires_grad_(False).to(conv.weight.device)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    return fused
 
 
 class Focus(nn.Module):

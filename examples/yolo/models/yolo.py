@@ -5,7 +5,7 @@ changes (shape-dependent Python control flow: not symbolically traceable)."""
 import torch
 import torch.nn as nn
 
-from models.common import C3, SPPF, Concat, Conv, Focus
+from models.common import C3, SPPF, Concat, Conv, DWConv, Focus, fuse_conv_and_bn
 
 
 class Detect(nn.Module):
@@ -83,6 +83,14 @@ class Model(nn.Module):
         det = self.model[-1]
         det.stride = torch.tensor([8.0, 16.0])
         det.anchors /= det.stride.view(-1, 1, 1)
+
+    def fuse(self):  # fuse model Conv2d() + BatchNorm2d() layers, as YOLOv5's deploy path does
+        for m in self.model.modules():
+            if isinstance(m, (Conv, DWConv)) and hasattr(m, "bn"):
+                m.conv = fuse_conv_and_bn(m.conv, m.bn)  # update conv
+                delattr(m, "bn")  # remove batchnorm
+                m.forward = m.forward_fuse  # update forward
+        return self
 
     def forward(self, x):
         y = []

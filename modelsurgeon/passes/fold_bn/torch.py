@@ -30,6 +30,7 @@ from ...match.affine import (
 )
 from ...match.calls import call_obstacle, read_outside
 from ...match.conv import CONV_OPS, ConvUnit, conv_unit, output_channel_axis, unwritable
+from ...match.host import statistics_reader
 from ...match.reshape import channel_axis_after, shape_only_use
 from ...rewrite.affine import fold_bias
 from ..base import Applied, Match, Pass, Skipped, TorchContext
@@ -63,6 +64,10 @@ class FoldMatch(Match):
 
 class _Reason(str):
     """Why a BN-like candidate cannot be folded (ends the chain, reported as skipped)."""
+
+
+class _HostReads(_Reason):
+    """The host's own re-parameterisation reads the norm: not folded in any form."""
 
 
 class FoldBN(Pass):
@@ -218,6 +223,8 @@ class FoldBN(Pass):
             r = self._module_step(g, call, ev, cur, axis)
             if isinstance(r, Step):
                 return r
+            if isinstance(r, _HostReads):  # not even neutralised in place: the host's code reads it
+                return (ev, str(r))
             if isinstance(r, _Reason) and reason is None:
                 reason = r
         r = self._op_step(g, ev, cur, axis)
@@ -236,6 +243,11 @@ class FoldBN(Pass):
             why = call_obstacle(call, kept)
             if why is not None:
                 return _Reason(why)
+        if isinstance(r, Step) and call.path:
+            reader = statistics_reader(g.root.module, call.path)
+            if reader is not None:  # Ultralytics RepConv: its own fuse reads branch.bn's statistics
+                return _HostReads(f"the host's {reader} reads its running statistics and its layer's "
+                                  "weights (its own re-parameterisation would break): left to it")
         return r
 
     def _module_affine(self, g: DataflowGraph, call: ModuleCall, ev: OpEvent, cur: int, axis: int):
@@ -400,12 +412,11 @@ class FoldBN(Pass):
             ed.set_param(unit.bias, b, unit.module)
         for s in m.steps:
             r = s.removal
-            if r.kind == "identity":
-                ed.replace(r.module, torch.nn.Identity())
+            if r.kind == "identity" or (r.kind == "children" and not r.children):
+                ed.remove(r.module)  # a placeholder until the host's own fused forward replaces it
             elif r.kind == "children":
                 kept = r.children
-                new = torch.nn.Identity() if not kept else kept[0] if len(kept) == 1 else torch.nn.Sequential(*kept)
-                ed.replace(r.module, new)
+                ed.replace(r.module, kept[0] if len(kept) == 1 else torch.nn.Sequential(*kept))
             else:
                 for tensor, fill in r.params:
                     if not isinstance(fill, str):
