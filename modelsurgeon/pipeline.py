@@ -180,6 +180,8 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
     Whatever happens, buffers that running the model changed are left as the checkpoint had
     them (:class:`BufferState`).
     """
+    from .load.prepare import BufferState
+
     state = BufferState(model)
     try:
         return _operate(model, storage, passes, opts, spec, report, recipe, slot_name, primary, state)
@@ -194,6 +196,7 @@ def _operate(model, storage, passes, opts, spec, report, recipe, slot_name, prim
     from .report.stats import torch_stats
     from .rewrite.modules import ModuleEditor
     from .verify.compare import Tolerance
+    from .verify.exact import own_rounding_wanted
     from .verify.points import TorchPoints, empty_everywhere
     from .verify.torch import ModelRunError, References
 
@@ -222,7 +225,7 @@ def _operate(model, storage, passes, opts, spec, report, recipe, slot_name, prim
     except ModelRunError as e:
         raise BadInput(f"the model cannot run on inputs {spec.describe()}: {e}")
     del out0
-    if _judge_own_rounding(opts, storage, dtype, passes):
+    if own_rounding_wanted(opts, storage, dtype, passes):
         status(f"{label}running the original in float64 (its own rounding)")
         why = refs.record_exact(model)
         if why is not None:
@@ -336,55 +339,6 @@ def _operate(model, storage, passes, opts, spec, report, recipe, slot_name, prim
     return refs
 
 
-class BufferState:
-    """Buffers as the checkpoint holds them, for the ones running the model changes.
-
-    Capture, references and verification run the real model; a module that updates its
-    buffers in eval mode (a calibrated observer, a BatchNorm forced to training statistics)
-    would otherwise be saved with the state those runs left. The first runs show which
-    buffers move (:meth:`changed`); they are put back before the passes, before the
-    verification run and at the end (:func:`operate`)."""
-
-    def __init__(self, model: Any):
-        self._saved = [(name, b, b.detach().clone()) for name, b in model.named_buffers() if b is not None]
-        self._moved: list | None = None
-
-    def changed(self) -> list[str]:
-        """Names of the buffers the runs so far changed (from then on, the ones restored)."""
-        import torch
-
-        self._moved = [(n, b, v) for n, b, v in self._saved
-                       if b.shape != v.shape or not torch.equal(b.detach(), v)]
-        self._saved = []
-        return [n for n, _, _ in self._moved]
-
-    def restore(self) -> None:
-        import torch
-
-        if self._moved is None:  # ended before the first runs were compared
-            self.changed()
-        with torch.no_grad():
-            for _, b, v in self._moved or []:
-                if b.shape == v.shape:
-                    b.copy_(v)
-
-
-def _judge_own_rounding(opts, storage, dtype, passes) -> bool:
-    """Whether to run the original in float64 too (``verify/compare.py``): float32 weights and
-    inputs, the default tolerances, function-preserving passes, and a run that verifies."""
-    import torch
-
-    from . import passes as registry
-
-    if not opts.verify or opts.dry_run or opts.atol is not None or opts.rtol is not None:
-        return False
-    if storage.default_dtype != torch.float32 or dtype != torch.float32:
-        return False
-    if any(o.get("list") for o in opts.pass_options.values() if isinstance(o, dict)):
-        return False  # an inspection: nothing is compared
-    return all(registry.get(name, "torch").preserves_function for name in passes)
-
-
 def _take_warnings(report, ctx, label: str) -> None:
     for w in ctx.warnings:
         if label + w not in report.warnings:
@@ -417,13 +371,13 @@ def _capture(model, inputs, count_flops=False):
 def _first_capture(model, spec, refs, report, compute=None):
     """Capture on the given shapes, or guess shapes from the first layer if none were given."""
     from .verify.inputs import guess_shapes
-    from .verify.torch import ModelRunError
+    from .verify.torch import ModelRunError, dtype_problem
 
     if spec.shapes:
         try:
             return _capture(model, refs.inputs(0), count_flops=True)
         except ModelRunError as e:
-            _blame_dtype(model, spec, refs, compute, e)
+            dtype_problem(model, spec, refs, compute, e)
             raise BadInput(f"the model cannot run on inputs {spec.describe()}: {e}", code="model-cannot-run")
     candidates = guess_shapes(model)
     errors = []
@@ -440,22 +394,6 @@ def _first_capture(model, spec, refs, report, compute=None):
     spec.shapes = []
     tried = "; ".join(errors[:3]) if errors else "no conv or linear layer to guess from"
     raise BadInput(f"no --input-shape given and none could be guessed ({tried}): pass --input-shape")
-
-
-def _blame_dtype(model, spec, refs, compute, e) -> None:
-    """An explicit ``--dtype`` the model cannot compute in is the dtype's fault, not the
-    shape's: said so when the same shapes run in the model's own compute dtype."""
-    from .verify.torch import ModelRunError, run
-
-    if spec.dtype == "auto" or compute is None or refs.dtype == compute:
-        return
-    try:
-        run(model, spec.make(0, compute))
-    except ModelRunError:
-        return
-    name = str(compute).replace("torch.", "")
-    raise BadInput(f"--dtype {spec.dtype}: the model computes in {name} and cannot run {spec.dtype} inputs ({e}); "
-                   f"leave --dtype at auto, or convert the model", code="input-dtype")
 
 
 def _recapture(model, inputs, pass_name):
@@ -484,7 +422,7 @@ def _rewritten_runner(pass_name):
 def _save(ckpt, opts, report, out_path, out_fmt, primary, refs) -> None:
     from .save.onnx_export import export, ort_run
     from .save.atomic import atomic_path
-    from .save.torch import save_pt, save_safetensors
+    from .save.torch import how_to_load, save_pt, save_safetensors
     from .verify.compare import Tolerance, compare_outputs, summarise
 
     status = opts.status or (lambda _msg: None)
@@ -532,24 +470,10 @@ def _save(ckpt, opts, report, out_path, out_fmt, primary, refs) -> None:
             report.notes.append("rebuild with modelsurgeon.load(path, arch='package.module:factory') "
                                 "using the original architecture's factory")
         elif ckpt.needs_arch:
-            _how_to_load(ckpt, report, out_path)
+            note, report.extra["load"] = how_to_load(ckpt, out_path)
+            report.notes.append(note)
     report.written = True
     report.timings["save"] = time.perf_counter() - t
-
-
-def _how_to_load(ckpt, report, out_path) -> None:
-    """A state_dict output of a rewritten structure: how to load it (report note + ``load``)."""
-    edited = bool(ckpt.recipe)
-    api = f"modelsurgeon.load({str(out_path)!r}, arch={ckpt.arch!r})"
-    if edited:
-        torch_way = (f"plain torch: build {ckpt.arch}, replay the structural edits recorded in the file "
-                     "(modelsurgeon.load does this), then load_state_dict; the original structure no longer "
-                     "takes these tensors")
-    else:
-        torch_way = f"plain torch: {ckpt.arch}(...).load_state_dict(<the file's tensors>) (no structural edit)"
-    report.extra["load"] = {"api": api, "structure_changed": edited, "torch": torch_way}
-    report.notes.append(f"load the result with {api}" + ("; its structure changed (recorded in the file)" if edited
-                                                           else f", or {torch_way}"))
 
 
 def _flat_tensors(out: Any) -> list:

@@ -95,7 +95,7 @@ def test_a_wrong_fold_of_a_noisy_net_still_fails(tmp_path, monkeypatch, error):
 def test_float64_run_leaves_the_model_as_it_was():
     """The float64 run casts in place and puts back the very tensors (tied weights stay tied)
     and the attributes the forward cached."""
-    from modelsurgeon.verify.torch import float64
+    from modelsurgeon.verify.exact import float64
 
     class Cached(nn.Module):
         def __init__(self):
@@ -119,3 +119,19 @@ def test_float64_run_leaves_the_model_as_it_was():
         assert after[n] is t and t.data_ptr() == ptr and t.dtype == dt
     assert m.a.weight is m.b.weight
     assert m.cache[0].dtype == torch.float32 and not hasattr(m, "last")
+
+
+def test_float64_run_holds_float64_copies_of_the_running_modules_only():
+    """No second copy of the model: while a layer runs, only its own tensors are float64."""
+    from modelsurgeon.verify.exact import float64
+
+    net = nn.Sequential(*[nn.Linear(16, 16) for _ in range(8)])
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda *_: seen.append(sum(p.dtype == torch.float64 for p in net.parameters())))
+             for m in net]
+    with float64(net):
+        net(torch.randn(2, 16, dtype=torch.float64))
+    for h in hooks:
+        h.remove()
+    assert seen == [2] * 8  # the running layer's weight and bias
+    assert all(p.dtype == torch.float32 for p in net.parameters())

@@ -136,3 +136,36 @@ def compute_dtype(state: StorageState) -> Any:
     if state.default_dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return state.default_dtype
+
+
+class BufferState:
+    """Buffers as the checkpoint holds them, for the ones running the model changes.
+
+    Capture, references and verification run the real model; a module that updates its
+    buffers in eval mode (a calibrated observer, a BatchNorm forced to training statistics)
+    would otherwise be saved with the state those runs left. The first runs show which
+    buffers move (:meth:`changed`); they are put back before the passes, before the
+    verification run and at the end (:func:`operate`)."""
+
+    def __init__(self, model: Any):
+        self._saved = [(name, b, b.detach().clone()) for name, b in model.named_buffers() if b is not None]
+        self._moved: list | None = None
+
+    def changed(self) -> list[str]:
+        """Names of the buffers the runs so far changed (from then on, the ones restored)."""
+        import torch
+
+        self._moved = [(n, b, v) for n, b, v in self._saved
+                       if b.shape != v.shape or not torch.equal(b.detach(), v)]
+        self._saved = []
+        return [n for n, _, _ in self._moved]
+
+    def restore(self) -> None:
+        import torch
+
+        if self._moved is None:  # ended before the first runs were compared
+            self.changed()
+        with torch.no_grad():
+            for _, b, v in self._moved or []:
+                if b.shape == v.shape:
+                    b.copy_(v)

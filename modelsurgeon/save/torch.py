@@ -135,3 +135,18 @@ def save_safetensors(ckpt: Checkpoint, path: Path) -> tuple[str, list[str]]:
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return slot.name, warnings
+
+
+def how_to_load(ckpt: Checkpoint, out_path: Path) -> tuple[str, dict]:
+    """How to load a state_dict output: ``(report note, the report's ``load`` section)``."""
+    edited = bool(ckpt.recipe)
+    api = f"modelsurgeon.load({str(out_path)!r}, arch={ckpt.arch!r})"
+    if edited:
+        torch_way = (f"plain torch: build {ckpt.arch}, replay the structural edits recorded in the file "
+                     "(modelsurgeon.load does this), then load_state_dict; the original structure no longer "
+                     "takes these tensors")
+    else:
+        torch_way = f"plain torch: {ckpt.arch}(...).load_state_dict(<the file's tensors>) (no structural edit)"
+    note = f"load the result with {api}" + ("; its structure changed (recorded in the file)" if edited
+                                             else f", or {torch_way}")
+    return note, {"api": api, "structure_changed": edited, "torch": torch_way}

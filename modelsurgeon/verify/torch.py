@@ -155,17 +155,12 @@ class References:
     def record_exact(self, model: Any) -> str | None:
         """Run the original once more in float64 on every trial's inputs and keep the outputs
         (:attr:`exact`), so that the comparison allows for the model's own float32 rounding
-        (:mod:`.compare`). The model is cast in place and put back exactly (:func:`float64`):
-        no copy of it. Returns why it could not, or ``None``."""
+        (:mod:`.compare`). The modules are cast as they run and put back exactly
+        (:func:`.exact.float64`): no copy of the model. Returns why it could not, or ``None``."""
         import torch
 
-        from .inputs import _available_memory
+        from .exact import float64
 
-        need = 2 * sum(t.numel() * 8 for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())
-                                                 if t is not None and t.is_floating_point()}.values())
-        avail = _available_memory()
-        if avail is not None and need > avail // 2:
-            return "a float64 copy of the weights would take more than half of the memory available"
         exact, at = [], []
         try:
             with float64(model):
@@ -201,49 +196,6 @@ class References:
 
 
 @contextlib.contextmanager
-def float64(model: Any):
-    """The model computing in float64 inside the block, then exactly as before: the very
-    parameter and buffer objects get their own data back (storage sharing kept), and module
-    attributes the forward replaced or appended to (a cached grid) are put back."""
-    import torch
-
-    tensors: dict[int, tuple] = {}
-    entries, attrs = [], []
-    for mod in model.modules():
-        for store in (mod._parameters, mod._buffers):
-            for name, t in store.items():
-                if t is None:
-                    continue
-                entries.append((store, name, t))
-                if t.is_floating_point():
-                    tensors.setdefault(id(t), (t, t.data))
-        state = {k: (v, list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else None)
-                 for k, v in vars(mod).items() if not k.startswith("_")}
-        attrs.append((mod, state))
-    try:
-        with torch.no_grad():
-            for t, data in tensors.values():
-                t.data = data.to(torch.float64)
-        yield
-    finally:
-        with torch.no_grad():
-            for t, data in tensors.values():
-                t.data = data
-        for store, name, t in entries:
-            store[name] = t
-        for mod, state in attrs:
-            for k in [k for k in vars(mod) if not k.startswith("_") and k not in state]:
-                del mod.__dict__[k]
-            for k, (obj, contents) in state.items():
-                mod.__dict__[k] = obj
-                if isinstance(contents, list):
-                    obj[:] = contents
-                elif isinstance(contents, dict):
-                    obj.clear()
-                    obj.update(contents)
-
-
-@contextlib.contextmanager
 def _native_kernels():
     import torch
 
@@ -257,3 +209,19 @@ def _native_kernels():
         yield
     finally:
         backend.enabled = before
+
+
+def dtype_problem(model, spec, refs, compute, e) -> None:
+    """An explicit ``--dtype`` the model cannot compute in is the dtype's fault, not the
+    shape's: said so when the same shapes run in the model's own compute dtype."""
+    if spec.dtype == "auto" or compute is None or refs.dtype == compute:
+        return
+    try:
+        run(model, spec.make(0, compute))
+    except ModelRunError:
+        return
+    from ..errors import BadInput
+
+    name = str(compute).replace("torch.", "")
+    raise BadInput(f"--dtype {spec.dtype}: the model computes in {name} and cannot run {spec.dtype} inputs ({e}); "
+                   f"leave --dtype at auto, or convert the model", code="input-dtype")
