@@ -1,6 +1,6 @@
 """The pipeline every command runs: load → capture → match → rewrite → verify → save.
 
-    load     modelsurgeon/load      safe unpickling, containers, --arch, safetensors, ONNX
+    load     modelsurgeon/load      safe unpickling, containers, --arch, safetensors, ONNX, Darknet, Caffe
     capture  modelsurgeon/capture   dataflow graph of the real forward (no tracing needed)
     match    modelsurgeon/passes/*  pattern + exactness check (shared helpers: modelsurgeon/match)
     rewrite  modelsurgeon/passes/*  in-place edit (shared helpers: modelsurgeon/rewrite)
@@ -31,6 +31,8 @@ class Options:
     arch_kwargs: str | dict | None = None
     trust_pickle: bool = False
     code_paths: Sequence[str | Path] = ()
+    cfg: Path | None = None  # the .cfg of a darknet .weights input (default: beside it)
+    prototxt: Path | None = None  # the .prototxt of a .caffemodel input (default: beside it)
     input_shapes: Sequence[str] = ()
     dtype: str = "auto"
     seed: int = 0
@@ -96,7 +98,9 @@ def run(command: str, passes: Sequence[str], opts: Options) -> Report:
     check_output_path(out_path, opts.input, opts.in_place)
     report.output = str(out_path)
 
-    if opts.input.suffix.lower() != ".onnx":  # timed on its own: the loaders import it lazily
+    from .load import CONVERTED
+
+    if opts.input.suffix.lower() not in {".onnx", *CONVERTED}:  # timed on its own: the loaders import it lazily
         t = time.perf_counter()
         import torch  # noqa: F401
 
@@ -108,7 +112,8 @@ def run(command: str, passes: Sequence[str], opts: Options) -> Report:
     t = time.perf_counter()
     status(f"loading {opts.input.name}")
     ckpt = load_checkpoint(opts.input, arch=opts.arch, arch_kwargs=opts.arch_kwargs,
-                           trust_pickle=opts.trust_pickle, code_paths=opts.code_paths)
+                           trust_pickle=opts.trust_pickle, code_paths=opts.code_paths, cfg=opts.cfg,
+                           prototxt=opts.prototxt, input_shapes=opts.input_shapes)
     report.timings["load"] = time.perf_counter() - t
     report.input_format = ckpt.format
     backend = "onnx" if ckpt.is_onnx else "torch"

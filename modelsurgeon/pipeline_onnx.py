@@ -8,6 +8,11 @@
     save       modelsurgeon/save/onnx.py      staged write, ONNX checker, parity of the written file,
                                               then moved into place (external data above 2 GB)
 
+Darknet and Caffe inputs arrive here as the ONNX graph they were read into (``load/darknet``,
+``load/caffe``); the references are that graph's outputs, and a ``.weights`` / ``.caffemodel``
+output is written by ``save/darknet.py`` / ``save/caffe.py``, read back with the same reader
+and checked like an ``.onnx`` output.
+
 Verification compares every output of the written file, by name, with the original's value
 of the tensor of that name. Function-preserving passes keep the output names, so that is the
 original outputs; a pass that changes the outputs on purpose (truncate) names the tensors the
@@ -89,9 +94,14 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
 
     status = opts.status or (lambda _msg: None)
     report.backend = "onnx"
-    if out_fmt != "onnx":
+    native = ckpt.format if ckpt.source is not None else None
+    if out_fmt != "onnx" and out_fmt != native:
+        if native is not None:
+            raise BadInput(f"a {native} model is written as .onnx or {NATIVE_SUFFIX[native]} (got {out_path.name!r}); "
+                           "PyTorch outputs of it are not supported")
         raise BadInput(f"an ONNX input is written as .onnx (got {out_path.name!r}): modelsurgeon edits ONNX "
                        "graphs natively and does not convert them to PyTorch")
+    report.notes.extend(n for n in ckpt.notes if n not in report.notes)
     model = ckpt.container
     if ckpt.metadata.get("sparse_initializers"):
         n = ckpt.metadata["sparse_initializers"]
@@ -133,7 +143,7 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
             t = time.perf_counter()
             status(f"recording references ({opts.trials} trial{'s' if opts.trials > 1 else ''})")
             try:
-                refs.record(ckpt.path, extra, types)
+                refs.record(ckpt.onnx_source, extra, types)
             except OrtError as e:
                 raise BadInput(f"onnxruntime cannot run {ckpt.path.name} on inputs {spec.describe()}: {e}")
             report.timings["reference"] = time.perf_counter() - t
@@ -184,6 +194,8 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
     if any(v.dtype is None for v in model.graph.outputs):
         _type_outputs(model, references(), report)
 
+    if out_fmt != "onnx":
+        return _write_native(model, ckpt, opts, report, out_path, references, tol, expected)
     t = time.perf_counter()
     external = wants_external(model, bool(ckpt.metadata.get("external_data")))
     status(f"writing {out_path.name}")
@@ -191,7 +203,7 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
         tmp = write(model, tmp_dir, out_path.name, external)
         problem = check(tmp)
         if problem:
-            original = check(ckpt.path)
+            original = check(ckpt.onnx_source)
             if original is not None:
                 report.notes.append(f"the input fails the ONNX checker too: {original}")
             elif not opts.force:
@@ -217,6 +229,62 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
                 report.warnings.append("parity failed; writing anyway because of --force")
     if external:
         report.notes.append(f"tensors written as external data next to the model: {out_path.name}.data")
+    report.written = True
+    return report
+
+
+NATIVE_SUFFIX = {"darknet": ".weights (+ .cfg)", "caffe": ".caffemodel (+ .prototxt)"}
+
+
+def _write_native(model, ckpt, opts, report, out_path, references, tol, expected):
+    """Write the graph back in the input's own format (darknet / Caffe), read the written files
+    back with the same reader, and check them like an .onnx output; both files or neither."""
+    from .save.atomic import atomic_files, check_output_path
+    from .verify.onnx import OrtError, session
+
+    status = opts.status or (lambda _msg: None)
+    if ckpt.format == "darknet":
+        from .load.darknet import read_darknet as read
+        from .save.darknet import write_darknet as write
+
+        side, original_side = out_path.with_suffix(".cfg"), ckpt.source.cfg_path
+    else:
+        from .load.caffe import read_caffe as read
+        from .save.caffe import write_caffe as write
+
+        side, original_side = out_path.with_suffix(".prototxt"), ckpt.source.prototxt_path
+    check_output_path(side, original_side, opts.in_place)
+    t = time.perf_counter()
+    status(f"writing {out_path.name} and {side.name}")
+    with atomic_files(out_path) as tmp_dir:
+        main, companion, notes = write(model, ckpt.source, tmp_dir, out_path.name)
+        report.notes.extend(notes)
+        report.timings["save"] = time.perf_counter() - t
+        try:
+            back = read(main, companion, opts.input_shapes)
+        except BadInput as e:
+            raise ParityError(f"the written {ckpt.format} files do not read back ({e}); nothing written", report)
+        names = {v.name for v in back.model.graph.outputs}
+        lost = [n for n in expected if n not in names]
+        if lost:
+            raise BadInput(f"{ckpt.format} files cannot give {lost[0]!r} as an output (its outputs are the heads / "
+                           "the last layer); nothing written -- write .onnx instead")
+        if opts.verify:
+            t = time.perf_counter()
+            status("verifying the written model")
+            try:
+                result = references().check(session(back.onnx_bytes), tol, expected)
+            except OrtError as e:
+                raise ParityError(f"onnxruntime cannot run the written model: {e}; nothing written", report)
+            report.parity.merge(result)
+            report.parity.note = (f"the written {ckpt.format} files read back and run in onnxruntime (graph "
+                                  "optimisations off) against the original, output by output")
+            report.timings["verify"] = time.perf_counter() - t
+            if not result.passed:
+                if not opts.force:
+                    raise ParityError(f"parity failed ({result.worst()}); nothing written", report)
+                report.warnings.append("parity failed; writing anyway because of --force")
+    report.notes.append(f"written with {side.name} beside it")
     report.written = True
     return report
 

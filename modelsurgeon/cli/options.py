@@ -41,9 +41,11 @@ class Group(_ReadableHelp, TyperGroup):
 
 COMMON: list[inspect.Parameter] = [
     _P("input", _P.POSITIONAL_OR_KEYWORD, annotation=Annotated[Path, typer.Argument(
-        metavar="INPUT", help="Checkpoint (.pt/.pth/.ckpt, .safetensors) or ONNX file.", show_default=False)]),
+        metavar="INPUT", help="Checkpoint (.pt/.pth/.ckpt, .safetensors), ONNX file, darknet .weights or Caffe "
+        ".caffemodel.", show_default=False)]),
     _P("output", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[Path], typer.Option(
-        "--output", "-o", metavar="PATH", help="Output file; format by extension: .pt/.pth/.ckpt, .safetensors, .onnx. "
+        "--output", "-o", metavar="PATH", help="Output file; format by extension: .pt/.pth/.ckpt, .safetensors, .onnx "
+        "(.weights + .cfg, .caffemodel + .prototxt for darknet / Caffe inputs). "
         "Default: INPUT's name with the command inserted.", show_default=False)]),
     _P("input_shape", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[List[str]], typer.Option(
         "--input-shape", "-s", metavar="SHAPE", help="Example input shape, e.g. 1,3,640,640; repeat for several inputs. "
@@ -81,6 +83,11 @@ COMMON: list[inspect.Parameter] = [
         "model factory a modelsurgeon-written file names. Runs code the file chooses: only for checkpoints you trust.")]),
     _P("code_path", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[List[Path]], typer.Option(
         "--code-path", metavar="DIR", help="Directory to put on the import path (the model's source tree); repeatable.",
+        show_default=False)]),
+    _P("cfg", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[Path], typer.Option(
+        "--cfg", help="The .cfg of a darknet .weights input (default: the .cfg beside it).", show_default=False)]),
+    _P("prototxt", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[Path], typer.Option(
+        "--prototxt", help="The .prototxt of a Caffe .caffemodel input (default: the .prototxt beside it).",
         show_default=False)]),
     _P("opset", _P.KEYWORD_ONLY, default=17, annotation=Annotated[int, typer.Option(
         metavar="N", help="ONNX opset for .onnx outputs exported from PyTorch.")]),

@@ -30,6 +30,7 @@ def execute(name: str, passes: Any, fn: Callable[..., dict], own: dict, common: 
         input=common["input"], output=common["output"], arch=common["arch"],
         arch_kwargs=common["arch_kwargs"], trust_pickle=common["trust_pickle"],
         code_paths=common["code_path"] or (), input_shapes=common["input_shape"] or (),
+        cfg=common["cfg"], prototxt=common["prototxt"],
         dtype=common["dtype"], seed=common["seed"], trials=common["trials"], atol=common["atol"],
         rtol=common["rtol"], verify=not common["no_verify"], force=common["force"],
         dry_run=common["dry_run"], in_place=common["in_place"], opset=common["opset"],

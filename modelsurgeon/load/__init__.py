@@ -60,7 +60,13 @@ def load_checkpoint(
     arch_kwargs: dict | str | None = None,
     trust_pickle: bool = False,
     code_paths: Iterable[str | Path] = (),
+    cfg: str | Path | None = None,
+    prototxt: str | Path | None = None,
+    input_shapes: Iterable[str] = (),
 ) -> Checkpoint:
+    """Read ``path`` into a :class:`Checkpoint`. Darknet ``.weights`` (with ``cfg``) and Caffe
+    ``.caffemodel`` (with ``prototxt``) are read into ONNX graphs (``input_shapes``, if given,
+    sets their input size)."""
     from ..rewrite.recipe import Recipe
     from .arch import parse_kwargs
 
@@ -69,6 +75,13 @@ def load_checkpoint(
     size = check_input_file(path)
     kwargs = parse_kwargs(arch_kwargs)
     suffix = path.suffix.lower()
+    if suffix in CONVERTED:
+        ckpt = _load_converted(path, suffix, cfg, prototxt, tuple(input_shapes))
+        ckpt.size_bytes = size
+        return ckpt
+    if cfg is not None or prototxt is not None:
+        raise BadInput(f"{'--cfg' if cfg is not None else '--prototxt'} goes with a "
+                       f"{'.weights' if cfg is not None else '.caffemodel'} input, not {path.name}")
     if suffix == ".onnx":
         try:
             from .onnx import load_onnx
@@ -91,6 +104,24 @@ def load_checkpoint(
     if ckpt.recipe is None:
         ckpt.recipe = Recipe()
     return ckpt
+
+
+CONVERTED = {".weights": "darknet", ".caffemodel": "caffe"}
+"""Inputs read into an ONNX graph and edited by the ONNX back end."""
+
+
+def _load_converted(path: Path, suffix: str, cfg, prototxt, input_shapes) -> Checkpoint:
+    if CONVERTED[suffix] == "darknet":
+        if prototxt is not None:
+            raise BadInput("--prototxt goes with a .caffemodel input, not a .weights one")
+        from .darknet import load_darknet
+
+        return load_darknet(path, cfg, input_shapes)
+    if cfg is not None:
+        raise BadInput("--cfg goes with a .weights input, not a .caffemodel one")
+    from .caffe import load_caffe
+
+    return load_caffe(path, prototxt, input_shapes)
 
 
 def _classify(path: Path, obj: Any, arch: str | None, kwargs: dict, trust: bool = False) -> Checkpoint:
@@ -228,6 +259,8 @@ def load(
     *,
     trust_pickle: bool = False,
     code_paths: Iterable[str | Path] = (),
+    cfg: str | Path | None = None,
+    prototxt: str | Path | None = None,
 ) -> Any:
     """Load a model from any file modelsurgeon reads or writes.
 
@@ -237,10 +270,17 @@ def load(
       by modelsurgeon, with ``trust_pickle=True`` since that imports and calls code the file
       names): the model rebuilt by the factory, with the file's recorded structural edits
       replayed, and the weights loaded in the dtypes the file stores them in;
-    * an ``.onnx`` file: the ``onnx.ModelProto``.
+    * an ``.onnx`` file: the ``onnx.ModelProto``;
+    * a darknet ``.weights`` (with ``cfg``, default: the ``.cfg`` beside it) or a Caffe
+      ``.caffemodel`` (with ``prototxt``, default: the ``.prototxt`` beside it): the
+      ``onnx.ModelProto`` it is read into.
     """
     ckpt = load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,
-                           code_paths=code_paths)
+                           code_paths=code_paths, cfg=cfg, prototxt=prototxt)
+    if ckpt.source is not None:
+        import onnx
+
+        return onnx.load_from_string(ckpt.source.onnx_bytes)
     if ckpt.is_onnx:
         import onnx
 

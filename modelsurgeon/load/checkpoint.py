@@ -33,6 +33,8 @@ class Checkpoint:
                            dict (a bare state_dict, or a Lightning-style dict holding one)
       * ``safetensors`` -- tensors + string metadata, rebuilt with ``--arch``
       * ``onnx``        -- an ONNX model (``container`` is the IR model)
+      * ``darknet`` / ``caffe`` -- read into an ONNX graph (``container`` is the IR model,
+                           ``source`` what the format's writer needs to put it back)
     """
 
     path: Path
@@ -50,10 +52,17 @@ class Checkpoint:
     'ema': m}``) -> that slot's key. ``slots`` lists each object once, so it is rewritten once;
     the saved container keeps the keys pointing at the same object."""
     notes: list[str] = field(default_factory=list)  # what the loader has to say, for the report
+    source: Any = None  # darknet / caffe: the files as read (load/darknet, load/caffe)
 
     @property
     def is_onnx(self) -> bool:
-        return self.format == "onnx"
+        """Edited by the ONNX back end: an ONNX file, or a Darknet / Caffe model read into one."""
+        return self.format in ("onnx", "darknet", "caffe")
+
+    @property
+    def onnx_source(self) -> Any:
+        """The original graph for references: the ``.onnx`` path, or the converted graph's bytes."""
+        return self.source.onnx_bytes if self.source is not None else self.path
 
     @property
     def needs_arch(self) -> bool:

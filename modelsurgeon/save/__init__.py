@@ -4,6 +4,8 @@
   module rewritten, or state_dict + recipe) -- :mod:`.torch`
 * ``.safetensors``   -- tensors + the metadata that rebuilds the structure -- :mod:`.torch`
 * ``.onnx``          -- export + onnxruntime parity -- :mod:`.onnx_export`
+* ``.weights``       -- darknet ``.weights`` + ``.cfg`` of a model read from darknet -- :mod:`.darknet`
+* ``.caffemodel``    -- Caffe ``.caffemodel`` + ``.prototxt`` of a model read from Caffe -- :mod:`.caffe`
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from pathlib import Path
 from ..errors import BadInput
 
 TORCH_OUT = {".pt", ".pth", ".ckpt"}
-FORMATS = {**{s: "pt" for s in TORCH_OUT}, ".safetensors": "safetensors", ".onnx": "onnx"}
+FORMATS = {**{s: "pt" for s in TORCH_OUT}, ".safetensors": "safetensors", ".onnx": "onnx",
+           ".weights": "darknet", ".caffemodel": "caffe"}
 
 
 def output_format(path: Path) -> str:
@@ -25,7 +28,7 @@ def output_format(path: Path) -> str:
     fmt = FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
         raise BadInput(f"cannot tell the output format from {Path(path).name!r}: use .pt/.pth/.ckpt, "
-                       ".safetensors or .onnx", code="output-format")
+                       ".safetensors, .onnx (.weights, .caffemodel for darknet / Caffe models)", code="output-format")
     return fmt
 
 

@@ -86,12 +86,12 @@ def load_external(model: Any, max_bytes: int | None = None) -> int:
     return count
 
 
-def check(path: Path) -> str | None:
-    """The ONNX checker's complaint about the file at ``path``, or ``None``."""
+def check(path: Path | bytes) -> str | None:
+    """The ONNX checker's complaint about the file at ``path`` (or a serialized model), or ``None``."""
     import onnx
 
     try:
-        onnx.checker.check_model(str(path))
+        onnx.checker.check_model(path if isinstance(path, bytes) else str(path))
     except Exception as e:
         lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
         return (lines[0] if lines else type(e).__name__)[:300]

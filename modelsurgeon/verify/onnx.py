@@ -164,14 +164,19 @@ class OnnxReferences:
     def inputs(self, trial: int) -> dict:
         return self.spec.make(trial)
 
-    def record(self, path: Path, extra: Sequence[str] = (), types: dict | None = None) -> None:
-        """Run the original file (read again from disk, untouched) once per trial; ``extra``
-        tensors are exposed as outputs first."""
+    def record(self, path: Path | bytes, extra: Sequence[str] = (), types: dict | None = None) -> None:
+        """Run the original file (read again from disk, untouched) -- or the serialized graph a
+        Darknet / Caffe model was read into -- once per trial; ``extra`` tensors are exposed as
+        outputs first."""
         import onnx
 
-        path = Path(path)
-        if extra:
-            proto = onnx.load(str(path), load_external_data=False)
+        if not extra:
+            sess = session(path if isinstance(path, bytes) else Path(path))
+        else:
+            if isinstance(path, bytes):
+                proto, folder = onnx.load_from_string(path), None
+            else:
+                proto, folder = onnx.load(str(path), load_external_data=False), Path(path).parent
             present = {o.name for o in proto.graph.output}
             for name in extra:
                 if name not in present:
@@ -179,9 +184,7 @@ class OnnxReferences:
                     if types and types.get(name) is not None:
                         vi.type.tensor_type.elem_type = int(types[name])
                     proto.graph.output.append(vi)
-            sess = session(proto.SerializeToString(), path.parent)
-        else:
-            sess = session(path)
+            sess = session(proto.SerializeToString(), folder)
         self.outputs = [run(sess, self.inputs(t)) for t in range(self.trials)]
 
     def check(self, sess: Any, tol: Tolerance, expected: Sequence[str] = ()) -> ParityReport:
