@@ -77,7 +77,8 @@ def caffe_net(model: Any, src: Any) -> tuple[Any, list[str]]:
 
     g = _Net(model, src)
     states = {layer.index: g.state(layer) for layer in g.layers}
-    tops = {layer.index: [(layer.index, t) for t in range(len(layer.param.top))] for layer in g.layers}
+    tops = {layer.index: [("input", top) if layer.type == "Input" else (layer.index, t)
+                          for t, top in enumerate(layer.param.top)] for layer in g.layers}
     readers: dict[tuple, list[tuple[int, int]]] = {}
     for layer in g.layers:
         for k, v in enumerate(src.bottom_versions[layer.index]):

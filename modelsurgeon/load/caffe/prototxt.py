@@ -54,11 +54,13 @@ class CaffeNet:
     dropped: list[int] = field(default_factory=list)  # indices (in net.layer) filtered out by phase
 
 
-def top_level_lines(text: str) -> dict[str, list[int]]:
-    """Line numbers of the top-level fields ``layer`` and ``layers`` (message openings)."""
-    out: dict[str, list[int]] = {"layer": [], "layers": []}
+def top_level_lines(text: str) -> dict[str, list[tuple[int, int, int]]]:
+    """``(line, start, end)`` of each top-level ``layer`` and ``layers`` message (1-based line,
+    character span of its body)."""
+    out: dict[str, list[tuple[int, int, int]]] = {"layer": [], "layers": []}
     depth, line = 0, 1
     pending: tuple[str, int] | None = None
+    opened: tuple[str, int, int] | None = None
     for m in _TOKEN.finditer(text):
         tok = m.group(0)
         if tok.isspace() or tok.startswith("#"):
@@ -66,12 +68,15 @@ def top_level_lines(text: str) -> dict[str, list[int]]:
             continue
         if tok in ("{", "<"):
             if depth == 0 and pending is not None:
-                out[pending[0]].append(pending[1])
+                opened = (pending[0], pending[1], m.end())
             depth += 1
             pending = None
             continue
         if tok in ("}", ">"):
             depth = max(0, depth - 1)
+            if depth == 0 and opened is not None:
+                out[opened[0]].append((opened[1], opened[2], m.start()))
+                opened = None
             pending = None
             continue
         if depth == 0 and tok in out:
@@ -111,15 +116,17 @@ def read_prototxt(path: Path, supported: set[str]) -> CaffeNet:
         text = path.read_bytes().decode("utf-8", errors="replace")
     except OSError as e:
         raise BadInput(f"{path}: cannot read ({e.strerror})")
-    lines = top_level_lines(text)
-    loose = _parse(text, path.name, lenient=True)
-    if loose.layers or lines["layers"]:
-        first = loose.layers[0] if loose.layers else None
-        what = f" (first: {first.name!r}" if first is not None and first.name else " (first"
-        at = f", line {lines['layers'][0]})" if lines["layers"] else ")"
-        raise BadInput(f"{path.name}: a V1 Caffe net (layers {{ }}){what}{at}: not supported; upgrade it with "
+    spans = top_level_lines(text)
+    if spans["layers"]:
+        line, start, end = spans["layers"][0]
+        body = text[start:end]
+        name = re.search(r"\bname\s*:\s*[\"']([^\"']*)", body)
+        kind = re.search(r"\btype\s*:\s*[\"']?(\w+)", body)
+        raise BadInput(f"{path.name}: layer {name.group(1) if name else '?'!r} (type {kind.group(1) if kind else '?'}, "
+                       f"line {line}) is a V1 layer (layers {{ }}): V1 nets are not supported; upgrade the net with "
                        "Caffe's upgrade_net_proto_text")
-    line_of = lines["layer"] if len(lines["layer"]) == len(loose.layer) else [0] * len(loose.layer)
+    loose = _parse(text, path.name, lenient=True)
+    line_of = [ln for ln, _, _ in spans["layer"]] if len(spans["layer"]) == len(loose.layer) else [0] * len(loose.layer)
     state = {"phase": 1, "level": loose.state.level if loose.HasField("state") else 0,
              "stage": set(loose.state.stage) if loose.HasField("state") else set()}
     kept, dropped = [], []

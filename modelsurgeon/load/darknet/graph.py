@@ -270,13 +270,20 @@ class DarknetGraph:
 
     def _reorg(self, L: Layer, ins: list) -> Any:
         s, (c, h, w) = L.p["stride"], L.p["call"]
+        src = self.src(L)
+        here = (src.c, src.h, src.w) if src is not None else tuple(self.shape[1:])
         x = ins[0]
+        read_as = (c, h, w) if L.p["reverse"] else (c // (s * s), h * s, w * s)
+        if read_as != here:  # the buffer read with other sizes than its own ([reorg])
+            x = self.op(L, "Reshape", [x, self.const(L, np.array([0, *read_as]), "in_shape")], "in")
         if L.p["reverse"]:
-            x = self.op(L, "Reshape", [x, self.const(L, np.array([0, c, h, w]), "in_shape")], "in")
             x = self.op(L, "DepthToSpace", [x], "depth_to_space", blocksize=s, mode="DCR")
+            made = (c // (s * s), h * s, w * s)
         else:
-            x = self.op(L, "Reshape", [x, self.const(L, np.array([0, c // (s * s), h * s, w * s]), "in_shape")], "in")
             x = self.op(L, "SpaceToDepth", [x], "space_to_depth", blocksize=s)
+            made = (c, h, w)
+        if made == (L.c, L.h, L.w):
+            return x
         return self.op(L, "Reshape", [x, self.const(L, np.array([0, L.c, L.h, L.w]), "shape")], "")
 
     _reorg3d = _reorg

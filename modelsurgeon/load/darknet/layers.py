@@ -105,7 +105,6 @@ def read_layers(cfg: Cfg, shape: tuple[int, int, int]) -> list[Layer]:
             raise _bad(where, cfg, "unknown section type (darknet would not recognise it either)")
         if kind not in SHORT:
             raise _bad(where, cfg, f"[{kind}] layers are not supported")
-        prev = layers[-1] if layers else None
         inputs = [i - 1]
         L = Layer(index=i, kind=kind, section=s, inputs=inputs, c=c, h=h, w=w, flat=flat)
         build = _BUILDERS.get(kind)
@@ -117,7 +116,6 @@ def read_layers(cfg: Cfg, shape: tuple[int, int, int]) -> list[Layer]:
             raise _bad(where, cfg, f"output size {L.c}x{L.h}x{L.w} is empty for input {c}x{h}x{w}")
         layers.append(L)
         c, h, w, flat = L.c, L.h, L.w, L.flat
-        del prev
     return layers
 
 
@@ -261,6 +259,9 @@ def _upsample(L: Layer, s: Section, cfg: Cfg, where: str, layers: list) -> None:
     if stride > 0:
         L.h, L.w = L.h * stride, L.w * stride
     else:
+        if L.h % -stride or L.w % -stride:
+            raise _bad(where, cfg, f"stride={stride} does not divide the input {L.h}x{L.w} (darknet would read "
+                                   "its rows at the wrong width)")
         L.h, L.w = L.h // -stride, L.w // -stride
 
 
