@@ -48,6 +48,16 @@ YOLOV4_TINY = (NET.format(w=64, h=64, c=3) + conv(4, stride=2) + conv(8, stride=
                + section("route", layers=-4) + conv(16, 1) + section("upsample", stride=2)
                + section("route", layers="-1, 23") + conv(32) + conv(18, 1, act="linear", bn=0) + yolo("1,2,3"))
 
+# yolov2.cfg (passthrough: [reorg] of a 1x1 conv, routed with the deep features; a [region] head),
+# filters / 16, 1 class
+YOLOV2 = (NET.format(w=64, h=64, c=3) + conv(4) + section("maxpool", size=2, stride=2) + conv(8)
+          + section("maxpool", size=2, stride=2) + conv(16) + section("maxpool", size=2, stride=2)
+          + conv(32) + conv(16, 1) + conv(32) + section("maxpool", size=2, stride=2) + conv(64) + conv(64)
+          + section("route", layers=-4) + conv(8, 1) + section("reorg", stride=2) + section("route", layers="-1,-4")
+          + conv(64) + conv(30, 1, act="linear", bn=0)
+          + section("region", anchors="0.57,0.67, 1.87,2.06, 3.33,5.47, 7.88,3.52, 9.77,9.16", bias_match=1,
+                    classes=1, coords=4, num=5, softmax=1, jitter=.3, rescore=1))
+
 # a CSPDarknet53 stage (yolov4 / yolov4-csp backbone): mish everywhere, residual shortcuts
 CSP_MISH = (NET.format(w=32, h=32, c=3) + conv(8, act="mish") + conv(16, stride=2, act="mish")
             + conv(16, 1, act="mish") + section("route", layers=-2) + conv(16, 1, act="mish")

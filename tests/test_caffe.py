@@ -101,7 +101,8 @@ LAYERS = ('name: "layers"\ninput: "data"\ninput_shape { dim: 1 dim: 6 dim: 9 dim
           'layer { name: "cat" type: "Concat" bottom: "b" bottom: "a" top: "cat" }\n'
           'layer { name: "prod" type: "Eltwise" bottom: "cat" bottom: "s2" top: "prod" eltwise_param { operation: PROD } }\n'
           'layer { name: "max" type: "Eltwise" bottom: "prod" bottom: "s2" top: "max" eltwise_param { operation: MAX } }\n'
-          'layer { name: "pow" type: "Power" bottom: "max" top: "pow" power_param { power: 2 scale: 0.5 shift: 1 } }\n'
+          'layer { name: "wsum" type: "Eltwise" bottom: "max" bottom: "s2" top: "wsum" eltwise_param { coeff: 0.5 coeff: -1.5 } }\n'
+          'layer { name: "pow" type: "Power" bottom: "wsum" top: "pow" power_param { power: 2 scale: 0.5 shift: 1 } }\n'
           'layer { name: "tanh" type: "TanH" bottom: "pow" top: "pow" }\n'
           'layer { name: "lrn" type: "LRN" bottom: "pow" top: "lrn" lrn_param { local_size: 3 alpha: 0.1 beta: 0.75 } }\n'
           'layer { name: "gpool" type: "Pooling" bottom: "lrn" top: "gpool" pooling_param { pool: AVE global_pooling: true } }\n'
@@ -110,11 +111,13 @@ LAYERS = ('name: "layers"\ninput: "data"\ninput_shape { dim: 1 dim: 6 dim: 9 dim
           'layer { name: "bias" type: "Scale" bottom: "gated" top: "bias" scale_param { bias_term: true } }\n'
           'layer { name: "deconv" type: "Deconvolution" bottom: "bias" top: "deconv"\n'
           '  convolution_param { num_output: 4 kernel_size: 3 stride: 2 pad: 1 group: 2 } }\n'
+          'layer { name: "leaky" type: "ReLU" bottom: "deconv" top: "deconv" relu_param { negative_slope: 0.2 } }\n'
           'layer { name: "abs" type: "AbsVal" bottom: "deconv" top: "abs" }\n'
           'layer { name: "drop" type: "Dropout" bottom: "abs" top: "abs" dropout_param { dropout_ratio: 0.3 } }\n'
           'layer { name: "perm" type: "Permute" bottom: "abs" top: "perm" permute_param { order: 0 order: 2 order: 3 order: 1 } }\n'
           'layer { name: "resh" type: "Reshape" bottom: "perm" top: "resh" reshape_param { shape { dim: 0 dim: -1 dim: 4 } } }\n'
-          'layer { name: "flat" type: "Flatten" bottom: "resh" top: "flat" }\n'
+          'layer { name: "ip2" type: "InnerProduct" bottom: "resh" top: "ip2" inner_product_param { num_output: 3 axis: 2 } }\n'
+          'layer { name: "flat" type: "Flatten" bottom: "ip2" top: "flat" }\n'
           'layer { name: "fc" type: "InnerProduct" bottom: "flat" top: "fc" inner_product_param { num_output: 7 } }\n'
           'layer { name: "fct" type: "InnerProduct" bottom: "fc" top: "fct" inner_product_param { num_output: 5 transpose: true } }\n'
           'layer { name: "sm" type: "Softmax" bottom: "fct" top: "sm" }\n')
@@ -124,7 +127,8 @@ def test_layers_equal_opencv(tmp_path):
     proto, model = M.write_caffe(tmp_path, "layers", LAYERS, seed=4)
     src = _read(model)
     feeds = _feeds(src)
-    blobs = ["c1", "a", "b", "cat", "prod", "max", "pow", "lrn", "gated", "bias", "deconv", "perm", "resh", "fc"]
+    blobs = ["c1", "a", "b", "cat", "prod", "max", "wsum", "pow", "lrn", "gated", "bias", "deconv", "perm", "resh",
+             "ip2", "fc"]
     outs = M.ort_run(src.onnx_bytes, feeds, blobs + ["fct", "sm"])
     cv = M.opencv_caffe(proto, model, feeds, [_writer_of(src, b) for b in blobs])
     for b in blobs:
@@ -187,6 +191,25 @@ def test_optimize_merges_batchnorm_and_scale(tmp_path, layout):
     cv = M.opencv_caffe(out.with_suffix(".prototxt"), out, feeds, [_writer_of(back, n) for n in before])
     for name in before:
         M.close(cv[_writer_of(back, name)], before[name])
+
+
+def test_eltwise_coefficients_merged(tmp_path):
+    """fold-fusion moves SUM coefficients into the convolutions; the Eltwise keeps the rest."""
+    text = ('input: "data"\ninput_dim: 1\ninput_dim: 3\ninput_dim: 8\ninput_dim: 8\n'
+            'layer { name: "a" type: "Convolution" bottom: "data" top: "a" convolution_param { num_output: 4 kernel_size: 3 } }\n'
+            'layer { name: "b" type: "Convolution" bottom: "data" top: "b" convolution_param { num_output: 4 kernel_size: 3 } }\n'
+            'layer { name: "r" type: "ReLU" bottom: "b" top: "rb" }\n'
+            'layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "rb" top: "sum" eltwise_param { coeff: 0.5 coeff: -2 } }\n')
+    proto, model = M.write_caffe(tmp_path, "coeff", text, seed=8)
+    out = tmp_path / "merged.caffemodel"
+    r = run_cli("fold-fusion", model, "-o", out)
+    assert r.code == 0, r.err
+    written = out.with_suffix(".prototxt").read_text()
+    assert "coeff: 1" in written and "coeff: -2" in written  # a's 0.5 moved into a; rb is no conv output
+    src = _read(model)
+    feeds = _feeds(src)
+    before = M.ort_run(src.onnx_bytes, feeds)
+    M.close(M.opencv_caffe(out.with_suffix(".prototxt"), out, feeds, ["sum"])["sum"], before["sum"])
 
 
 def test_every_command_and_output_format(tmp_path):

@@ -25,7 +25,7 @@ def _x(src, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-REAL = {"yolov3-tiny": M.YOLOV3_TINY, "yolov4-tiny": M.YOLOV4_TINY, "csp-mish": M.CSP_MISH}
+REAL = {"yolov3-tiny": M.YOLOV3_TINY, "yolov4-tiny": M.YOLOV4_TINY, "yolov2": M.YOLOV2, "csp-mish": M.CSP_MISH}
 
 
 @pytest.mark.parametrize("layout", list(REAL))
@@ -34,8 +34,8 @@ def test_real_layouts_equal_opencv(tmp_path, layout):
     src = _read(weights)
     x = _x(src)
     outs = M.ort_run(src.onnx_bytes, {"input": x})
-    heads = [L for L in src.layers if L.kind == "yolo"]
-    if heads:  # a [yolo] head's output is its raw input: the conv before it
+    heads = [L for L in src.layers if L.kind in ("yolo", "region")]
+    if heads:  # a [yolo] / [region] head's output is its raw input: the conv before it
         assert sorted(outs) == sorted(src.layers[L.inputs[0]].name for L in heads)
     assert len(outs) == max(1, len(heads))
     indices = [int(name.rpartition("_")[2]) for name in outs]
