@@ -12,6 +12,8 @@
 | bifpn.pt                  | full module: BiFPN neck with fast normalised fusion | --trust-pickle --code-path examples |
 | resnet.onnx               | the ResNet exported with its BatchNormalization nodes | (ONNX: nothing needed) |
 | yolov5s-focus.onnx        | the YOLOv5-style model exported: Focus as 4 Slice + Concat, BN nodes | (ONNX) |
+| yolov3-tiny.weights       | darknet yolov3-tiny layout (channels / 8), its .cfg beside it | (the .cfg beside it) |
+| resnet-deploy.caffemodel  | Caffe ResNet-50-style deploy net with BatchNorm + Scale | (the .prototxt beside it) |
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ def build(out: Path) -> list[Path]:
     export_onnx(randomize(resnet(), 1).eval(), (1, 3, 64, 64), out / "resnet.onnx")
     export_onnx(model.float().eval(), (1, 3, 64, 64), out / "yolov5s-focus.onnx")
     written += [out / "resnet.onnx", out / "yolov5s-focus.onnx"]
+    from native import build_native  # darknet and Caffe files
+
+    written += build_native(out)
     return written
 
 

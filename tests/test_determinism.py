@@ -29,6 +29,9 @@ CASES = {  # name -> (input file in the example checkpoints, options)
     "state-dict-to-pt": ("tiny.pt", ["--arch", "tinynet:tiny", "--code-path", str(CORPUS), "-s", "1,3,16,16"], ".pt"),
     "safetensors-to-safetensors": ("tiny.safetensors", ["--arch", "tinynet:tiny", "--code-path", str(CORPUS),
                                                         "-s", "1,3,16,16"], ".safetensors"),
+    "darknet-to-weights": ("yolov3-tiny.weights", [], ".weights"),
+    "darknet-to-onnx": ("yolov3-tiny.weights", [], ".onnx"),
+    "caffe-to-caffemodel": ("resnet-deploy.caffemodel", [], ".caffemodel"),
 }
 
 
