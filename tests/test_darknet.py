@@ -198,6 +198,17 @@ def test_cfg_grammar(tmp_path):
     M.close(outs["conv_2"], ref.forward(src.layers, src.arrays, x)[2], rtol=2e-5)  # OpenCV knows no [conv] / [max]
 
 
+def test_windows_cfg_kept_as_written(tmp_path):
+    """A .cfg saved on Windows (BOM, CRLF): read, and written back with its own line endings."""
+    cfg, weights = M.write_darknet(tmp_path, "w", M.YOLOV3_TINY, seed=15)
+    cfg.write_bytes(b"\xef\xbb\xbf" + M.YOLOV3_TINY.replace("\n", "\r\n").encode())
+    out = tmp_path / "o.weights"
+    assert run_cli("fold-bn", weights, "-o", out).code == 0
+    text = out.with_suffix(".cfg").read_bytes()
+    assert b"batch_normalize=0\r\n" in text and b"batch_normalize=1" not in text
+    assert text.count(b"\n") == text.count(b"\r\n")
+
+
 def test_input_shape_resizes_the_network(tmp_path):
     cfg, weights = M.write_darknet(tmp_path, "v3", M.YOLOV3_TINY, seed=12)
     src = _read(weights, input_shapes=["2,3,96,128"])

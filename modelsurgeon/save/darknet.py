@@ -187,7 +187,8 @@ def _cfg_text(cfg: Any, kept: list, edits: dict[int, dict[str, str | None]]) -> 
             if hit is not None:
                 lines[hit[1] - 1] = "" if value is None else _set_line(lines[hit[1] - 1], key, value)
             elif value is not None:
-                inserts.setdefault(L.section.line, []).append(f"{key}={value}\n")
+                ending = lines[L.section.line - 1][len(lines[L.section.line - 1].rstrip("\r\n")):] or "\n"
+                inserts.setdefault(L.section.line, []).append(f"{key}={value}{ending}")
     out = []
     for number, line in enumerate(lines, start=1):
         out.append(line)
@@ -200,8 +201,7 @@ def _cfg_text(cfg: Any, kept: list, edits: dict[int, dict[str, str | None]]) -> 
 
 
 def _set_line(line: str, key: str, value: str) -> str:
-    ending = "\n" if line.endswith("\n") else ""
-    return f"{key}={value}{ending}"
+    return f"{key}={value}{line[len(line.rstrip(chr(13) + chr(10))):]}"  # the line's own ending (CRLF kept)
 
 
 def write_darknet(model: Any, src: Any, directory: Path, name: str) -> tuple[Path, Path, list[str]]:

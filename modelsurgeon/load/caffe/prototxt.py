@@ -113,7 +113,7 @@ def _meets(rule: Any, state: Any) -> bool:
 
 def read_prototxt(path: Path, supported: set[str]) -> CaffeNet:
     try:
-        text = path.read_bytes().decode("utf-8", errors="replace")
+        text = path.read_bytes().decode("utf-8-sig", errors="replace")
     except OSError as e:
         raise BadInput(f"{path}: cannot read ({e.strerror})")
     spans = top_level_lines(text)

@@ -49,7 +49,7 @@ def companion(path: Path, given: str | Path | None, suffix: str, flag: str) -> P
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_bytes().decode("utf-8", errors="replace")
+        return path.read_bytes().decode("utf-8-sig", errors="replace")
     except OSError as e:
         raise BadInput(f"{path}: cannot read ({e.strerror})")
 
