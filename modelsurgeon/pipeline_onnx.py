@@ -90,7 +90,7 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
     from .save.onnx import check, wants_external, write
     from .verify.compare import ParityReport, Tolerance
     from .verify.onnx import OnnxInputs, OnnxReferences, OrtError
-    from .verify.points_onnx import OnnxPoints, session_with_outputs
+    from .verify.points_onnx import OnnxPoints
 
     status = opts.status or (lambda _msg: None)
     report.backend = "onnx"
@@ -195,7 +195,7 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
         _type_outputs(model, references(), report)
 
     if out_fmt != "onnx":
-        return _write_native(model, ckpt, opts, report, out_path, references, tol, expected)
+        return _write_native(model, ckpt, opts, report, out_path, references, tol, expected, points)
     t = time.perf_counter()
     external = wants_external(model, bool(ckpt.metadata.get("external_data")))
     status(f"writing {out_path.name}")
@@ -212,35 +212,45 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
                 report.warnings.append(f"the rewritten model fails the ONNX checker ({problem}); written anyway because of --force")
         report.timings["save"] = time.perf_counter() - t
         if opts.verify:
-            t = time.perf_counter()
-            status("verifying the written model")
-            try:
-                result = references().check(session_with_outputs(tmp, opts.verify_at), tol, expected)
-            except OrtError as e:
-                raise ParityError(f"onnxruntime cannot run the rewritten model: {e}; nothing written", report)
-            report.notes.extend(points.judge(result, model))
-            report.parity.merge(result)
-            report.parity.note = ("the written file run in onnxruntime (graph optimisations off) against the "
-                                  "original file, output by output")
-            report.timings["verify"] = time.perf_counter() - t
-            if not result.passed:
-                if not opts.force:
-                    raise ParityError(f"parity failed ({result.worst()}){points.hint(result)}; nothing written", report)
-                report.warnings.append("parity failed; writing anyway because of --force")
+            _verify_written(tmp, references, tol, expected, opts, report, points, model,
+                            "the written file run in onnxruntime (graph optimisations off) against the original file, "
+                            "output by output")
     if external:
         report.notes.append(f"tensors written as external data next to the model: {out_path.name}.data")
     report.written = True
     return report
 
 
+def _verify_written(src, references, tol, expected, opts, report, points, model, note) -> None:
+    """Parity of the written model (a staged file, or the graph written files read back into;
+    ``--verify-at`` tensors exposed) against the references; ParityError (nothing written)
+    unless it passes or --force."""
+    from .verify.onnx import OrtError
+    from .verify.points_onnx import session_with_outputs
+
+    t = time.perf_counter()
+    (opts.status or (lambda _msg: None))("verifying the written model")
+    try:
+        result = references().check(session_with_outputs(src, opts.verify_at), tol, expected)
+    except OrtError as e:
+        raise ParityError(f"onnxruntime cannot run the written model: {e}; nothing written", report)
+    report.notes.extend(points.judge(result, model))
+    report.parity.merge(result)
+    report.parity.note = note
+    report.timings["verify"] = time.perf_counter() - t
+    if not result.passed:
+        if not opts.force:
+            raise ParityError(f"parity failed ({result.worst()}){points.hint(result)}; nothing written", report)
+        report.warnings.append("parity failed; writing anyway because of --force")
+
+
 NATIVE_SUFFIX = {"darknet": ".weights (+ .cfg)", "caffe": ".caffemodel (+ .prototxt)"}
 
 
-def _write_native(model, ckpt, opts, report, out_path, references, tol, expected):
+def _write_native(model, ckpt, opts, report, out_path, references, tol, expected, points):
     """Write the graph back in the input's own format (darknet / Caffe), read the written files
     back with the same reader, and check them like an .onnx output; both files or neither."""
     from .save.atomic import atomic_files, check_output_path
-    from .verify.onnx import OrtError, session
 
     status = opts.status or (lambda _msg: None)
     if ckpt.format == "darknet":
@@ -265,25 +275,14 @@ def _write_native(model, ckpt, opts, report, out_path, references, tol, expected
         except BadInput as e:
             raise ParityError(f"the written {ckpt.format} files do not read back ({e}); nothing written", report)
         names = {v.name for v in back.model.graph.outputs}
-        lost = [n for n in expected if n not in names]
+        lost = [n for n in expected if n not in names and n not in opts.verify_at]
         if lost:
             raise BadInput(f"{ckpt.format} files cannot give {lost[0]!r} as an output (its outputs are the heads / "
                            "the last layer); nothing written -- write .onnx instead")
         if opts.verify:
-            t = time.perf_counter()
-            status("verifying the written model")
-            try:
-                result = references().check(session(back.onnx_bytes), tol, expected)
-            except OrtError as e:
-                raise ParityError(f"onnxruntime cannot run the written model: {e}; nothing written", report)
-            report.parity.merge(result)
-            report.parity.note = (f"the written {ckpt.format} files read back and run in onnxruntime (graph "
-                                  "optimisations off) against the original, output by output")
-            report.timings["verify"] = time.perf_counter() - t
-            if not result.passed:
-                if not opts.force:
-                    raise ParityError(f"parity failed ({result.worst()}); nothing written", report)
-                report.warnings.append("parity failed; writing anyway because of --force")
+            _verify_written(back.onnx_bytes, references, tol, expected, opts, report, points, model,
+                            f"the written {ckpt.format} files read back and run in onnxruntime (graph optimisations "
+                            "off) against the original, output by output")
     report.notes.append(f"written with {side.name} beside it")
     report.written = True
     return report

@@ -131,8 +131,8 @@ class OnnxPoints:
 
 
 def session_with_outputs(path: Any, names: Sequence[str]) -> Any:
-    """An onnxruntime session of the file at ``path`` with the tensors ``names`` (those the
-    graph still has) exposed as outputs too."""
+    """An onnxruntime session of the file at ``path`` (or a serialized model) with the tensors
+    ``names`` (those the graph still has) exposed as outputs too."""
     from pathlib import Path
 
     import onnx
@@ -140,11 +140,14 @@ def session_with_outputs(path: Any, names: Sequence[str]) -> Any:
     from .onnx import session
 
     if not names:
-        return session(Path(path))
-    proto = onnx.load(str(path), load_external_data=False)
+        return session(path if isinstance(path, bytes) else Path(path))
+    if isinstance(path, bytes):  # a serialized model (a Darknet / Caffe model's graph)
+        proto, folder = onnx.load_from_string(path), None
+    else:
+        proto, folder = onnx.load(str(path), load_external_data=False), Path(path).parent
     have = {o for n in proto.graph.node for o in n.output} | {i.name for i in proto.graph.input}
     present = {o.name for o in proto.graph.output}
     for n in names:
         if n in have and n not in present:
             proto.graph.output.append(onnx.ValueInfoProto(name=n))
-    return session(proto.SerializeToString(), Path(path).parent)
+    return session(proto.SerializeToString(), folder)

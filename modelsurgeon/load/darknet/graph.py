@@ -141,12 +141,7 @@ class DarknetGraph:
                      dilations=[p["dilation"]] * 2, group=p["groups"])
         x = self.image(L, ins[0], self.src(L))
         if p["bn"]:
-            y = self.op(L, "Conv", [x, self.const(L, wts, "weights")], "", **attrs)
-            y = self.op(L, "BatchNormalization", [y, self.const(L, a["scales"], "scales"),
-                                                  self.const(L, a["biases"], "biases"),
-                                                  self.const(L, a["rolling_mean"], "rolling_mean"),
-                                                  self.const(L, a["rolling_variance"], "rolling_variance")],
-                        "bn", epsilon=EPS_BN)
+            y = self.batchnorm(L, self.op(L, "Conv", [x, self.const(L, wts, "weights")], "", **attrs), "bn")
         else:
             y = self.op(L, "Conv", [x, self.const(L, wts, "weights"), self.const(L, a["biases"], "biases")], "",
                         **attrs)
@@ -160,23 +155,19 @@ class DarknetGraph:
             x = self.op(L, "Flatten", [x], "flatten", axis=1)
         w = self.const(L, a["weights"], "weights")
         if p["bn"]:
-            y = self.op(L, "Gemm", [x, w], "", transB=1)
-            y = self.op(L, "BatchNormalization", [y, self.const(L, a["scales"], "scales"),
-                                                  self.const(L, a["biases"], "biases"),
-                                                  self.const(L, a["rolling_mean"], "rolling_mean"),
-                                                  self.const(L, a["rolling_variance"], "rolling_variance")],
-                        "bn", epsilon=EPS_BN)
+            y = self.batchnorm(L, self.op(L, "Gemm", [x, w], "", transB=1), "bn")
         else:
             y = self.op(L, "Gemm", [x, w, self.const(L, a["biases"], "biases")], "", transB=1)
         return self.activation(L, y, p["activation"])
 
-    def _batchnorm(self, L: Layer, ins: list) -> Any:
+    def batchnorm(self, L: Layer, x: Any, step: str) -> Any:
+        """darknet's normalize_cpu + scale_bias + add_bias: scales and biases are BN's affine."""
         a = self.arrays[L.index]
-        return self.op(L, "BatchNormalization", [ins[0], self.const(L, a["scales"], "scales"),
-                                                 self.const(L, a["biases"], "biases"),
-                                                 self.const(L, a["rolling_mean"], "rolling_mean"),
-                                                 self.const(L, a["rolling_variance"], "rolling_variance")],
-                       "", epsilon=EPS_BN)
+        names = ("scales", "biases", "rolling_mean", "rolling_variance")
+        return self.op(L, "BatchNormalization", [x] + [self.const(L, a[n], n) for n in names], step, epsilon=EPS_BN)
+
+    def _batchnorm(self, L: Layer, ins: list) -> Any:
+        return self.batchnorm(L, ins[0], "")
 
     def _activation(self, L: Layer, ins: list) -> Any:
         return self.activation(L, ins[0], L.p["activation"])
