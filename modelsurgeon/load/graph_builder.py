@@ -21,7 +21,6 @@ class GraphBuilder:
         self.inputs: list = []
         self.outputs: list = []
         self.owner: dict[str, Any] = {}  # node name -> layer key
-        self.const_owner: dict[str, Any] = {}  # initializer name -> layer key
         self._names: set[str] = set()  # value names
         self._node_names: set[str] = set()
 
@@ -48,7 +47,7 @@ class GraphBuilder:
         self.inputs.append(v)
         return v
 
-    def const(self, array: Any, name: str, owner: Any = None) -> Any:
+    def const(self, array: Any, name: str) -> Any:
         """An initializer holding ``array`` (float arrays stored as float32, ints as int64)."""
         import numpy as np
         import onnx_ir as ir
@@ -60,8 +59,6 @@ class GraphBuilder:
         tensor = ir.Tensor(arr, name=name)
         v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
         self.initializers.append(v)
-        if owner is not None:
-            self.const_owner[name] = owner
         return v
 
     def op(self, op_type: str, inputs: Sequence[Any], name: str, owner: Any, attrs: dict | None = None,

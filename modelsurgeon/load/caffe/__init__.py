@@ -28,7 +28,6 @@ class CaffeSource:
     net: Any  # prototxt.CaffeNet
     model: Any  # onnx_ir.Model
     owner: dict  # node name -> layer index
-    const_owner: dict  # initializer name -> layer index
     version_of: dict  # value name -> blob version
     bottom_versions: dict  # layer index -> versions of its bottoms
     arrays: dict  # layer name -> blobs as read
@@ -90,7 +89,7 @@ def read_caffe(caffemodel: str | Path, prototxt: str | Path | None = None,
     g = CaffeGraph(net, blobs, shapes)
     model, owner = g.build()
     infer_shapes(model)
-    src = CaffeSource(net=net, model=model, owner=owner, const_owner=g.b.const_owner, version_of=g.version_of,
+    src = CaffeSource(net=net, model=model, owner=owner, version_of=g.version_of,
                       bottom_versions=g.bottom_versions, arrays=g.arrays, input_shapes=shapes,
                       prototxt_path=proto_path, caffemodel_path=caffemodel)
     src.onnx_bytes = ir.to_proto(model).SerializeToString()

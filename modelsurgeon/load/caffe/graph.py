@@ -52,7 +52,7 @@ class CaffeGraph:
         return self.set_shape(v, shape)
 
     def const(self, layer: Any, array: Any, what: str) -> Any:
-        v = self.b.const(array, f"{layer.name}.{what}", owner=layer.index)
+        v = self.b.const(array, f"{layer.name}.{what}")
         return self.set_shape(v, list(np.shape(array)))
 
     def weights(self, layer: Any, expected: list[tuple | None]) -> list:

@@ -86,7 +86,7 @@ class DarknetGraph:
         return self.b.op(op, inputs, name, L.index, attrs, out=f"{L.name}/{step or op.lower()}")
 
     def const(self, L: Layer, array: Any, what: str) -> Any:
-        return self.b.const(array, f"{L.name}.{what}", owner=L.index)
+        return self.b.const(array, f"{L.name}.{what}")
 
     def activation(self, L: Layer, x: Any, act: str) -> Any:
         if act == "linear":
