@@ -164,9 +164,10 @@ def forward(layers, arrays, x: np.ndarray) -> dict[int, np.ndarray]:
     for L in layers:
         ins = [x if j < 0 else outs[j] for j in L.inputs]
         a, k = arrays.get(L.index), L.kind
+        if k not in ("connected", "softmax", "activation", "dropout", "cost", "empty", "yolo", "region"):
+            ins = [v if v.ndim == 4 else v.reshape(v.shape[0], -1, 1, 1) for v in ins]  # a vector: C x 1 x 1
         if k == "convolutional":
-            inp = ins[0] if ins[0].ndim == 4 else ins[0].reshape(ins[0].shape[0], -1, 1, 1)
-            y = conv(L, a, inp)
+            y = conv(L, a, ins[0])
         elif k == "connected":
             flat = ins[0].reshape(ins[0].shape[0], -1)
             y = flat @ np.asarray(a["weights"], np.float64).T

@@ -76,6 +76,7 @@ LAYERS = (M.NET.format(w=12, h=12, c=4)
           + M.section("scale_channels", **{"from": -4}) + M.conv(8, 1, act="hardtan", bn=0)
           + M.section("sam", **{"from": -2}, activation="tanh") + M.section("dropout", probability=0.3)
           + M.section("connected", output=12, batch_normalize=1, activation="leaky")
+          + M.conv(12, 1, act="linear") + M.section("shortcut", **{"from": -2})  # a vector read as 12 x 1 x 1
           + M.section("softmax", groups=3, temperature=2))
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..graph_builder import GraphBuilder
-from .layers import HEADS, IDENTITY, Layer
+from .layers import HEADS, IDENTITY, KEEP_FLAT, Layer
 
 EPS_BN = 1e-5  # normalize_cpu: (x - mean) / sqrt(var + .00001f)
 EPS_SHORTCUT = 1e-4  # shortcut_multilayer_cpu: const float eps = 0.0001
@@ -54,6 +54,8 @@ class DarknetGraph:
         x = b.input("input", self.shape)
         for L in self.layers:
             ins = [x if j < 0 else self.values[j] for j in L.inputs]
+            if L.kind not in KEEP_FLAT:
+                ins = [self.image(L, v, self.layers[j] if j >= 0 else None, k) for k, (v, j) in enumerate(zip(ins, L.inputs))]
             out = self.layer(L, ins)
             if out.producer() is not None and out.name != L.name and out not in ins:
                 out.name = L.name
@@ -119,10 +121,10 @@ class DarknetGraph:
             return self.op(L, "Sub", [s2, self.const(L, np.float32(1), "one")], act)
         raise AssertionError(act)  # layers.py lets only ACTIVATIONS through
 
-    def image(self, L: Layer, x: Any, src: Layer | None) -> Any:
-        """``x`` as N x C x H x W (a connected/softmax output is a vector)."""
+    def image(self, L: Layer, x: Any, src: Layer | None, k: int = 0) -> Any:
+        """``x`` as N x C x H x W (a connected/softmax output is a vector: C x 1 x 1)."""
         if src is not None and src.flat:
-            return self.op(L, "Reshape", [x, self.const(L, np.array([0, src.c, 1, 1]), "shape")], "as_image")
+            return self.op(L, "Reshape", [x, self.const(L, np.array([0, src.c, 1, 1]), "shape")], f"as_image{k}")
         return x
 
     def src(self, L: Layer, k: int = 0) -> Layer | None:
@@ -139,7 +141,7 @@ class DarknetGraph:
         pads = [p["pad"] * p["dilation"]] * 4
         attrs = dict(kernel_shape=[p["size"]] * 2, strides=list(p["stride"]), pads=pads,
                      dilations=[p["dilation"]] * 2, group=p["groups"])
-        x = self.image(L, ins[0], self.src(L))
+        x = ins[0]
         if p["bn"]:
             y = self.batchnorm(L, self.op(L, "Conv", [x, self.const(L, wts, "weights")], "", **attrs), "bn")
         else:

@@ -29,6 +29,7 @@ ACTIVATIONS = {"linear", "leaky", "revleaky", "relu", "relu6", "logistic", "tanh
                "elu", "selu", "relie", "ramp", "loggy", "hardtan"}
 HEADS = {"yolo", "region", "gaussian_yolo"}
 IDENTITY = {"dropout", "empty", "cost"} | HEADS
+KEEP_FLAT = {"connected", "softmax", "activation"} | IDENTITY  # layers that take a vector as it is
 SHORT = {"convolutional": "conv", "connected": "connected", "maxpool": "maxpool", "avgpool": "avgpool",
          "softmax": "softmax", "route": "route", "shortcut": "shortcut", "upsample": "upsample", "reorg": "reorg",
          "reorg3d": "reorg3d", "yolo": "yolo", "region": "region", "gaussian_yolo": "yolo", "dropout": "dropout",
@@ -110,8 +111,8 @@ def read_layers(cfg: Cfg, shape: tuple[int, int, int]) -> list[Layer]:
         build = _BUILDERS.get(kind)
         if build is not None:
             build(L, s, cfg, where, layers)
-        if kind not in ("connected", "softmax", "dropout", "cost", "activation") and L.flat and kind not in HEADS:
-            raise _bad(where, cfg, "needs an image input, but the layer before outputs a vector")
+        if kind not in KEEP_FLAT:
+            L.flat = False  # a vector input (connected, softmax) is read as a C x 1 x 1 image
         if min(L.c, L.h, L.w) <= 0:
             raise _bad(where, cfg, f"output size {L.c}x{L.h}x{L.w} is empty for input {c}x{h}x{w}")
         layers.append(L)
@@ -211,14 +212,14 @@ def _route(L: Layer, s: Section, cfg: Cfg, where: str, layers: list) -> None:
     c = 0
     for j in L.inputs:
         src = layers[j]
-        if (src.h, src.w) != (first.h, first.w) or src.flat != first.flat:
+        if (src.h, src.w) != (first.h, first.w):
             raise _bad(where, cfg, f"layers {L.inputs[0]} and {j} have different sizes "
                                    f"({first.h}x{first.w} and {src.h}x{src.w})")
         if groups < 1 or src.c % groups or not 0 <= gid < groups:
             raise _bad(where, cfg, f"groups={groups} group_id={gid} does not split layer {j}'s {src.c} channels")
         c += src.c
     L.p.update(groups=groups, group_id=gid)
-    L.c, L.h, L.w, L.flat = c // groups, first.h, first.w, first.flat
+    L.c, L.h, L.w = c // groups, first.h, first.w
 
 
 def _shortcut(L: Layer, s: Section, cfg: Cfg, where: str, layers: list) -> None:
