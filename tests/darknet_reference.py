@@ -75,7 +75,7 @@ def maxpool(L, x):
         oc = p["out_channels"]
         return np.stack([x[:, g::oc].max(axis=1) for g in range(oc)], axis=1)
     (sy, sx), size, off = p["stride"], p["size"], p["padding"] // 2
-    out = np.full((n, c, L.h, L.w), -np.inf)
+    out = np.full((n, c, L.h, L.w), float(-np.finfo(np.float32).max))  # -FLT_MAX: an empty window
     for i in range(L.h):
         for j in range(L.w):
             for dy in range(size):

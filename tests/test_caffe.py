@@ -50,6 +50,36 @@ def test_real_layouts_equal_opencv(tmp_path, layout):
         assert sizes == {"p1": (5, 5), "p2": (6, 6), "p3": (5, 5), "p4": (6, 6), "p5": (4, 6), "p6": (1, 1)}
 
 
+def _caffe_max_pool(x, k, s, p, out):
+    """pooling_layer.cpp's MAX loop: -FLT_MAX, then the max over the window clipped to the input."""
+    n, c, h, w = x.shape
+    y = np.full((n, c, *out), -np.finfo(np.float32).max, np.float32)
+    for i in range(out[0]):
+        for j in range(out[1]):
+            h0, w0 = i * s[0] - p[0], j * s[1] - p[1]
+            h1, w1 = min(h0 + k[0], h), min(w0 + k[1], w)
+            h0, w0 = max(h0, 0), max(w0, 0)
+            if h1 > h0 and w1 > w0:
+                y[:, :, i, j] = x[:, :, h0:h1, w0:w1].max(axis=(2, 3))
+    return y
+
+
+def test_pooling_where_opencv_sizes_differently(tmp_path):
+    """A window past the input (stride > kernel, ceil rounding): Caffe keeps -FLT_MAX (OpenCV: 0);
+    a kernel taller than the input: Caffe gives one row (OpenCV: none)."""
+    text = ('input: "data"\ninput_shape { dim: 1 dim: 2 dim: 3 dim: 4 }\n'
+            'layer { name: "past" type: "Pooling" bottom: "data" top: "past" pooling_param { pool: MAX kernel_size: 1 stride: 2 } }\n'
+            'layer { name: "tall" type: "Pooling" bottom: "data" top: "tall" pooling_param { pool: MAX kernel_h: 4 kernel_w: 2 stride: 2 } }\n')
+    proto, model = M.write_caffe(tmp_path, "odd", text)
+    src = _read(model)
+    feeds = _feeds(src)
+    outs = M.ort_run(src.onnx_bytes, feeds)
+    x = feeds["data"]
+    np.testing.assert_array_equal(outs["past"], _caffe_max_pool(x, (1, 1), (2, 2), (0, 0), (2, 3)))
+    np.testing.assert_array_equal(outs["tall"], _caffe_max_pool(x, (4, 2), (2, 2), (0, 0), (1, 2)))
+    assert (outs["past"] == -np.finfo(np.float32).max).any()
+
+
 def test_pooling_round_mode_floor(tmp_path):
     """round_mode (newer than OpenCV's Caffe schema): floor sizes, against a plain max."""
     text = ('input: "data"\ninput_shape { dim: 1 dim: 2 dim: 10 dim: 11 }\n'

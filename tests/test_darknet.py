@@ -95,6 +95,18 @@ def test_layers_equal_darknet_reference(tmp_path):
     assert checked == len(src.layers) - 1  # all but the [dropout]
 
 
+def test_maxpool_window_wholly_in_padding(tmp_path):
+    """padding >= 2 * size: darknet's loop leaves -FLT_MAX where a window sees no input."""
+    text = M.NET.format(w=5, h=5, c=2) + M.section("maxpool", size=2, stride=2, padding=5)
+    cfg, weights = M.write_darknet(tmp_path, "pad", text)
+    src = _read(weights)
+    x = _x(src)
+    out = M.ort_run(src.onnx_bytes, {"input": x})["maxpool_0"]
+    expect = ref.forward(src.layers, src.arrays, x)[0]
+    assert out.shape == expect.shape and (out == -np.finfo(np.float32).max).any()
+    np.testing.assert_array_equal(out, expect.astype(np.float32))
+
+
 @pytest.mark.parametrize("weights_type", ["per_feature", "per_channel"])
 @pytest.mark.parametrize("normalization", ["none", "relu", "softmax"])
 def test_weighted_shortcut(tmp_path, weights_type, normalization):

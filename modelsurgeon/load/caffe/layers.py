@@ -15,6 +15,8 @@ import numpy as np
 from ...errors import BadInput
 from . import geometry as geo
 
+FLT_MAX = float(np.finfo(np.float32).max)
+
 
 def _one(bottoms: list, where: str, n: int = 1) -> None:
     if len(bottoms) != n:
@@ -165,6 +167,15 @@ def pooling(g: Any, layer: Any, bottoms: list, where: str) -> list:
         start = [0, 0]
         size = (h + 2 * ph, w + 2 * pw)
     end = [max(0, (o - 1) * s + k - sz - st) for o, s, k, sz, st in zip((oh, ow), (sh, sw), (kh, kw), size, start)]
+    if any(e >= k for e, k in zip(end, (kh, kw))):  # a last window starts past the input (stride > kernel)
+        if pp.pool != 0:
+            raise BadInput(f"{where}: the last average window starts outside the input (Caffe divides by a "
+                           "window size of 0 or less there): not supported")
+        # Caffe's max over an empty window is -FLT_MAX: pad with it, then pool without padding
+        x = g.op(layer, "Pad", [x, g.const(layer, np.array([0, 0, ph, pw, 0, 0, end[0], end[1]]), "pads"),
+                                g.const(layer, np.float32(-FLT_MAX), "lowest")], "pad",
+                 [n, c, h + ph + end[0], w + pw + end[1]])
+        size, start, end = (h + ph + end[0], w + pw + end[1]), [0, 0], [0, 0]
     full = [(sz + st + e - k) // s + 1 for sz, st, e, k, s in zip(size, start, end, (kh, kw), (sh, sw))]
     attrs = dict(kernel_shape=[kh, kw], strides=[sh, sw], pads=start + end)
     if pp.pool == 1:

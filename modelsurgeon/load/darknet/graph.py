@@ -184,8 +184,12 @@ class DarknetGraph:
             return self.op(L, "ReduceMax", [groups], "", axes=[1], keepdims=0)
         before = p["padding"] // 2
         after = p["padding"] - before
-        return self.op(L, "MaxPool", [ins[0]], "", kernel_shape=[p["size"]] * 2, strides=list(p["stride"]),
-                       pads=[before, before, after, after])
+        x, pads = ins[0], [before, before, after, after]
+        if max(before, after) >= p["size"]:  # windows wholly in the padding: darknet gives -FLT_MAX there
+            x = self.op(L, "Pad", [x, self.const(L, np.array([0, 0, before, before, 0, 0, after, after]), "pads"),
+                                   self.const(L, np.float32(-np.finfo(np.float32).max), "lowest")], "pad")
+            pads = [0, 0, 0, 0]
+        return self.op(L, "MaxPool", [x], "", kernel_shape=[p["size"]] * 2, strides=list(p["stride"]), pads=pads)
 
     def _avgpool(self, L: Layer, ins: list) -> Any:
         return self.op(L, "GlobalAveragePool", [ins[0]], "")
