@@ -98,7 +98,7 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
     if out_fmt != "onnx" and out_fmt != native:
         if native is not None:
             raise BadInput(f"a {native} model is written as .onnx or {NATIVE_SUFFIX[native]} (got {out_path.name!r}); "
-                           "PyTorch outputs of it are not supported")
+                           "PyTorch outputs of it are not supported", code="output-format")
         raise BadInput(f"an ONNX input is written as .onnx (got {out_path.name!r}): modelsurgeon edits ONNX "
                        "graphs natively and does not convert them to PyTorch")
     report.notes.extend(n for n in ckpt.notes if n not in report.notes)
@@ -278,7 +278,7 @@ def _write_native(model, ckpt, opts, report, out_path, references, tol, expected
         lost = [n for n in expected if n not in names and n not in opts.verify_at]
         if lost:
             raise BadInput(f"{ckpt.format} files cannot give {lost[0]!r} as an output (its outputs are the heads / "
-                           "the last layer); nothing written -- write .onnx instead")
+                           "the last layer); nothing written -- write .onnx instead", code="cannot-write-format")
         if opts.verify:
             _verify_written(back.onnx_bytes, references, tol, expected, opts, report, points, model,
                             f"the written {ckpt.format} files read back and run in onnxruntime (graph optimisations "

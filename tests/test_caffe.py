@@ -260,7 +260,8 @@ def test_every_command_and_output_format(tmp_path):
     cut = _read(tmp_path / "truncate.caffemodel")
     assert [v.name for v in cut.model.graph.outputs] == ["res2a_branch2b/bn"]
     assert "res2a_branch2c" not in (tmp_path / "truncate.prototxt").read_text()
-    assert run_cli("fold-bn", model, "-o", tmp_path / "x.pt").code == 2
+    r = run_cli("fold-bn", model, "-o", tmp_path / "x.pt", "--json")
+    assert r.code == 2 and r.json()["error"]["code"] == "output-format"
 
 
 def test_phases_and_legacy_blobs(tmp_path):
@@ -279,11 +280,12 @@ def test_phases_and_legacy_blobs(tmp_path):
     _against_opencv(src, test_net, model)
 
 
-def _bad(tmp_path, model, *args) -> str:
+def _bad(tmp_path, model, *args, code: str = "bad-input") -> str:
     before = files_in(tmp_path)
-    r = run_cli("fold-bn", model, "-o", tmp_path / "out.caffemodel", *args)
+    r = run_cli("fold-bn", model, "-o", tmp_path / "out.caffemodel", "--json", *args)
     assert r.code == 2, r.err
     assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err
+    assert r.json()["error"]["code"] == code
     assert files_in(tmp_path) == before
     return r.err
 
@@ -293,17 +295,21 @@ def test_unsupported_layer_and_v1_nets(tmp_path):
     text = M.MOBILENET_SSD + ('layer { name: "conv3_mbox_priorbox" type: "PriorBox" bottom: "conv3" bottom: "data"\n'
                               '  top: "conv3_mbox_priorbox" prior_box_param { min_size: 8.0 aspect_ratio: 2.0 } }\n')
     proto.write_text(text)
-    err = _bad(tmp_path, model)
+    err = _bad(tmp_path, model, code="unsupported-layer")
     line = text[:text.index('"conv3_mbox_priorbox"')].count("\n") + 1
     assert "conv3_mbox_priorbox" in err and "PriorBox" in err and f"line {line}" in err
     proto.write_text('name: "v1"\ninput: "data"\nlayers {\n  name: "conv1"\n  type: CONVOLUTION\n  bottom: "data"\n'
                      '  top: "conv1"\n  convolution_param { num_output: 4 kernel_size: 3 }\n}\n')
-    err = _bad(tmp_path, model)
+    err = _bad(tmp_path, model, code="unsupported-layer")
     assert "conv1" in err and "V1" in err and "line 3" in err
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "other-net", "blob-shape", "unknown-field",
-                                    "batch-statistics", "no-prototxt"])
+CODES = {"truncated": "not-a-checkpoint", "garbage": "not-a-checkpoint", "other-net": "weights-mismatch",
+         "blob-shape": "weights-mismatch", "unknown-field": "bad-input", "batch-statistics": "bad-input",
+         "no-prototxt": "missing-structure"}
+
+
+@pytest.mark.parametrize("damage", list(CODES))
 def test_bad_files(tmp_path, damage):
     proto, model = M.write_caffe(tmp_path, "resnet", M.RESNET, seed=7)
     data = model.read_bytes()
@@ -324,6 +330,6 @@ def test_bad_files(tmp_path, damage):
         proto.write_text(M.RESNET.replace("use_global_stats: true", "use_global_stats: false", 1))
     else:
         proto.unlink()
-    err = _bad(tmp_path, model, *args)
+    err = _bad(tmp_path, model, *args, code=CODES[damage])
     if damage == "unknown-field":
         assert "ceil_mode" in err

@@ -189,8 +189,9 @@ def test_truncate_refuses_what_a_cfg_cannot_say(tmp_path):
     cfg, weights = M.write_darknet(tmp_path, "v3", M.YOLOV3_TINY, seed=10)
     before = files_in(tmp_path)
     for at in (["--at", "conv_13/bn"], ["--at", "maxpool_11", "--at", "conv_15"]):
-        r = run_cli("truncate", weights, *at, "-o", tmp_path / "cut.weights")
+        r = run_cli("truncate", weights, *at, "-o", tmp_path / "cut.weights", "--json")
         assert r.code == 2, r.err
+        assert r.json()["error"]["code"] == "cannot-write-format"
         assert files_in(tmp_path) == before
     assert run_cli("truncate", weights, "--at", "conv_13/bn", "-o", tmp_path / "cut.onnx").code == 0
 
@@ -231,11 +232,12 @@ def test_input_shape_resizes_the_network(tmp_path):
     assert r.code == 2 and "channels" in r.err
 
 
-def _bad(tmp_path, weights, *args) -> str:
+def _bad(tmp_path, weights, *args, code: str = "bad-input") -> str:
     before = files_in(tmp_path)
-    r = run_cli("fold-bn", weights, "-o", tmp_path / "out.weights", *args)
+    r = run_cli("fold-bn", weights, "-o", tmp_path / "out.weights", "--json", *args)
     assert r.code == 2, r.err
     assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err
+    assert r.json()["error"]["code"] == code
     assert files_in(tmp_path) == before
     return r.err
 
@@ -247,20 +249,23 @@ def test_bad_weight_files(tmp_path):
     (tmp_path / "long.weights").write_bytes(data + b"\0" * 8)
     (tmp_path / "header.weights").write_bytes(b"\xff\xff\x01\x00" + data[4:])
     (tmp_path / "tiny.weights").write_bytes(data[:10])
-    for name in ("short", "long", "header", "tiny"):
-        _bad(tmp_path, tmp_path / f"{name}.weights", "--cfg", cfg)
+    for name, code in (("short", "weights-mismatch"), ("long", "weights-mismatch"), ("header", "not-a-checkpoint"),
+                       ("tiny", "not-a-checkpoint")):
+        _bad(tmp_path, tmp_path / f"{name}.weights", "--cfg", cfg, code=code)
     other, _ = M.write_darknet(tmp_path, "v4", M.YOLOV4_TINY)
-    assert "v4.cfg" in _bad(tmp_path, weights, "--cfg", other)  # another model's .cfg: the sizes disagree
+    # another model's .cfg: the sizes disagree
+    assert "v4.cfg" in _bad(tmp_path, weights, "--cfg", other, code="weights-mismatch")
     (tmp_path / "lonely.weights").write_bytes(data)
-    assert "--cfg" in _bad(tmp_path, tmp_path / "lonely.weights")
+    assert "--cfg" in _bad(tmp_path, tmp_path / "lonely.weights", code="missing-structure")
 
 
-@pytest.mark.parametrize("change", [
-    ("activation=leaky", "activation=gelu2"), ("[maxpool]", "[maxpooling]"), ("[route]\nlayers=-4", "[route]\nlayers=40"),
-    ("filters=18\nsize=1", "filters=17\nsize=1"), ("[net]", "width=3\n[net]"),
+@pytest.mark.parametrize("change,code", [
+    (("activation=leaky", "activation=gelu2"), "unsupported-layer"), (("[maxpool]", "[maxpooling]"), "unsupported-layer"),
+    (("[route]\nlayers=-4", "[route]\nlayers=40"), "bad-input"), (("filters=18\nsize=1", "filters=17\nsize=1"), "bad-input"),
+    (("[net]", "width=3\n[net]"), "bad-input"),
 ])
-def test_bad_cfg(tmp_path, change):
+def test_bad_cfg(tmp_path, change, code):
     cfg, weights = M.write_darknet(tmp_path, "v3", M.YOLOV3_TINY, seed=14)
     cfg.write_text(M.YOLOV3_TINY.replace(*change, 1))
-    err = _bad(tmp_path, weights)
+    err = _bad(tmp_path, weights, code=code)
     assert "v3.cfg" in err

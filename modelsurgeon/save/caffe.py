@@ -34,7 +34,7 @@ WEIGHTED = {"Convolution", "Deconvolution", "InnerProduct"}
 
 
 def _refuse(why: str) -> BadInput:
-    return BadInput(f"cannot write Caffe files: {why}; write .onnx instead")
+    return BadInput(f"cannot write Caffe files: {why}; write .onnx instead", code="cannot-write-format")
 
 
 def _array(v: Any, what: str) -> np.ndarray:

@@ -30,7 +30,7 @@ OPTIONAL_STEPS = {"convolutional": ("bn",), "connected": ("bn",)}
 
 
 def _refuse(why: str) -> BadInput:
-    return BadInput(f"cannot write darknet files: {why}; write .onnx instead")
+    return BadInput(f"cannot write darknet files: {why}; write .onnx instead", code="cannot-write-format")
 
 
 def _const(node: Any, i: int) -> np.ndarray | None:

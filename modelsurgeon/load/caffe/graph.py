@@ -62,9 +62,10 @@ class CaffeGraph:
         where = f"{self.net.name}: {layer.where()}"
         blobs = self.model_blobs.get(layer.name)
         if blobs is None:
-            raise BadInput(f"{where}: the .caffemodel has no weights for it")
+            raise BadInput(f"{where}: the .caffemodel has no weights for it", code="weights-mismatch")
         if len(blobs) != len(expected):
-            raise BadInput(f"{where}: the .caffemodel has {len(blobs)} blobs for it, {len(expected)} expected")
+            raise BadInput(f"{where}: the .caffemodel has {len(blobs)} blobs for it, {len(expected)} expected",
+                           code="weights-mismatch")
         arrays = [blob_array(b, e, where, k) for k, (b, e) in enumerate(zip(blobs, expected))]
         self.arrays[layer.name] = arrays
         return arrays

@@ -124,7 +124,7 @@ def read_prototxt(path: Path, supported: set[str]) -> CaffeNet:
         kind = re.search(r"\btype\s*:\s*[\"']?(\w+)", body)
         raise BadInput(f"{path.name}: layer {name.group(1) if name else '?'!r} (type {kind.group(1) if kind else '?'}, "
                        f"line {line}) is a V1 layer (layers {{ }}): V1 nets are not supported; upgrade the net with "
-                       "Caffe's upgrade_net_proto_text")
+                       "Caffe's upgrade_net_proto_text", code="unsupported-layer")
     loose = _parse(text, path.name, lenient=True)
     line_of = [ln for ln, _, _ in spans["layer"]] if len(spans["layer"]) == len(loose.layer) else [0] * len(loose.layer)
     state = {"phase": 1, "level": loose.state.level if loose.HasField("state") else 0,
@@ -140,7 +140,8 @@ def read_prototxt(path: Path, supported: set[str]) -> CaffeNet:
             continue
         layer = CaffeLayer(param=lp, index=len(kept), line=line_of[i])
         if lp.type not in supported:
-            raise BadInput(f"{path.name}: {layer.where()} is not supported (supported: {', '.join(sorted(supported))})")
+            raise BadInput(f"{path.name}: {layer.where()} is not supported (supported: {', '.join(sorted(supported))})",
+                           code="unsupported-layer")
         kept.append(i)
     net = _parse(text, path.name, lenient=False)
     layers = [CaffeLayer(param=net.layer[i], index=k, line=line_of[i]) for k, i in enumerate(kept)]
@@ -158,13 +159,15 @@ def read_caffemodel(path: Path) -> dict[str, list[Any]]:
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as e:
-        raise BadInput(f"{path.name}: not a Caffe model (the protobuf does not parse: {str(e)[:200] or 'truncated?'})")
+        raise BadInput(f"{path.name}: not a Caffe model, or a truncated one (the protobuf does not parse: "
+                       f"{str(e).rpartition(': ')[2][:200] or 'truncated?'})",
+                       code="not-a-checkpoint")
     blobs: dict[str, list[Any]] = {}
     for lp in list(model.layer) + list(model.layers):
         if lp.blobs and lp.name not in blobs:
             blobs[lp.name] = list(lp.blobs)
     if not model.layer and not model.layers:
-        raise BadInput(f"{path.name}: not a Caffe model (no layers in it)")
+        raise BadInput(f"{path.name}: not a Caffe model (no layers in it)", code="not-a-checkpoint")
     return blobs
 
 
@@ -189,12 +192,14 @@ def blob_array(blob: Any, expected: tuple[int, ...] | None, where: str, k: int) 
     for d in shape:
         count *= d
     if count != arr.size:
-        raise BadInput(f"{where}: blob {k} declares shape {list(shape)} but holds {arr.size} values")
+        raise BadInput(f"{where}: blob {k} declares shape {list(shape)} but holds {arr.size} values",
+                       code="weights-mismatch")
     if expected is not None:
         exp = tuple(expected)
         ok = shape == exp or (legacy and len(exp) <= 4 and (1,) * (4 - len(exp)) + exp == shape)
         if not ok:
-            raise BadInput(f"{where}: blob {k} has shape {list(shape)}, the prototxt needs {list(exp)}")
+            raise BadInput(f"{where}: blob {k} has shape {list(shape)}, the prototxt needs {list(exp)}",
+                           code="weights-mismatch")
         shape = exp
     if not np.isfinite(arr).all():
         raise BadInput(f"{where}: blob {k} holds NaN or infinite values")

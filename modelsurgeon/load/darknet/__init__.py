@@ -39,11 +39,11 @@ def companion(path: Path, given: str | Path | None, suffix: str, flag: str) -> P
     if given is not None:
         p = Path(given)
         if not p.is_file():
-            raise BadInput(f"{flag} {p}: no such file")
+            raise BadInput(f"{flag} {p}: no such file", code="missing-structure")
         return p
     p = path.with_suffix(suffix)
     if not p.is_file():
-        raise BadInput(f"{path.name}: no {p.name} beside it: pass {flag} FILE")
+        raise BadInput(f"{path.name}: no {p.name} beside it: pass {flag} FILE", code="missing-structure")
     return p
 
 

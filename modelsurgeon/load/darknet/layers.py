@@ -69,16 +69,20 @@ class Layer:
         return f"layer {self.index} {self.section.where()}"
 
 
-def _bad(layer_where: str, cfg: Cfg, why: str) -> BadInput:
-    return BadInput(f"{cfg.name}: {layer_where}: {why}")
+def _bad(layer_where: str, cfg: Cfg, why: str, code: str | None = None) -> BadInput:
+    return BadInput(f"{cfg.name}: {layer_where}: {why}", code=code)
+
+
+UNSUPPORTED = "unsupported-layer"
 
 
 def _activation(s: Section, cfg: Cfg, where: str, default: str, kind: str) -> str:
     act = s.text("activation", default)
     if act not in ACTIVATIONS:
-        raise _bad(where, cfg, f"activation {act!r} is not supported (supported: {', '.join(sorted(ACTIVATIONS))})")
+        raise _bad(where, cfg, f"activation {act!r} is not supported (supported: {', '.join(sorted(ACTIVATIONS))})",
+                   UNSUPPORTED)
     if kind in ("scale_channels", "sam") and act in ("swish", "mish"):
-        raise _bad(where, cfg, f"darknet does not support activation {act!r} in [{kind}]")
+        raise _bad(where, cfg, f"darknet does not support activation {act!r} in [{kind}]", UNSUPPORTED)
     return act
 
 
@@ -103,9 +107,9 @@ def read_layers(cfg: Cfg, shape: tuple[int, int, int]) -> list[Layer]:
         kind = s.kind
         where = f"layer {i} {s.where()}"
         if kind is None:
-            raise _bad(where, cfg, "unknown section type (darknet would not recognise it either)")
+            raise _bad(where, cfg, "unknown section type (darknet would not recognise it either)", UNSUPPORTED)
         if kind not in SHORT:
-            raise _bad(where, cfg, f"[{kind}] layers are not supported")
+            raise _bad(where, cfg, f"[{kind}] layers are not supported", UNSUPPORTED)
         inputs = [i - 1]
         L = Layer(index=i, kind=kind, section=s, inputs=inputs, c=c, h=h, w=w, flat=flat)
         build = _BUILDERS.get(kind)
@@ -124,9 +128,9 @@ def _conv(L: Layer, s: Section, cfg: Cfg, where: str, layers: list) -> None:
     for opt in ("binary", "xnor", "antialiasing", "sway", "rotate", "stretch", "stretch_sway", "coordconv",
                 "deform"):
         if s.int(opt, 0):
-            raise _bad(where, cfg, f"{opt}=1 is not supported")
+            raise _bad(where, cfg, f"{opt}=1 is not supported", UNSUPPORTED)
     if s.has("share_index"):
-        raise _bad(where, cfg, "share_index (weights shared with another layer) is not supported")
+        raise _bad(where, cfg, "share_index (weights shared with another layer) is not supported", UNSUPPORTED)
     n, groups, size = s.int("filters", 1), s.int("groups", 1), s.int("size", 1)
     sx, sy = s.int("stride_x", -1), s.int("stride_y", -1)
     if sx < 1 or sy < 1:
@@ -171,7 +175,7 @@ def _connected(L: Layer, s: Section, cfg: Cfg, where: str, layers: list) -> None
 
 def _maxpool(L: Layer, s: Section, cfg: Cfg, where: str, layers: list) -> None:
     if s.int("antialiasing", 0):
-        raise _bad(where, cfg, "antialiasing=1 is not supported")
+        raise _bad(where, cfg, "antialiasing=1 is not supported", UNSUPPORTED)
     stride = s.int("stride", 1)
     sx, sy = s.int("stride_x", stride), s.int("stride_y", stride)
     size = s.int("size", stride)
@@ -194,7 +198,7 @@ def _avgpool(L: Layer, s: Section, cfg: Cfg, where: str, layers: list) -> None:
 
 def _softmax(L: Layer, s: Section, cfg: Cfg, where: str, layers: list) -> None:
     if s.has("tree") or s.float("spatial", 0):
-        raise _bad(where, cfg, "softmax with a tree or spatial=1 is not supported")
+        raise _bad(where, cfg, "softmax with a tree or spatial=1 is not supported", UNSUPPORTED)
     groups, inputs = s.int("groups", 1), L.c * L.h * L.w
     if groups < 1 or inputs % groups:
         raise _bad(where, cfg, f"groups={groups} does not divide the {inputs} inputs")

@@ -40,10 +40,11 @@ class Header:
 
 def read_header(data: bytes, name: str) -> Header:
     if len(data) < 16:
-        raise BadInput(f"{name}: {len(data)} bytes: too short for a darknet weights header")
+        raise BadInput(f"{name}: {len(data)} bytes: too short for a darknet weights header", code="not-a-checkpoint")
     major, minor, revision = struct.unpack_from("<iii", data, 0)
     if not (0 <= major <= VERSION_LIMIT and 0 <= minor <= VERSION_LIMIT and revision >= 0):
-        raise BadInput(f"{name}: not a darknet weights file (header version {major}.{minor}.{revision})")
+        raise BadInput(f"{name}: not a darknet weights file (header version {major}.{minor}.{revision})",
+                       code="not-a-checkpoint")
     h = Header(major, minor, revision, 0)
     h.seen = struct.unpack_from("<Q" if h.seen_bytes == 8 else "<I", data, 12)[0]
     return h
@@ -62,9 +63,9 @@ def read_weights(path: Path, layers: list, cfg_name: str) -> tuple[Header, dict]
         if body < 4 * need:
             short = _first_short(layers, body // 4)
             raise BadInput(f"{path.name}: too short for {cfg_name}: {body} bytes of weights, {4 * need} needed "
-                           f"(ends inside {short}); a truncated file or another model's .cfg")
+                           f"(ends inside {short}); a truncated file or another model's .cfg", code="weights-mismatch")
         raise BadInput(f"{path.name}: too long for {cfg_name}: {body - 4 * need} bytes left after the last layer's "
-                       "weights; another model's .cfg?")
+                       "weights; another model's .cfg?", code="weights-mismatch")
     flat = np.frombuffer(data, dtype="<f4", offset=header.size).astype(np.float32)
     out: dict[int, dict] = {}
     pos = 0
