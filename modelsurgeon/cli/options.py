@@ -85,9 +85,9 @@ COMMON: list[inspect.Parameter] = [
         "--code-path", metavar="DIR", help="Directory to put on the import path (the model's source tree); repeatable.",
         show_default=False)]),
     _P("cfg", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[Path], typer.Option(
-        "--cfg", help="The .cfg of a darknet .weights input (default: the .cfg beside it).", show_default=False)]),
+        "--cfg", metavar="FILE", help="The .cfg of a darknet .weights input (default: the .cfg beside it).", show_default=False)]),
     _P("prototxt", _P.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[Path], typer.Option(
-        "--prototxt", help="The .prototxt of a Caffe .caffemodel input (default: the .prototxt beside it).",
+        "--prototxt", metavar="FILE", help="The .prototxt of a Caffe .caffemodel input (default: the .prototxt beside it).",
         show_default=False)]),
     _P("opset", _P.KEYWORD_ONLY, default=17, annotation=Annotated[int, typer.Option(
         metavar="N", help="ONNX opset for .onnx outputs exported from PyTorch.")]),
