@@ -334,11 +334,28 @@ def infer_shapes(model: Any) -> bool:
     except Exception:
         return False
     finally:
+        _sequence_types(model)
         for v, type_, shape in declared:
             if type_ is not None:
                 v.type = type_
             if shape is not None:
                 v.shape = shape
+
+
+SEQUENCE_OPS = {"SplitToSequence", "SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase"}
+
+
+def _sequence_types(model: Any) -> None:
+    """onnx_ir's inference merge gives a sequence value a *tensor* type (its element's), which
+    onnxruntime then refuses: sequence producers' outputs get their sequence type back."""
+    import onnx_ir as ir
+
+    for node in model.graph:
+        if node.op_type in SEQUENCE_OPS and node.domain in DEFAULT_DOMAINS:
+            for o in node.outputs:
+                if o.type is not None and not isinstance(o.type, ir.SequenceType):
+                    o.type = ir.SequenceType(ir.TensorType(o.type.dtype))
+                    o.shape = None
 
 
 def propagated_shapes(model: Any) -> dict[str, tuple | None]:
