@@ -119,7 +119,8 @@ def run(command: str, passes: Sequence[str], opts: Options) -> Report:
     backend = "onnx" if ckpt.is_onnx else "torch"
     if len(passes) > 1:  # optimize: passes without this back end are left out, and said so
         for name in [p for p in passes if not registry.available(p, backend)]:
-            report.notes.append(f"{name} is not available for {backend} models: not run")
+            if not registry.REGISTRY[name].cleanup:  # graph clean-up has no meaning for a module
+                report.notes.append(f"{name} is not available for {backend} models: not run")
             passes.remove(name)
     for name in passes:
         if not registry.available(name, backend):

@@ -114,11 +114,12 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
     report.before = onnx_stats(model)
     editor = OnnxEditor(model)
     input_shapes = dict(zip(spec.names, spec.shapes))
+    given = input_shapes if opts.input_shapes else {}
     impls = {name: registry.get(name, "onnx") for name in passes}
 
     def context(name: str) -> OnnxContext:
-        return OnnxContext(model=model, graph=OnnxGraph(model), editor=editor,
-                           options=opts.pass_options.get(name, {}), input_shapes=input_shapes)
+        return OnnxContext(model=model, graph=OnnxGraph(model), editor=editor, options=opts.pass_options.get(name, {}),
+                           input_shapes=input_shapes, given_shapes=given)
 
     # options checks + tensors the references must include (before anything runs)
     points = OnnxPoints(model, opts.verify_at)  # --verify-at tensors, post-processed outputs
@@ -179,6 +180,7 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
                     if not step.passed and not opts.force:
                         report.parity.merge(step)
                         raise ParityError(f"parity failed after {name} ({step.worst()}); nothing written", report)
+        report.extra["rounds"] = round_ + 1
         if not (opts.repeat and changed):
             break
     report.timings["rewrite"] = time.perf_counter() - t

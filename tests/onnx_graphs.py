@@ -199,6 +199,63 @@ def weighted_fusion(opset: int = 13, seed: int = 5, const_nodes: bool = True) ->
     return b.model([tensor("a", ["N", 4, 8, 8]), tensor("b", ["N", 4, 8, 8])], [out(y, ["N", 6, 8, 8])], opset)
 
 
+# -- shape arithmetic as exporters write it ---------------------------------------------------------
+
+def _i64(b: Builder, v, base: str = "i") -> str:
+    return b.const(np.array(v, np.int64), base)
+
+
+def _f32(b: Builder, v, base: str = "f") -> str:
+    return b.const(np.array(v, np.float32), base)
+
+
+def _size(b: Builder, x: str, axis: int) -> str:
+    """x.shape[axis] as a 0-d int64 tensor: Shape → Gather."""
+    return b.node("Gather", [b.node("Shape", [x]), _i64(b, axis)], axis=0)
+
+
+def _unsq(b: Builder, v: str) -> str:
+    return b.node("Unsqueeze", [v, _i64(b, [0])])
+
+
+def same_pad_conv(hw=(15, 15), batch="N", k: int = 3, s: int = 2, cin: int = 3, cout: int = 8, seed: int = 10,
+                  symbolic_hw: bool = False, const_nodes: bool = True) -> onnx.ModelProto:
+    """TensorFlow "SAME" padding computed from ``x.shape`` in the graph (as timm's Conv2dSame
+    exports): per spatial axis ``max((ceil(n / s) - 1) * s + k - n, 0)`` split begin / end, a
+    ``Concat`` of the eight pads, ``Pad``, then a ``Conv`` without padding."""
+    b = Builder(seed, const_nodes)
+    begins, ends = [], []
+    for axis in (2, 3):
+        n = b.node("Cast", [_size(b, "x", axis)], to=TensorProto.FLOAT)
+        t = b.node("Ceil", [b.node("Div", [n, _f32(b, s)])])
+        t = b.node("Add", [b.node("Mul", [b.node("Sub", [t, _f32(b, 1)]), _f32(b, s)]), _f32(b, k)])
+        t = b.node("Max", [b.node("Sub", [t, n]), _f32(b, 0)])
+        total = b.node("Cast", [t], to=TensorProto.INT64)
+        begin = b.node("Div", [total, _i64(b, 2)])
+        begins.append(_unsq(b, begin))
+        ends.append(_unsq(b, b.node("Sub", [total, begin])))
+    zero = _i64(b, [0])
+    pads = b.node("Concat", [zero, zero, *begins, zero, zero, *ends], axis=0)
+    y = b.node("Pad", ["x", pads], name="pad", mode="constant")
+    y = b.node("Conv", [y, b.weight((cout, cin, k, k), "conv_w"), b.weight((cout,), "conv_b")], name="conv",
+               kernel_shape=[k, k], strides=[s, s])
+    dims = ["H", "W"] if symbolic_hw else list(hw)
+    out_dims = ["Ho", "Wo"] if symbolic_hw else [-(-d // s) for d in hw]
+    return b.model([tensor("x", [batch, cin, *dims])], [out(y, [batch, cout, *out_dims])], 13)
+
+
+def view_by_size(batch="N", opset: int = 13) -> onnx.ModelProto:
+    """``y.view(y.size(0), -1)`` after a conv: Shape → Gather → Unsqueeze → Concat → Reshape, then a
+    Linear exported as MatMul + Add."""
+    b = Builder(11)
+    y = b.conv("x", 3, 4, name="conv")
+    shape = b.node("Concat", [_unsq(b, _size(b, y, 0)), _i64(b, [-1])], axis=0)
+    y = b.node("Reshape", [y, shape], name="flatten")
+    y = b.node("MatMul", [y, b.weight((4 * 8 * 8, 5), "fc_w")], name="fc")
+    y = b.node("Add", [y, b.weight((5,), "fc_b")], name="fc_bias")
+    return b.model([tensor("x", [batch, 3, 8, 8])], [out(y, [batch, 5])], opset)
+
+
 # -- helpers -------------------------------------------------------------------------------------
 
 def save(model: onnx.ModelProto, path: Path, check: bool = True) -> Path:

@@ -145,9 +145,11 @@ def test_string_constants_are_left_alone(tmp_path, command):
     m = onnx.load(str(dst))
     const = [n for n in m.graph.node if n.op_type == "Constant"]
     assert [n.name for n in const] == ["s_const"]  # the numeric one became an initializer
-    assert [n.op_type for n in m.graph.node].count("Identity") == 1
-    skipped = [s for s in rep["skipped"] if s["target"] == "s_id_out"]
-    assert skipped and "non-numeric" in skipped[0]["reason"]
+    # optimize's clean-up removes the Identity (the string constant is then read directly)
+    assert [n.op_type for n in m.graph.node].count("Identity") == (command == "fold-fusion")
+    if command == "fold-fusion":
+        skipped = [s for s in rep["skipped"] if s["target"] == "s_id_out"]
+        assert skipped and "non-numeric" in skipped[0]["reason"]
     G.assert_same_function(src, dst)
 
 

@@ -97,17 +97,21 @@ def fold_fusion() -> dict:
 
 def _optimize_passes(own: dict) -> list[str]:
     from ..errors import BadInput
-    from ..passes import REGISTRY, exact_passes
+    from ..passes import REGISTRY, cleanup_passes, exact_passes
+
+    def names(text: str) -> list[str]:  # "cleanup" names the whole graph clean-up
+        out = [p.strip() for p in text.split(",") if p.strip()]
+        return [q for p in out for q in (cleanup_passes() if p == "cleanup" else [p])]
 
     chosen = exact_passes()
     if own.get("passes"):
-        wanted = [p.strip() for p in own["passes"].split(",") if p.strip()]
+        wanted = names(own["passes"])
         for p in wanted:
             if p not in REGISTRY or not REGISTRY[p].exact:
                 raise BadInput(f"--passes: {p!r} is not an exact pass (choose from {', '.join(exact_passes())})")
         chosen = [p for p in chosen if p in wanted]
     if own.get("skip"):
-        skip = [p.strip() for p in own["skip"].split(",") if p.strip()]
+        skip = names(own["skip"])
         for p in skip:
             if p not in REGISTRY:
                 raise BadInput(f"--skip: unknown pass {p!r}")
@@ -119,15 +123,16 @@ def _optimize_passes(own: dict) -> list[str]:
 
 @surgery_command(app, "optimize", _optimize_passes, repeat=True)
 def optimize(
-    passes: Annotated[Optional[str], typer.Option("--passes", metavar="LIST", help="Comma-separated passes to run (default: every exact pass).", show_default=False)] = None,
-    skip: Annotated[Optional[str], typer.Option("--skip", metavar="LIST", help="Comma-separated passes not to run.", show_default=False)] = None,
+    passes: Annotated[Optional[str], typer.Option("--passes", metavar="LIST", help="Comma-separated passes to run (default: every exact pass; 'cleanup': all of the ONNX graph clean-up).", show_default=False)] = None,
+    skip: Annotated[Optional[str], typer.Option("--skip", metavar="LIST", help="Comma-separated passes not to run ('cleanup': all of the ONNX graph clean-up).", show_default=False)] = None,
     verify_each: Annotated[bool, typer.Option("--verify-each", help="Check parity after each pass, not only at the end.")] = False,
+    keep_symbolic: Annotated[bool, typer.Option("--keep-symbolic", help="ONNX: keep symbolic input dimensions symbolic even when --input-shape sizes them for verification.")] = False,
 ) -> dict:
-    """Run every exact pass (focus-to-conv, fold-fusion, fold-bn) until nothing changes; verify once.
+    """Run every exact pass (focus-to-conv, fold-fusion, fold-bn; on ONNX also the graph clean-up) until nothing changes; verify once.
 
     Example (after python examples/build.py): modelsurgeon optimize examples/checkpoints/yolov5s-focus.pt --trust-pickle --code-path examples/yolo -s 1,3,64,64 -o yolov5s.onnx
     """
-    return {}
+    return {"fix-input-shapes": {"keep_symbolic": keep_symbolic}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import importlib
 from dataclasses import dataclass
 
 from ..errors import BadInput
+from .cleanup import CLEANUP as _CLEANUP, EARLY as _EARLY
 
 
 @dataclass(frozen=True)
@@ -24,11 +25,20 @@ class PassInfo:
     torch: str | None  # "module:Class"
     onnx: str | None
     exact: bool = True  # function-preserving: part of ``optimize``
+    cleanup: bool = False  # generic ONNX graph clean-up: optimize only, no command, nothing to do on PyTorch
+
+
+def _cleanup(entries) -> dict[str, PassInfo]:
+    return {name: PassInfo(name, summary, None, f"modelsurgeon.passes.cleanup.{target}", cleanup=True)
+            for name, summary, target in entries}
 
 
 REGISTRY: dict[str, PassInfo] = {
-    # Order matters: ``optimize`` runs the exact passes in this order (a sound one: a Focus stem
-    # becomes a conv before its BN is folded; fusion weights reach the convs before BN folding).
+    # Order matters: ``optimize`` runs the exact passes in this order (a sound one: sizes fixed and
+    # shape arithmetic made constant before constants are folded; a Focus stem becomes a conv
+    # before its BN is folded; fusion weights reach the convs before BN folding; the graph
+    # clean-up of passes/cleanup around them, in the order CLEANUP declares).
+    **_cleanup(_CLEANUP[:_EARLY]),
     "focus-to-conv": PassInfo(
         "focus-to-conv",
         "replace space-to-depth stems (YOLOv5 Focus, pixel_unshuffle) + conv by one strided conv",
@@ -47,6 +57,7 @@ REGISTRY: dict[str, PassInfo] = {
         "modelsurgeon.passes.fold_bn.torch:FoldBN",
         "modelsurgeon.passes.fold_bn.onnx:FoldBN",
     ),
+    **_cleanup(_CLEANUP[_EARLY:]),
     "truncate": PassInfo(
         "truncate",
         "drop the last blocks of a backbone stage and rewire what consumed them",
@@ -60,6 +71,11 @@ REGISTRY: dict[str, PassInfo] = {
 def exact_passes() -> list[str]:
     """The function-preserving passes, in the order ``optimize`` runs them."""
     return [name for name, info in REGISTRY.items() if info.exact]
+
+
+def cleanup_passes() -> list[str]:
+    """The generic ONNX clean-up passes (``optimize --skip cleanup`` leaves them all out)."""
+    return [name for name, info in REGISTRY.items() if info.cleanup]
 
 
 def available(name: str, backend: str) -> bool:

@@ -113,6 +113,7 @@ class OnnxContext(PassContext):
     graph: Any  # modelsurgeon.capture.onnx.OnnxGraph
     editor: Any  # modelsurgeon.rewrite.onnx.OnnxEditor
     input_shapes: dict = field(default_factory=dict)  # graph input name -> example shape
+    given_shapes: dict = field(default_factory=dict)  # the same, for inputs sized with --input-shape
 
 
 class Pass:

@@ -58,7 +58,12 @@ def render(report: Report, console: Any) -> None:
         if report.extra.get("rounds"):
             console.print(f"[dim]{len(report.passes)} passes, {report.extra['rounds']} round"
                           f"{'s' if report.extra['rounds'] != 1 else ''} until nothing changed[/dim]")
+        idle = [p.name for p in report.passes if not p.applied and not p.skipped and not p.notes]
+        if idle:
+            console.print(f"[dim]nothing to do: {', '.join(idle)}[/dim]")
         for p in report.passes:
+            if p.name in idle:
+                continue
             console.print(f"[bold cyan]{p.name}[/bold cyan]: {len(p.applied)} rewritten, {len(p.skipped)} skipped")
             _tables(console, p.applied, p.skipped, multi_slot, with_pass=False, indent=True)
             for n in p.notes:

@@ -159,6 +159,13 @@ class OnnxEditor:
         new.name = name
         return new
 
+    def replace_with_constant(self, value: Any, array: Any) -> Any:
+        """Replace a computed value by an initializer holding ``array`` that takes its name (the
+        computed value is renamed, then dropped with the nodes computing it)."""
+        name = value.name or self.unique_name("constant")
+        value.name = self.unique_name(f"{name}_computed")
+        return self.replace_value(value, self.add_initializer(array, name, exact=True))
+
     def remove_nodes(self, nodes: Iterable[Any]) -> None:
         """Remove nodes whose outputs nobody outside ``nodes`` reads any more."""
         nodes = list({id(n): n for n in nodes}.values())

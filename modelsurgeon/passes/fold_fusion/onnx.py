@@ -152,12 +152,9 @@ class FoldFusion(Pass):
         labels = [node_label(n) for n in m.nodes]
         made, names = [], []
         for v, arr in m.values:
-            name = v.name
-            names.append(name)
-            v.name = ed.unique_name(f"{name}_computed")
-            init = ed.add_initializer(arr, name, exact=True)
-            ed.replace_value(v, init)
-            made.append(f"{name} {list(arr.shape)}")
+            names.append(v.name)
+            made.append(f"{v.name} {list(arr.shape)}")
+            ed.replace_with_constant(v, arr)
         ed.remove_nodes(m.nodes)
         ops = [n.op_type for n in m.nodes]
         if set(ops) == {"Constant"}:

@@ -1,0 +1,75 @@
+"""What the clean-up rewrites share: their pass class, shape facts, constant reads, bypassing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ...capture.onnx import EvaluationError, node_label
+from ..base import Applied, Match, OnnxContext, Pass
+
+
+class CleanupPass(Pass):
+    """An ONNX-only pass of the generic clean-up. ``before`` / ``after``: passes it must run
+    before / after within a round (see :data:`modelsurgeon.passes.cleanup.CLEANUP`)."""
+
+    backend = "onnx"
+    before: ClassVar[tuple[str, ...]] = ()
+    after: ClassVar[tuple[str, ...]] = ()
+
+
+@dataclass
+class NodeMatch(Match):
+    node: Any = None
+    data: dict = field(default_factory=dict)
+
+
+def facts(ctx: OnnxContext):
+    """Shapes and small values of the graph as it stands (computed once per pass run)."""
+    from ...capture.onnx_shapes import propagate
+
+    g = ctx.graph
+    if getattr(g, "_facts", None) is None:
+        g._facts = propagate(ctx.model, g)
+    return g._facts
+
+
+def const(ctx: OnnxContext, value: Any):
+    """The array of a constant value (initializer, Constant node, constant subgraph), else None."""
+    g = ctx.graph
+    if value is None or not g.is_const(value):
+        return None
+    try:
+        return g.const_array(value)
+    except EvaluationError:
+        return None
+
+
+def attr(node: Any, name: str, default: Any = None) -> Any:
+    a = node.attributes.get(name)
+    return default if a is None or a.is_ref() else a.value
+
+
+def default_domain(ctx: OnnxContext, node: Any) -> bool:
+    return ctx.graph.is_default_domain(node)
+
+
+def can_bypass(node: Any, src: Any) -> bool:
+    """Can ``node``'s output be replaced by ``src`` without adding a node? Not when the output is
+    a graph output and ``src`` is a graph input, output or initializer (an Identity would stay)."""
+    out = node.outputs[0]
+    if src is None:
+        return False
+    return not (out.is_graph_output() and (src.is_graph_input() or src.is_graph_output() or src.is_initializer()))
+
+
+def bypass(ctx: OnnxContext, node: Any, src: Any, what: str) -> Applied:
+    """Remove ``node``: its readers read ``src`` instead."""
+    label = node_label(node)
+    ctx.editor.replace_value(node.outputs[0], src)
+    ctx.editor.remove_nodes([node])
+    return Applied(label, what, {"op": node.op_type})
+
+
+def extra_outputs_unused(node: Any) -> bool:
+    return all(not o.uses() and not o.is_graph_output() for o in node.outputs[1:])
