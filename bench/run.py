@@ -431,7 +431,11 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / "results.json").write_text(json.dumps(res, indent=2))
     if not args.no_docs and not args.smoke:
         res["plot"] = plot(res, ROOT / "docs" / "performance.png")
-        (ROOT / "docs" / "performance.md").write_text(markdown(res))
+        from .onnx_optimize import existing_section
+
+        doc = ROOT / "docs" / "performance.md"
+        kept = existing_section(doc)  # written by python -m bench.onnx_optimize
+        doc.write_text(markdown(res) + ("\n" + kept if kept else ""))
     print(markdown(res))
     return res
 

@@ -28,3 +28,21 @@ def test_bench_smoke(tmp_path):
         assert m["max_rel_error_vs_float64"]["modelsurgeon"] < 1e-5
     assert any("fx_fuse" in m and "fails" in str(m["fx_fuse"]) for m in res["models"])  # the YOLO model
     assert "## fold-bn vs plain torch.load" in r.stdout
+
+
+def test_onnx_bench_smoke(tmp_path):
+    """The ONNX optimize table in its smoke mode: every row written, modelsurgeon's results exact
+    and free of BatchNorm; peers that are not installed are said so, not failed."""
+    r = subprocess.run([sys.executable, "-m", "bench.onnx_optimize", "--smoke", "--modes", "nofold", "--out",
+                        str(tmp_path), "--no-docs"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "onnx_results.json").read_text())
+    assert len(res["rows"]) == 3
+    for row in res["rows"]:
+        ours = row["counts"]["modelsurgeon"]
+        assert ours["bn"] == 0 and ours["nodes"] < row["counts"]["original"]["nodes"]
+        assert row["max_rel_error"]["modelsurgeon"] < 1e-4
+        assert set(row["latency_1_thread"]) >= {"original", "modelsurgeon"}
+        for peer in ("onnxsim", "onnxslim", "onnxscript"):
+            assert peer in row["counts"] or peer in row.get("not_installed", []) or peer in row.get("failed", {})
+    assert "## ONNX optimize" in r.stdout

@@ -1,0 +1,318 @@
+"""ONNX optimize against the usual simplifiers, on the same exports.
+
+    python -m bench.onnx_optimize            # the full table (tens of minutes)
+    python -m bench.onnx_optimize --smoke    # three tiny models, one timing round (used by CI)
+
+For every architecture of :mod:`bench.onnx_models` and every export mode: node count,
+BatchNormalization count and onnxruntime latency (default optimisations, as deployed; 1 intra-op
+thread and the default; median of every run over alternating rounds) of the original file and of
+what onnxsim, onnxslim and ``modelsurgeon optimize`` write from it; onnxscript's optimizer is
+counted too (the library a dependency would be). Peers that are not installed are said so.
+Every result is also checked against the original in onnxruntime at batch 1 and 2.
+Writes ``<out>/onnx_results.json`` and, unless ``--no-docs``, the "ONNX optimize" section of
+``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .onnx_models import MODES, ROOT, build, cases, export
+
+TOOLS = ("onnxsim", "onnxslim", "onnxscript", "modelsurgeon")
+TIMED = ("original", "onnxsim", "onnxslim", "modelsurgeon")
+SECTION = "## ONNX optimize"
+
+
+def _modelsurgeon(src: Path, dst: Path) -> dict:
+    from .run import _exe
+
+    r = subprocess.run(_exe() + ["optimize", str(src), "-o", str(dst), "--json"], capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError((r.stderr.strip().splitlines() or ["failed"])[-1][:200])
+    rep = json.loads(r.stdout)
+    return {"parity_passed": rep["parity"]["passed"], "rounds": rep.get("rounds")}
+
+
+def _peer(tool: str, src: Path, dst: Path) -> dict:
+    import onnx
+
+    if tool == "onnxsim":
+        from onnxsim import simplify
+
+        model, ok = simplify(onnx.load(str(src)))
+        if not ok:
+            raise RuntimeError("its own check failed")
+        onnx.save(model, str(dst))
+    elif tool == "onnxslim":
+        import contextlib
+        import io
+
+        import onnxslim
+
+        with contextlib.redirect_stdout(io.StringIO()):  # its summary table
+            onnxslim.slim(str(src), str(dst))
+    elif tool == "onnxscript":
+        import onnxscript.optimizer
+
+        onnx.save(onnxscript.optimizer.optimize(onnx.load(str(src))), str(dst))
+    return {}
+
+
+def _installed(tool: str) -> bool:
+    import importlib.util
+
+    return tool == "modelsurgeon" or importlib.util.find_spec(tool) is not None
+
+
+def _counts(path: Path) -> dict:
+    import onnx
+
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    return {"nodes": len(nodes), "bn": sum(n.op_type == "BatchNormalization" for n in nodes)}
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _max_rel(original, other, size: int) -> float:
+    """Largest |Δ| / max|ref| over the outputs, at batch 1 and 2."""
+    import numpy as np
+
+    worst = 0.0
+    for batch in (1, 2):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
+        for a, b in zip(original.run(None, {"x": x}), other.run(None, {"x": x})):
+            if a.shape != b.shape:
+                return float("inf")
+            scale = float(np.abs(a).max()) or 1.0
+            worst = max(worst, float(np.abs(a.astype(np.float64) - b).max()) / scale)
+    return worst
+
+
+def _latency(paths: dict, size: int, threads: int, rounds: int, min_time: float) -> dict:
+    """Median seconds per run of each file, the files measured in alternating rounds."""
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    sessions = {k: _session(p, threads) for k, p in paths.items()}
+    runs: dict = {k: [] for k in sessions}
+    per_round: dict = {k: [] for k in sessions}
+    for s in sessions.values():
+        for _ in range(3):
+            s.run(None, {"x": x})
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            times, end = [], time.perf_counter() + min_time
+            while time.perf_counter() < end or len(times) < 3:
+                t = time.perf_counter()
+                s.run(None, {"x": x})
+                times.append(time.perf_counter() - t)
+            runs[k] += times
+            per_round[k].append(statistics.median(times))
+    return {k: {"median": statistics.median(v), "rounds": [min(per_round[k]), max(per_round[k])], "runs": len(v)}
+            for k, v in runs.items()}
+
+
+def bench_case(name: str, family: str, builder, size: int, mode: str, work: Path, rounds: int, min_time: float) -> dict:
+    row: dict = {"model": name, "family": family, "mode": mode, "input": [1, 3, size, size]}
+    src = work / f"{re.sub('[^a-z0-9]+', '-', name.lower()).strip('-')}-{mode}.onnx"
+    made = export(build(builder), size, src, mode)
+    if isinstance(made, str):
+        row["skipped"] = made
+        return row
+    import onnxruntime  # noqa: F401
+
+    row["counts"] = {"original": _counts(src)}
+    paths = {"original": src}
+    original = _session(src, 1)
+    for tool in TOOLS:
+        if not _installed(tool):
+            row.setdefault("not_installed", []).append(tool)
+            continue
+        dst = src.with_name(f"{src.stem}.{tool}.onnx")
+        t = time.perf_counter()
+        try:
+            info = _modelsurgeon(src, dst) if tool == "modelsurgeon" else _peer(tool, src, dst)
+            seconds = time.perf_counter() - t
+            error = _max_rel(original, _session(dst, 1), size)
+        except Exception as e:  # a peer failing on a model (or writing one onnxruntime refuses) is a result
+            row.setdefault("failed", {})[tool] = f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
+            continue
+        row.setdefault("seconds", {})[tool] = seconds
+        row["counts"][tool] = _counts(dst)
+        row.setdefault("max_rel_error", {})[tool] = error
+        if info:
+            row.setdefault("info", {})[tool] = info
+        if tool in TIMED:
+            paths[tool] = dst
+    row["latency_1_thread"] = _latency(paths, size, 1, rounds, min_time)
+    row["latency_default_threads"] = _latency(paths, size, 0, rounds, min_time)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def _ms(row: dict, key: str, tool: str) -> str:
+    lat = row.get(key, {}).get(tool)
+    return f"{lat['median'] * 1e3:.2f}" if lat else "-"
+
+
+def _nodes(row: dict, tool: str) -> str:
+    if tool in row.get("not_installed", []):
+        return "n/i"
+    if tool in row.get("failed", {}):
+        return "fails"
+    c = row["counts"].get(tool)
+    return str(c["nodes"]) if c else "-"
+
+
+def misses(row: dict) -> list[str]:
+    """What ``modelsurgeon optimize`` misses of the targets on this row."""
+    out = []
+    c = row.get("counts", {})
+    ours = c.get("modelsurgeon")
+    if ours is None:
+        return ["modelsurgeon failed: " + row.get("failed", {}).get("modelsurgeon", "?")] if "counts" in row else []
+    if "onnxslim" in c and ours["nodes"] > c["onnxslim"]["nodes"]:
+        out.append(f"{ours['nodes']} nodes > onnxslim's {c['onnxslim']['nodes']}")
+    if ours["bn"]:
+        out.append(f"{ours['bn']} BatchNormalization left")
+    for key in ("latency_1_thread", "latency_default_threads"):
+        lat = row.get(key, {})
+        if "modelsurgeon" in lat and lat["modelsurgeon"]["median"] > lat["original"]["median"]:
+            out.append(f"{key.replace('_', ' ')}: {lat['modelsurgeon']['median'] * 1e3:.2f} ms > original "
+                       f"{lat['original']['median'] * 1e3:.2f} ms")
+    if row.get("max_rel_error", {}).get("modelsurgeon", 0) > 1e-4:
+        out.append(f"max rel error {row['max_rel_error']['modelsurgeon']:.1e}")
+    return out
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [SECTION, "",
+             f"Measured on {m['date']}: {m['cpu']}, {m['cores']} cores, Python {m['python']}, onnxruntime "
+             f"{res['versions'].get('onnxruntime', '?')}; peers: "
+             + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if k != "onnxruntime")
+             + ". Produced by `python -m bench.onnx_optimize`. Each model (defined in `examples/`, random BatchNorm "
+             "statistics) is exported with a symbolic batch: "
+             + "; ".join(f"*{k}* = {v}" for k, v in MODES.items())
+             + ". Nodes: after each tool (onnxscript = `onnxscript.optimizer.optimize`; n/i = not installed). "
+             "Latency: onnxruntime with its default graph optimisations, batch 1, median of every run over "
+             f"{res['rounds']} alternating rounds. Error: largest |Δ| / max|ref| of modelsurgeon's file against the "
+             "original, at batch 1 and 2.", "",
+             "| model | export | nodes: original / onnxsim / onnxslim / onnxscript / **modelsurgeon** | BN left (orig → ours) "
+             "| ms, 1 thread: orig / onnxsim / onnxslim / **ours** | ms, default threads: orig / onnxsim / onnxslim / **ours** "
+             "| error |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['model']} | {r['mode']} | {r['skipped']} | | | | |")
+            continue
+        c = r["counts"]
+        bn = f"{c['original']['bn']} → {c['modelsurgeon']['bn']}" if "modelsurgeon" in c else "-"
+        err = r.get("max_rel_error", {}).get("modelsurgeon")
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {c['original']['nodes']} / {_nodes(r, 'onnxsim')} / {_nodes(r, 'onnxslim')} / "
+            f"{_nodes(r, 'onnxscript')} / **{_nodes(r, 'modelsurgeon')}** | {bn} | "
+            + " / ".join(_ms(r, "latency_1_thread", t) for t in TIMED[:-1]) + f" / **{_ms(r, 'latency_1_thread', 'modelsurgeon')}** | "
+            + " / ".join(_ms(r, "latency_default_threads", t) for t in TIMED[:-1])
+            + f" / **{_ms(r, 'latency_default_threads', 'modelsurgeon')}** | {'-' if err is None else f'{err:.0e}'} |")
+    notes = [(r, misses(r)) for r in res["rows"] if "counts" in r]
+    missed = [(r, m) for r, m in notes if m]
+    lines += ["", f"Targets (nodes ≤ onnxslim's, latency ≤ the original's, no BatchNormalization left, error ≤ 1e-4): "
+              f"met on {len(notes) - len(missed)} of {len(notes)} exports."]
+    for r, m in missed:
+        lines.append(f"- {r['model']}, {r['mode']}: " + "; ".join(m) + (f" -- {EXPLAINED[r['family']]}" if r["family"] in EXPLAINED else ""))
+    failed = [(r, t, why) for r in res["rows"] for t, why in r.get("failed", {}).items()]
+    for r, t, why in failed:
+        lines.append(f"- {t} fails on {r['model']}, {r['mode']}: {why}")
+    return "\n".join(lines) + "\n"
+
+
+EXPLAINED = {
+    "repvgg": "the identity branches' BatchNorms read a block input, not a conv output: only structural "
+              "re-parameterisation (merging the branches into one conv) removes them",
+}
+
+
+def existing_section(path: Path) -> str:
+    """The ONNX optimize section already in ``path`` ("" if none): the main bench keeps it."""
+    old = path.read_text() if path.exists() else ""
+    start = old.find(SECTION)
+    if start < 0:
+        return ""
+    end = old.find("\n## ", start + len(SECTION))
+    return old[start:end + 1] if end >= 0 else old[start:]
+
+
+def write_section(text: str, path: Path) -> None:
+    """Put ``text`` (a section starting with SECTION) into ``path``, replacing an earlier one."""
+    old = path.read_text() if path.exists() else "# Performance\n"
+    start = old.find(SECTION)
+    if start >= 0:
+        end = old.find("\n## ", start + len(SECTION))
+        old = old[:start] + (old[end + 1:] if end >= 0 else "")
+    path.write_text(old.rstrip("\n") + "\n\n" + text)
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("onnxruntime", "onnxsim", "onnxslim", "onnxscript"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from .run import machine
+
+    ap = argparse.ArgumentParser(prog="python -m bench.onnx_optimize", description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="three tiny models, one short timing round")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    ap.add_argument("--models", default=None, help="comma-separated substrings of model names to run")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"export modes (default {','.join(MODES)})")
+    ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 7; 1 with --smoke)")
+    ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/performance.md")
+    args = ap.parse_args(argv)
+    work = args.out / "onnx"
+    work.mkdir(parents=True, exist_ok=True)
+    rounds = args.rounds or (1 if args.smoke else 7)
+    min_time = 0.02 if args.smoke else 0.4
+    res: dict = {"machine": machine(), "versions": versions(), "rounds": rounds, "smoke": args.smoke, "rows": []}
+    wanted = [w.strip() for w in args.models.split(",")] if args.models else None
+    for name, family, builder, size in cases(args.smoke):
+        if wanted and not any(w in name for w in wanted):
+            continue
+        for mode in args.modes.split(","):
+            print(f"{name} [{mode}]", flush=True)
+            res["rows"].append(bench_case(name, family, builder, size, mode, work, rounds, min_time))
+            (args.out / "onnx_results.json").write_text(json.dumps(res, indent=2))
+    text = markdown(res)
+    if not args.no_docs and not args.smoke:
+        write_section(text, ROOT / "docs" / "performance.md")
+    print(text)
+    return res
+
+
+if __name__ == "__main__":
+    main()
