@@ -89,6 +89,20 @@ def test_view_by_a_symbolic_size_becomes_a_constant_target(tmp_path):
     G.assert_same_function(src, dst, batch=4)
 
 
+def test_allowzero_reshape_by_a_symbolic_size(tmp_path):
+    """The dynamo exporter writes ``allowzero=1``: the constant target's 0 must mean "copy", so
+    the attribute goes."""
+    b = Builder(31)
+    y = b.node("Relu", ["x"])
+    shape = b.node("Concat", [b.node("Shape", [y], start=0, end=1), G._i64(b, [-1])], axis=0)
+    y = b.node("Reshape", [y, shape], name="flatten", allowzero=1)
+    rep, src, dst = run(tmp_path, b.model([tensor("x", ["N", 3, 4])], [out(y, ["N", 12])], opset=18))
+    assert G.ops(dst) == ["Relu", "Reshape"]
+    reshape = next(n for n in onnx.load(str(dst)).graph.node if n.op_type == "Reshape")
+    assert all(a.i == 0 for a in reshape.attribute if a.name == "allowzero")
+    G.assert_same_function(src, dst, batch=3)
+
+
 def test_expand_to_a_partly_symbolic_shape(tmp_path):
     """``t.expand(x.shape[0], -1)`` where t already has x's batch: the target becomes [1, C]."""
     b = Builder(12)

@@ -62,6 +62,8 @@ class FoldShapes(CleanupPass):
         node, target = m.node, m.data["target"]
         const = ed.add_initializer(np.array(target, np.int64), f"{node.name or node.op_type}_shape")
         ed.set_input(node, 1, const)
+        if node.op_type == "Reshape" and 0 in target and int(attr(node, "allowzero", 0)):
+            ed.set_attr(node, "allowzero", 0)  # the zeros written here copy the input's sizes
         return Applied(m.target, f"{node.op_type} target {target}", {"target": target})
 
 
@@ -88,7 +90,9 @@ def _encode(node: Any, p: Any) -> list[int] | None:
         return None
     out: list[int] = []
     if node.op_type == "Reshape":
-        allowzero = int(attr(node, "allowzero", 0))
+        # allowzero=1 (the dynamo exporter's): 0 would be a literal size; without literal zeros in
+        # the target, the node can drop it and 0 mean "copy" again
+        allowzero = int(attr(node, "allowzero", 0)) and any(isinstance(e, int) and e == 0 for e in tgt.elems)
         free = [i for i, e in enumerate(tgt.elems) if not isinstance(e, int) or isinstance(e, bool)]
         if any(isinstance(e, int) and e == -1 for e in tgt.elems):
             free.append(-1)
