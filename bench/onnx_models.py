@@ -78,9 +78,9 @@ def export(model, size: int, path: Path, mode: str) -> Path | str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if mode == "dynamo":
-            try:
-                import onnxscript  # noqa: F401
-            except ImportError:
+            import importlib.util
+
+            if importlib.util.find_spec("onnxscript") is None:  # the dynamo exporter needs it
                 return "not installed (onnxscript)"
             import contextlib
             import io

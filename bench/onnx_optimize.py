@@ -20,7 +20,6 @@ import json
 import re
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -149,8 +148,6 @@ def bench_case(name: str, family: str, builder, size: int, mode: str, work: Path
     if isinstance(made, str):
         row["skipped"] = made
         return row
-    import onnxruntime  # noqa: F401
-
     row["counts"] = {"original": _counts(src)}
     paths = {"original": src}
     original = _session(src, 1)

@@ -20,7 +20,7 @@ class FuseGemm(CleanupPass):
     after = ("fold-bn",)
 
     def match(self, ctx: OnnxContext) -> Iterable[NodeMatch]:
-        g, p = ctx.graph, facts(ctx)
+        g = ctx.graph
         for node in g.nodes:
             if node.op_type != "MatMul" or not default_domain(ctx, node) or len(node.inputs) != 2:
                 continue
@@ -29,6 +29,7 @@ class FuseGemm(CleanupPass):
             add = g.sole_reader(y)
             if add is None or add.op_type != "Add" or not default_domain(ctx, add) or len(add.inputs) != 2:
                 continue
+            p = facts(ctx)  # computed once, on the first candidate
             sa, sy = p.fact(a).shape, p.fact(y).shape
             w = const(ctx, b)
             c_val = add.inputs[1] if add.inputs[0] is y else add.inputs[0]

@@ -10,7 +10,7 @@ than ``stretch``, and ratios that do not round-trip.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 from ...capture.onnx import node_label
 from ...capture.onnx_shapes import Dim
@@ -26,7 +26,6 @@ class ResizeScales(CleanupPass):
         g = ctx.graph
         if g.opset < 11:
             return
-        p = facts(ctx)
         for node in g.nodes:
             if node.op_type != "Resize" or not default_domain(ctx, node) or len(node.inputs) < 4:
                 continue
@@ -36,6 +35,7 @@ class ResizeScales(CleanupPass):
             policy = attr(node, "keep_aspect_ratio_policy", "stretch")
             if (policy.decode() if isinstance(policy, bytes) else policy) != "stretch":
                 continue
+            p = facts(ctx)
             scales = _scales(p.fact(node.inputs[0]).shape, p.fact(sizes).elems)
             if scales is not None:
                 yield NodeMatch(node_label(node), node=node, data={"scales": scales})

@@ -22,7 +22,6 @@ class SplitSequences(CleanupPass):
         g = ctx.graph
         if g.opset < 11:
             return
-        p = facts(ctx)
         for node in g.nodes:
             if node.op_type != "SplitToSequence" or not default_domain(ctx, node) or not node.inputs:
                 continue
@@ -31,7 +30,7 @@ class SplitSequences(CleanupPass):
             if seq.is_graph_output() or not readers or any(r.op_type != "SequenceAt" or r.inputs[0] is not seq
                                                            for r in readers):
                 continue
-            sizes = _sizes(ctx, node, p)
+            sizes = _sizes(ctx, node, facts(ctx))
             if sizes is None:
                 continue
             picks = []

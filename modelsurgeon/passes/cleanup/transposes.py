@@ -22,7 +22,6 @@ class MergeTransposes(CleanupPass):
     name = "merge-transposes"
 
     def match(self, ctx: OnnxContext) -> Iterable[NodeMatch]:
-        p = facts(ctx)
 
         def is_t(n: Any) -> bool:
             return n is not None and n.op_type == "Transpose" and default_domain(ctx, n) and bool(n.inputs)
@@ -44,7 +43,7 @@ class MergeTransposes(CleanupPass):
             if len(chain) < 2:
                 continue
             src = chain[0].inputs[0]
-            shape = p.fact(src).shape if src is not None else None
+            shape = facts(ctx).fact(src).shape if src is not None else None
             rank = len(shape) if shape is not None else None
             total = list(range(rank)) if rank is not None else None
             for n in chain:

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from ...capture.onnx import node_label
-from ...capture.onnx_shapes import Dim
 from ..base import Applied, OnnxContext
 from .base import CleanupPass, NodeMatch, default_domain, facts
 
@@ -45,7 +44,6 @@ class MergeReshapes(CleanupPass):
     after = ("fold-shapes",)
 
     def match(self, ctx: OnnxContext) -> Iterable[NodeMatch]:
-        p = facts(ctx)
         for node in ctx.graph.nodes:
             if not is_view(ctx, node):
                 continue
@@ -63,6 +61,7 @@ class MergeReshapes(CleanupPass):
             if len(chain) < 2:
                 continue
             src = chain[0].inputs[0]
+            p = facts(ctx)
             s, d = p.fact(src).shape, p.fact(out).shape
             if s is None or d is None or src is None:
                 continue
