@@ -21,6 +21,8 @@ class FuseGemm(CleanupPass):
 
     def match(self, ctx: OnnxContext) -> Iterable[NodeMatch]:
         g = ctx.graph
+        if g.opset < 7:  # Gemm's C broadcast needed an attribute then
+            return
         for node in g.nodes:
             if node.op_type != "MatMul" or not default_domain(ctx, node) or len(node.inputs) != 2:
                 continue
