@@ -191,7 +191,7 @@ def bench_case(name: str, family: str, builder, size: int, mode: str, work: Path
             seconds = time.perf_counter() - t
             error = _max_rel(original, _session(dst, 1), size)
         except Exception as e:  # a peer failing on a model (or writing one onnxruntime refuses) is a result
-            row.setdefault("failed", {})[tool] = f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
+            row.setdefault("failed", {})[tool] = f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}"
             continue
         row.setdefault("seconds", {})[tool] = seconds
         row["counts"][tool] = _counts(dst)
@@ -301,6 +301,7 @@ def markdown(res: dict) -> str:
         lines.append(f"- {r['model']}, {r['mode']}: " + "; ".join(m) + (f" -- {EXPLAINED[r['family']]}" if r["family"] in EXPLAINED else ""))
     failed = [(r, t, why) for r in res["rows"] for t, why in r.get("failed", {}).items()]
     for r, t, why in failed:
+        why = re.sub(r"/\S*/", "", re.sub(r"Load model from \S+ failed:\s*", "", why))  # no machine paths
         lines.append(f"- {t} fails on {r['model']}, {r['mode']}: {why}")
     return "\n".join(lines) + "\n"
 
