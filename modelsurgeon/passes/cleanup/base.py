@@ -18,6 +18,37 @@ class CleanupPass(Pass):
     after: ClassVar[tuple[str, ...]] = ()
 
 
+class IrPass(CleanupPass):
+    """A clean-up done by one of onnx_ir's own passes: ``count(model)`` finds how many
+    instances there are (one match for all of them), ``run(model)`` applies the onnx_ir pass,
+    ``size(model)`` measures what it removed."""
+
+    what: ClassVar[str] = ""  # "repeated node"
+
+    def count(self, model: Any) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def run(self, model: Any) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def size(self, model: Any) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def match(self, ctx: OnnxContext):
+        n = self.count(ctx.model)
+        if n:
+            yield Match(f"{n} {self.what}{'s' if n > 1 else ''}")
+
+    def rewrite(self, ctx: OnnxContext, m: Match) -> Applied:
+        from ...capture.onnx import quiet_onnx_ir
+
+        before = self.size(ctx.model)
+        with quiet_onnx_ir():
+            self.run(ctx.model)
+        ctx.editor._names = None  # names the editor had seen may be gone
+        return Applied(m.target, f"{before - self.size(ctx.model)} merged into the ones they repeat")
+
+
 @dataclass
 class NodeMatch(Match):
     node: Any = None

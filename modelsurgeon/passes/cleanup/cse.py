@@ -5,10 +5,9 @@ type and shape."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
-from ..base import Applied, Match, OnnxContext
-from .base import CleanupPass
+from .base import IrPass
 
 NON_DETERMINISTIC = {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike", "Multinomial", "Bernoulli"}
 TENSOR_LIMIT = 10  # elements of a tensor attribute (Constant nodes) compared; onnx_ir's default
@@ -45,30 +44,25 @@ def common(model) -> int:
     return n
 
 
-class EliminateCommonSubexpressions(CleanupPass):
+class EliminateCommonSubexpressions(IrPass):
     name = "cse"
     after = ("dedup-constants",)
+    what = "repeated node"
 
-    def match(self, ctx: OnnxContext) -> Iterable[Match]:
-        n = common(ctx.model)
-        if n:
-            yield Match(f"{n} repeated node{'s' if n > 1 else ''}")
+    count = staticmethod(common)
 
-    def rewrite(self, ctx: OnnxContext, m: Match) -> Applied:
+    def run(self, model) -> None:
         from onnx_ir.passes.common import CommonSubexpressionEliminationPass
 
-        from ...capture.onnx import quiet_onnx_ir
-
-        g = ctx.model.graph
+        g = model.graph
         declared = [(v.name, v.type, v.shape) for v in g.outputs]
-        before = len(g)
-        with quiet_onnx_ir():
-            CommonSubexpressionEliminationPass(size_limit=TENSOR_LIMIT)(ctx.model)
-        for v, (name, type_, shape) in zip(g.outputs, declared):
+        CommonSubexpressionEliminationPass(size_limit=TENSOR_LIMIT)(model)
+        for v, (name, type_, shape) in zip(g.outputs, declared):  # a graph output keeps its declared type
             if v.name == name:
                 if type_ is not None:
                     v.type = type_
                 if shape is not None:
                     v.shape = shape
-        ctx.editor._names = None
-        return Applied(m.target, f"{before - len(g)} nodes merged into the ones they repeat")
+
+    def size(self, model) -> int:
+        return len(model.graph)

@@ -4,10 +4,7 @@ constant become common subexpressions. Initializers that are graph inputs or out
 
 from __future__ import annotations
 
-from typing import Iterable
-
-from ..base import Applied, Match, OnnxContext
-from .base import CleanupPass
+from .base import IrPass
 
 SIZE_LIMIT = 1 << 16  # elements: larger tensors are compared by no one (hashing them costs a read)
 
@@ -27,23 +24,18 @@ def duplicates(model) -> int:
     return dup
 
 
-class DedupConstants(CleanupPass):
+class DedupConstants(IrPass):
     name = "dedup-constants"
     before = ("cse",)
     after = ("fold-fusion",)
+    what = "duplicate initializer"
 
-    def match(self, ctx: OnnxContext) -> Iterable[Match]:
-        n = duplicates(ctx.model)
-        if n:
-            yield Match(f"{n} duplicate initializer{'s' if n > 1 else ''}")
+    count = staticmethod(duplicates)
 
-    def rewrite(self, ctx: OnnxContext, m: Match) -> Applied:
+    def run(self, model) -> None:
         from onnx_ir.passes.common import DeduplicateInitializersPass
 
-        from ...capture.onnx import quiet_onnx_ir
+        DeduplicateInitializersPass(size_limit=SIZE_LIMIT)(model)
 
-        before = len(ctx.model.graph.initializers)
-        with quiet_onnx_ir():
-            DeduplicateInitializersPass(size_limit=SIZE_LIMIT)(ctx.model)
-        ctx.editor._names = None
-        return Applied(m.target, f"{before - len(ctx.model.graph.initializers)} initializers merged into their copies")
+    def size(self, model) -> int:
+        return len(model.graph.initializers)
