@@ -102,6 +102,11 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
         raise BadInput(f"an ONNX input is written as .onnx (got {out_path.name!r}): modelsurgeon edits ONNX "
                        "graphs natively and does not convert them to PyTorch")
     report.notes.extend(n for n in ckpt.notes if n not in report.notes)
+    if out_fmt != "onnx" and any(registry.REGISTRY[p].cleanup for p in passes):
+        # a .cfg / .prototxt can record the surgery passes' rewrites, not a cleaned-up graph
+        passes = [p for p in passes if not registry.REGISTRY[p].cleanup]
+        report.notes.append(f"graph clean-up not run: {native} files record only the surgery passes' rewrites "
+                            "(write .onnx to have it)")
     model = ckpt.container
     if ckpt.metadata.get("sparse_initializers"):
         n = ckpt.metadata["sparse_initializers"]

@@ -384,3 +384,21 @@ def test_human_report_groups_the_idle_passes(tmp_path):
     r = run_cli("optimize", src, "-o", tmp_path / "o.onnx")
     assert r.code == 0, r.err
     assert "nothing to do:" in r.out and "fuse-pad: 1 rewritten" in r.out
+
+
+def test_native_outputs_get_the_surgery_passes_only(tmp_path):
+    """A .caffemodel written back can record folds, not a cleaned-up graph: the clean-up is left
+    out (and said so); written as .onnx, the same input gets it."""
+    import native_models as M
+
+    proto, model = M.write_caffe(tmp_path, "resnet", M.RESNET, seed=5)
+    r = run_cli("optimize", model, "-o", tmp_path / "merged.caffemodel", "--json")
+    assert r.code == 0, r.err
+    rep = r.json()
+    assert not any(registry.REGISTRY[p["name"]].cleanup for p in rep["passes"])
+    assert any("graph clean-up not run" in n for n in rep["notes"]) and rep["after"]["bn"] == 0
+    r = run_cli("optimize", model, "-o", tmp_path / "merged.onnx", "--json")
+    assert r.code == 0, r.err
+    rep = r.json()
+    assert [p["name"] for p in rep["passes"]] == registry.exact_passes() and rep["parity"]["passed"]
+    assert rep["after"]["modules"] < rep["before"]["modules"]
