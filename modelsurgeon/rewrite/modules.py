@@ -157,12 +157,14 @@ class ModuleEditor:
         self.changed_modules.append(module)
         self.recipe.edits.append({"op": "use_forward", "path": paths[0], "remove": list(attrs), "method": method})
 
-    def set_forward(self, module: Any, new: Any, spec: dict, name: str, remove: list[str]) -> str:
+    def set_forward(self, module: Any, new: Any, spec: dict, name: str, remove: list[str], bind: bool = False,
+                    add: dict | None = None) -> str:
         """Make ``new`` ``module``'s forward, in place (:func:`~modelsurgeon.rewrite.recipe.set_forward`):
         ``module`` keeps its class and attributes, loses its parameters, buffers and submodules
-        named in ``remove`` and gains ``new`` as its submodule ``name``; ``spec`` describes
-        ``new`` for the recipe (read before the change: its ``from`` specs are paths of the
-        tree as it was). Returns the path of ``new``."""
+        named in ``remove``, gains the modules of ``add`` (name -> ``(module, spec)``) and
+        ``new`` as its submodule ``name`` (called with ``module`` first when ``bind``);
+        ``spec`` describes ``new`` for the recipe (read before the change: its ``from`` specs
+        are paths of the tree as it was). Returns the path of ``new``."""
         from .recipe import set_forward
 
         paths = self.paths_of(module)
@@ -170,11 +172,17 @@ class ModuleEditor:
             raise ValueError(f"{type(module).__name__} is not in the model")
         if self.storage is not None and hasattr(self.storage, "inherit"):
             self.storage.inherit(module, new)
+            for m, _spec in (add or {}).values():
+                self.storage.inherit(module, m)
         self.changed_modules.append(module)
-        set_forward(module, name, new, remove)
+        set_forward(module, name, new, remove, bind=bind, add={k: m for k, (m, _s) in (add or {}).items()})
         # one edit: every alias of the module is the same object, on replay as here
-        self.recipe.edits.append({"op": "set_forward", "path": paths[0], "name": name,
-                                  "remove": list(remove), "module": spec})
+        edit = {"op": "set_forward", "path": paths[0], "name": name, "remove": list(remove), "module": spec}
+        if bind:
+            edit["bind"] = "owner"
+        if add:
+            edit["add"] = {k: s for k, (_m, s) in add.items()}
+        self.recipe.edits.append(edit)
         self._storage_count = None  # tensors left the model
         return f"{paths[0]}.{name}" if paths[0] else name
 

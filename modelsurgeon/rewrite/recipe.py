@@ -11,10 +11,13 @@ Edits are a closed set of data records -- nothing in a recipe is imported or exe
 * ``{"op": "replace", "path": P, "module": SPEC}``
 * ``{"op": "add_bias", "path": P}``
 * ``{"op": "setattr", "path": P, "name": N, "value": JSON}``
-* ``{"op": "set_forward", "path": P, "name": N, "remove": [NAME, ...], "module": SPEC}``: the
-  module at P stays (its class, its attributes); SPEC is built (``from`` specs read the tree as
-  it was), the parameters, buffers and submodules named in ``remove`` are deleted from P, the
-  built module is registered as P's submodule N and becomes P's forward (:func:`set_forward`)
+* ``{"op": "set_forward", "path": P, "name": N, "remove": [NAME, ...], "module": SPEC,
+  "bind": "owner", "add": {NAME: SPEC}}``: the module at P stays (its class, its attributes);
+  SPEC and the ``add`` modules are built (``from`` specs read the tree as it was), the
+  parameters, buffers and submodules named in ``remove`` are deleted from P, the ``add``
+  modules registered on it, the built module is registered as P's submodule N and becomes P's
+  forward -- called with P as its first argument when ``bind`` is ``"owner"`` (a generated
+  forward of kind ``graph``, :mod:`modelsurgeon.rewrite.forward`) -- (:func:`set_forward`)
 
 * ``{"op": "use_forward", "path": P, "remove": [NAME, ...], "method": M}``: the submodules named
   in ``remove`` (placeholders of folded modules) are deleted from P and P's class's fused
@@ -162,6 +165,10 @@ def build(spec: dict, root: Any) -> Any:
     """Build the module a spec describes (``root`` is the model, for ``from`` specs)."""
     if "from" in spec:
         return get_module(root, spec["from"])
+    if spec.get("kind") == "graph":  # a generated forward (plain data, checked when built)
+        from .forward.spec import build as build_graph
+
+        return build_graph(spec, None, {k: build(s, root) for k, s in spec.get("modules", {}).items()})
     if "kind" in spec:
         builder = _KINDS.get(spec["kind"])
         if builder is None:
@@ -246,10 +253,13 @@ def apply(recipe: Recipe, root: Any) -> Any:
     return _apply(recipe, root)
 
 
-def set_forward(module: Any, name: str, new: Any, remove: Any = ()) -> None:
+def set_forward(module: Any, name: str, new: Any, remove: Any = (), bind: bool = False, add: dict | None = None) -> None:
     """Make the module ``new`` ``module``'s forward, in place: delete ``module``'s parameters,
-    buffers and submodules named in ``remove`` (what its own forward used), register ``new``
-    as its submodule ``name`` and put it in the instance's ``__dict__`` as ``forward``.
+    buffers and submodules named in ``remove`` (what its own forward used), register the
+    modules of ``add``, register ``new`` as its submodule ``name`` and put it in the
+    instance's ``__dict__`` as ``forward`` -- ``functools.partial(new, module)`` with ``bind``
+    (a generated forward taking the module it serves first; a stdlib object that pickles and
+    deep-copies with its two references).
 
     An instance attribute wins over the class's ``forward`` function and ``nn.Module.__call__``
     calls ``self.forward``, so the module keeps its class (a host dispatching on the class name
@@ -268,9 +278,23 @@ def set_forward(module: Any, name: str, new: Any, remove: Any = ()) -> None:
             raise ValueError(f"{type(module).__name__} has no parameter, buffer or submodule {n!r}")
     for n in remove:
         delattr(module, n)  # nn.Module.__delattr__: a parameter, buffer or submodule
+    for n, m in (add or {}).items():
+        if not (isinstance(n, str) and n.isidentifier()) or not isinstance(m, torch.nn.Module):
+            raise ValueError(f"not a submodule: {n!r}")
+        setattr(module, n, m)
     setattr(module, name, new)
     new.training = module.training
-    module.__dict__["forward"] = new
+    if bind:
+        import functools
+
+        from .forward.spec import check_owner_use
+
+        why = check_owner_use(new, module)
+        if why is not None:
+            raise ValueError(f"the generated forward does not fit {type(module).__name__}: {why}")
+        module.__dict__["forward"] = functools.partial(new, module)
+    else:
+        module.__dict__["forward"] = new
 
 
 def _apply(recipe: Recipe, root: Any) -> Any:
@@ -294,7 +318,8 @@ def _apply(recipe: Recipe, root: Any) -> Any:
         elif op == "set_forward":
             m = get_module(root, path)
             new = build(e["module"], root)  # before the removal: "from" specs read the old tree
-            set_forward(m, e["name"], new, e.get("remove", []))
+            add = {k: build(s, root) for k, s in (e.get("add") or {}).items()}
+            set_forward(m, e["name"], new, e.get("remove", []), bind=e.get("bind") == "owner", add=add)
         elif op == "use_forward":
             from .removal import use_forward
 

@@ -38,7 +38,8 @@ def meta_for(ckpt: Checkpoint, slot: ModelSlot) -> dict:
 
 def _check_describable(ckpt: Checkpoint, slot: ModelSlot, what: str) -> None:
     for e in recipe_of(ckpt, slot):
-        if e.get("op") in ("replace", "set_forward") and e.get("module") is None:
+        added = (e.get("add") or {}).values() if e.get("op") == "set_forward" else ()
+        if e.get("op") in ("replace", "set_forward") and (e.get("module") is None or None in added):
             raise BadInput(
                 f"cannot write a {what}: the rewrite at {e.get('path')} created a module that a "
                 f"state_dict cannot describe; write a full-module .pt instead"
