@@ -38,11 +38,12 @@ def _fold(model, shape=SHAPE):
 
 def _generated(module) -> torch.fx.GraphModule:
     """The rewritten fusion module is still the model's own object, of its own class, and runs
-    the generated GraphModule registered as its child ``fused`` as its forward; its own
-    parameters and buffers are gone (folded, or the generated module's constants)."""
+    the generated GraphModule registered as its child ``fused`` as its forward (bound to it);
+    its own parameters and buffers are gone (folded, or the generated module's constants)."""
     assert not isinstance(module, torch.fx.GraphModule), type(module)
     fused = module.fused
-    assert isinstance(fused, torch.fx.GraphModule) and module.forward is fused
+    assert isinstance(fused, torch.fx.GraphModule) and module.forward.func is fused
+    assert module.forward.args == (module,)
     assert not list(module.named_parameters(recurse=False)) and not list(module.named_buffers(recurse=False))
     return fused
 
@@ -51,6 +52,21 @@ def _ops(model, within: str, shape=SHAPE) -> list[str]:
     """Ops run inside module ``within`` in one forward."""
     g, _, _ = capture(model, [torch.randn(shape)])
     return [e.name for e in g.events if g.call(e.scope).path.startswith(within)]
+
+
+def _weight_ops(model, within: str = "", shape=SHAPE) -> list[str]:
+    """Ops a forward runs on parameters and constants alone (weight normalisations), and the
+    multiplies by a constant, inside module ``within``."""
+    g, _, _ = capture(model, [torch.randn(shape)])
+    out = []
+    for e in g.events:
+        if not g.call(e.scope).path.startswith(within):
+            continue
+        if e.inputs and not g.reads_variable(e):
+            out.append(e.name)
+        elif e.name in ("Tensor.mul", "mul", "Tensor.div", "div") and any(g.value(i).const for i in e.inputs):
+            out.append("const " + e.name)
+    return out
 
 
 def _expected_weights(w: list[float], normalization: str) -> list[float]:
@@ -176,13 +192,15 @@ def test_bifpn_node_with_conv_inside_keeps_its_children():
     report, _ = _fold(model)
     (a,) = report.applied
     assert [i["absorbed_by"] for i in a.data["inputs"]] == ["branches.0.conv", "branches.1.conv"]
-    # the children the sum leads to move into the generated forward (registered once: every
-    # tensor has one state_dict key, so an EMA update over state_dict() touches it once)
+    # the children the sum leads to stay the module's, called by the generated forward
+    # (registered once: every tensor has one state_dict key, under the key it had, so an EMA
+    # update over state_dict() touches it once)
     fused = _generated(model.fusion)
-    assert fused.conv is conv and isinstance(fused.silu, nn.SiLU) and set(model.fusion._modules) == {"fused"}
-    assert a.data["forward"] == "fusion.fused" and a.data["chain"] == ["fusion.fused.silu", "fusion.fused.conv"]
+    assert model.fusion.conv is conv and isinstance(model.fusion.silu, nn.SiLU)
+    assert set(model.fusion._modules) == {"fused", "conv", "silu"} and not list(fused.children())
+    assert a.data["forward"] == "fusion.fused" and a.data["chain"] == ["fusion.silu", "fusion.conv"]
     sd = model.state_dict()
-    assert {k for k in sd if k.startswith("fusion.")} == {"fusion.fused.conv.weight", "fusion.fused.conv.bias"}
+    assert {k for k in sd if k.startswith("fusion.")} == {"fusion.conv.weight", "fusion.conv.bias"}
     assert len({v.data_ptr() for v in sd.values() if v.numel()}) == len([v for v in sd.values() if v.numel()])
 
 
@@ -207,33 +225,64 @@ def test_rfcr_inline_scalars_fold_into_the_pointwise_convs():
     weights = [c.weight.detach().clone() for c in model.rfcr.pwconv]
     report, _ = _fold(model)
     (a,) = report.applied
-    assert a.target == "rfcr: weighted sum" and a.data["kind"] == "inline"
+    assert a.target == "rfcr: weighted sum" and a.data["kind"] == "forward" and a.data["source"] == "fx"
     assert [i["absorbed_by"] for i in a.data["inputs"]] == ["rfcr.pwconv.0", "rfcr.pwconv.1", "rfcr.pwconv.2"]
-    assert [float(p.detach()) for p in model.rfcr.scale] == [1.0, 1.0, 1.0]
     for conv, w, s in zip(model.rfcr.pwconv, weights, scales):
         assert torch.allclose(conv.weight, w * s, rtol=1e-6, atol=0)
+    # the multiplies are gone with the scales (not multiplies by 1); the module keeps its class
+    assert type(model.rfcr).__name__ == "RFCR" and not hasattr(model.rfcr, "scale") and a.data["removed"] == ["scale"]
+    assert _weight_ops(model, "rfcr") == []
+    before, after = a.data["ops"]
+    assert after == before - 3
 
 
-def test_inline_weights_computed_from_parameters_are_skipped_with_the_reason():
+def test_inline_weights_computed_from_parameters_are_evaluated_once_and_move():
     model = finish(InlineComputed())
+    expected = torch.sigmoid(model.w.detach()).tolist()
+    assert _weight_ops(model).count("sigmoid") == 2
+    report, _ = _fold(model)
+    (a,) = report.applied
+    assert a.data["kind"] == "forward" and not report.skipped
+    assert [i["weight"] for i in a.data["inputs"]] == pytest.approx(expected, rel=1e-6)
+    assert [i["absorbed_by"] for i in a.data["inputs"]] == ["a", "b"]
+    assert _weight_ops(model) == [] and not hasattr(model, "w")
+
+
+class InlineComputedBranch(InlineComputed):
+    """Computed inline weights in a forward that branches on data: it cannot be regenerated."""
+
+    def forward(self, x):
+        if bool(x.mean() > 1e6):
+            return x
+        return super().forward(x)
+
+
+def test_inline_weights_computed_in_a_forward_branching_on_data_are_skipped_with_both_reasons():
+    model = finish(InlineComputedBranch())
     before = copy.deepcopy(model.state_dict())
     report, _ = _fold(model)
-    assert not report.applied
-    assert len(report.skipped) == 2
-    assert all("computed inline" in s.reason and "sigmoid" in s.reason for s in report.skipped)
+    assert not report.applied and len(report.skipped) == 2
+    for s in report.skipped:
+        assert "computed inline" in s.reason and "sigmoid" in s.reason and "cannot be regenerated" in s.reason
+        assert "Tensor.__bool__" in s.reason  # the branch on data, named
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert "forward" not in vars(model)
 
 
-def test_inline_weight_vector_is_set_to_ones_only_if_every_weight_moves():
+def test_inline_weight_vector_moves_or_stays_one_constant_multiply():
     model = finish(InlineVector())
     report, _ = _fold(model)
     (a,) = report.applied
-    assert a.data["neutralised"] == ["w"] and torch.equal(model.w.detach(), torch.ones(2))
+    assert a.data["removed"] == ["w"] and _weight_ops(model) == []
     model = finish(InlineVector(side=True))
     w = model.w.detach().clone()
     report, _ = _fold(model)
-    assert not report.applied and len(report.skipped) == 2
-    assert torch.equal(model.w.detach(), w)
+    (a,) = report.applied  # a is also read by the side conv: its weight stays, b's moves
+    first, second = a.data["inputs"]
+    assert first["kept"] and "side" in first["reason"] and second["absorbed_by"] == "b"
+    assert _weight_ops(model) == ["const Tensor.mul"]
+    (c,) = model.fused.buffers()
+    assert float(c) == pytest.approx(float(w[0]))
 
 
 class SharedWeighted(nn.Module):
@@ -496,17 +545,19 @@ def test_inline_weights_fold_whichever_operand_is_the_weight(form):
     assert [i["absorbed_by"] for i in a.data["inputs"]] == ["a.bn", "b.bn"]
     expected = (1 / w if form == "x/w" else w).tolist()
     assert [i["weight"] for i in a.data["inputs"]] == pytest.approx(expected, rel=1e-6)
-    assert a.data["neutralised"] == ["w"] and torch.equal(model.w.detach(), torch.ones(2))
+    assert a.data["removed"] == ["w"] and _weight_ops(model) == []
 
 
 def test_weight_divided_by_a_feature_map_is_no_weighted_input():
     model = finish(OperandOrder("w/x"), seed=4)
-    before = copy.deepcopy(model.state_dict())
+    w = model.w.detach().clone()
     report, _ = _fold(model)
-    assert not report.applied
-    (s,) = report.skipped  # b's weight cannot move: w is also read by the division
-    assert s.reason.startswith("b ×") and "w is also read by" in s.reason and "div" in s.reason, s.reason
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    (a,) = report.applied  # b's weight moves; w[0] / (|a| + 1) is no weighting of a: it stays
+    assert [(i["input"], i["absorbed_by"]) for i in a.data["inputs"]] == [("b", "b.bn")] and not report.skipped
+    ops = _weight_ops(model)
+    assert "const Tensor.mul" not in ops and "const Tensor.div" in ops
+    consts = [float(c) for c in model.fused.buffers()]
+    assert consts == [pytest.approx(float(w[0]))]
 
 
 class SumHost(nn.Module):
@@ -530,7 +581,7 @@ def test_python_sum_keeps_its_first_term():
     (a,) = report.applied
     assert [i["input"] for i in a.data["inputs"]] == ["a", "b", "c"] and not report.skipped
     assert [i["weight"] for i in a.data["inputs"]] == pytest.approx(w.tolist(), rel=1e-6)
-    assert torch.equal(model.w.detach(), torch.ones(3))
+    assert not hasattr(model, "w") and _weight_ops(model) == []
 
 
 class SharedFastFusion(nn.Module):
@@ -579,7 +630,8 @@ def test_deepcopy_keeps_the_class_name_in_memory_and_after_loading(tmp_path):
     for m in (model, loaded, copy.deepcopy(model), copy.deepcopy(loaded), copy.deepcopy(copy.deepcopy(loaded))):
         layer = m.layers[4]
         assert type(layer).__name__ == "ShortcutLayer" and layer.layers == [1, 2]
-        assert layer.forward is layer.fused and isinstance(layer.fused, torch.fx.GraphModule)
+        assert layer.forward.func is layer.fused and isinstance(layer.fused, torch.fx.GraphModule)
+        assert layer.forward.args[0] is layer
         assert torch.equal(m(x), expected)
     clone = copy.deepcopy(model)
     assert clone.layers[4].fused is not model.layers[4].fused  # its own copy, not shared
@@ -674,18 +726,26 @@ def test_module_whose_class_pickles_itself_is_replaced_as_a_whole():
 # -- tensors fold-fusion must not write, and module tensors it must not remove --------------------
 
 
-def test_inline_weight_in_a_non_persistent_buffer_is_not_set_to_1_and_state_dict_outputs_reload(tmp_path):
+def test_inline_weight_in_a_non_persistent_buffer_is_not_set_to_1_and_state_dict_outputs_reload(tmp_path, monkeypatch):
     """A state_dict does not hold a non-persistent buffer: setting it to 1 after moving the
-    weights into the convs gave a file whose rebuilt model differed (by 0.62). Refused, as
-    fold-bn refuses it, with the reason."""
+    weights into the convs gave a file whose rebuilt model differed (by 0.62). Where the forward
+    cannot be regenerated, refused, as fold-bn refuses it, with the reason; where it can, the
+    multiplies go and so does the buffer -- also from the model a state_dict rebuilds."""
     from fusionmodels import inline_non_persistent
+    from modelsurgeon.rewrite import forward
 
-    model = inline_non_persistent(seed=3)
-    report, original = _fold(model)
+    with monkeypatch.context() as m:
+        m.setattr(forward, "open_forwards", lambda g, calls, *a: {c.id: forward.Refused("x", "no") for c in calls})
+        model = inline_non_persistent(seed=3)
+        report, original = _fold(model)
     assert not report.applied and len(report.skipped) == 2
     assert all("w is a non-persistent buffer" in s.reason and "cannot be set to 1" in s.reason
                for s in report.skipped), report.skipped
     assert torch.equal(model.w, original.w)
+    model = inline_non_persistent(seed=3)
+    report, original = _fold(model)
+    (a,) = report.applied
+    assert a.data["removed"] == ["w"] and _weight_ops(model) == []
     src, out = tmp_path / "sd.pt", tmp_path / "out.safetensors"
     torch.save(inline_non_persistent(seed=3).state_dict(), src)
     r = run_cli("fold-fusion", src, "--arch", "fusionmodels:inline_non_persistent", "--code-path", ROOT / "tests",
@@ -727,16 +787,16 @@ def test_batchnorm_affine_tied_to_a_module_forward_never_runs_is_not_scaled(wher
         assert torch.equal(other(x), original.aux(x))
 
 
-def test_fusion_module_whose_weight_the_host_reads_too_is_skipped_not_broken():
+def test_fusion_module_whose_weight_the_host_reads_too_is_not_broken():
     """The host's forward reads ``self.fusion.w`` besides calling the fusion: removing the
-    module's parameters made the rewritten model fail (ParityError, AttributeError). Skipped
-    with the reason; the model is unchanged."""
+    module's parameters made the rewritten model fail (ParityError, AttributeError). The module
+    is not replaced as a whole; its forward is regenerated, the weights evaluated once and moved,
+    and ``w`` -- read outside it -- stays as it was."""
     from fusionmodels import ReadsFusionWeight
 
     model = finish(ReadsFusionWeight(FastNormalizedFusion(2)), seed=5)
     report, original = _fold(model)
-    assert not report.applied and report.skipped
-    assert all("fusion.w is also read outside its forward (by Tensor.sum in the model)" in s.reason
-               for s in report.skipped), report.skipped
+    (a,) = report.applied
+    assert a.data["kind"] == "forward" and a.data["removed"] == [] and not report.skipped
     assert isinstance(model.fusion.w, nn.Parameter) and torch.equal(model.fusion.w, original.fusion.w)
-    assert "forward" not in vars(model.fusion)
+    assert "relu" not in _ops(model, "fusion") and not [o for o in _weight_ops(model, "fusion") if "mul" in o]

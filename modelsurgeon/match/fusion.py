@@ -70,9 +70,10 @@ class NotFusion(Exception):
     """Probing showed the module is not a per-channel weighted sum."""
 
 
-def candidate(g: DataflowGraph, call: ModuleCall) -> Candidate | str | None:
+def candidate(g: DataflowGraph, call: ModuleCall, home: str | None = None) -> Candidate | str | None:
     """A fusion candidate; a reason when it is a weighted sum that cannot be replaced; ``None``
-    when it is no weighted sum at all."""
+    when it is no weighted sum at all. ``home``: the path its trailing children must be under
+    (its own by default; the served module's for a generated forward)."""
     if call.parent is None:
         return None
     direct = list(g.events_in(call, direct=True))
@@ -85,7 +86,7 @@ def candidate(g: DataflowGraph, call: ModuleCall) -> Candidate | str | None:
     read = [v for v in dict.fromkeys(call.inputs) if any(v in e.inputs for e in active)]
     if not weighted or len(read) < 2:
         return None
-    path = call.path
+    path = call.path if home is None else home
     n = g.call_count(call.module)
     if n > 1:
         return f"it is called {n} times (a shared module)"

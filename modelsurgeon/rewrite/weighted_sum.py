@@ -10,27 +10,22 @@ what is left is
 
 or, for a weighted concatenation, ``cat(x_i [* k_i]) [+ b]``.
 
-That computation is a ``torch.fx.GraphModule`` generated here (:func:`build_module`): it
-pickles with torch alone (its forward is stored as generated Python source and re-traced on
-load), takes the original forward's arguments (reading each input at the same place:
-``outputs[12]``, ``x[1]``...), holds the remaining constants as buffers and the trailing child
-modules as its own. The fusion module itself is kept -- its class, so a host dispatching on the
-class name still recognises it, also in a ``copy.deepcopy``; its attributes (``layers``, YOLO's
-``i``/``f``) -- and runs the GraphModule as its forward: it becomes the module's submodule
-``fused`` (:data:`FORWARD_NAME`) and its instance attribute ``forward``
-(:func:`modelsurgeon.rewrite.recipe.set_forward`), the parameters, buffers and submodules its
-own forward used being removed. A state_dict of it is rebuilt from the recipe: the edit
-``set_forward`` with a module of kind ``weighted-sum`` registered here (plain data: argument
-names, input positions, channel counts, buffer shapes, moved children).
+That computation is synthesised here as an fx graph (:func:`sum_graph`) and becomes the
+module's generated forward through the shared mechanism (:mod:`modelsurgeon.rewrite.forward`,
+:func:`owner_forward`): the module keeps its object, class, attributes and the children the sum
+leads to, and runs the generated ``GraphModule`` (its child ``fused``, bound as its instance
+``forward``); a state_dict rebuilds it from the recipe edit ``set_forward`` (kind ``graph``).
 
-Files written by earlier versions hold the GraphModule *in place of* the fusion module (named
-like it, recipe ``replace`` with this kind): they load and replay as before, and the pass
-recognises them (:func:`is_generated`).
+Files written by earlier versions hold either the GraphModule *in place of* the fusion module
+(named like it, recipe ``replace`` with kind ``weighted-sum``) or run it unbound as the
+module's instance ``forward`` with the trailing children moved into it (recipe
+``set_forward`` with kind ``weighted-sum``): both load and replay as before
+(:func:`build_module`, which also serves a module whose instance forward would not survive
+pickling), and the pass recognises them (:func:`is_generated`).
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from .recipe import build, register_kind
@@ -48,11 +43,16 @@ GRAPH_CLASS_NAME = "GraphModule"
 
 
 def generated_forward(module: Any) -> Any:
-    """The submodule ``module`` runs as its forward (a rewritten fusion module), else ``None``."""
+    """The submodule ``module`` runs as its forward (a rewritten fusion module, bound to it or,
+    as earlier versions wrote it, unbound), else ``None``."""
+    from .forward import generated_forward as bound
+
     f = vars(module).get("forward")
-    if f is None or not any(f is m for m in getattr(module, "_modules", {}).values()):
+    if f is None:
         return None
-    return f
+    if any(f is m for m in getattr(module, "_modules", {}).values()):
+        return f
+    return bound(module)
 
 
 def is_generated(module: Any, owner: Any = None) -> bool:
@@ -92,53 +92,24 @@ def free_name(module: Any, removed: Any = ()) -> str:
         name = f"{FORWARD_NAME}_{i}"
     return name
 
-_JSON_DEFAULTS = (int, float, str, bool, type(None))
-
-
 def signature_spec(module: Any, n_args: int, keywords: tuple = ()) -> tuple[list[dict], str | None] | str:
-    """Positional parameters of ``module.forward`` for a call with ``n_args`` positional
-    arguments and ``keywords``: ``([{"name", "default"?}], varargs_name)``, or why they cannot
-    be mirrored."""
-    try:
-        sig = inspect.signature(module.forward)
-    except (TypeError, ValueError):
-        return "its forward's signature cannot be read"
-    params: list[dict] = []
-    varargs = None
-    for p in sig.parameters.values():
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            d: dict = {"name": p.name}
-            if p.default is not p.empty:
-                if not isinstance(p.default, _JSON_DEFAULTS):
-                    if len(params) < n_args:
-                        d = {"name": p.name}  # always passed: the default is never used
-                    else:
-                        return f"its forward's argument {p.name} has a default that cannot be recorded"
-                else:
-                    d["default"] = p.default
-            params.append(d)
-        elif p.kind == p.VAR_POSITIONAL:
-            varargs = p.name
-        elif p.kind == p.KEYWORD_ONLY and p.default is p.empty:
-            return f"its forward takes the keyword-only argument {p.name}"
-    if n_args > len(params) and varargs is None:
-        return "it is called with more arguments than its forward declares"
-    names = [p["name"] for p in params]
-    for k in keywords:
-        if k not in names[n_args:]:
-            return f"it is called with the keyword argument {k}, which the replacement cannot take"
-    return params, varargs
+    """The forward's positional parameters for a call (:func:`modelsurgeon.rewrite.forward.replay.signature_spec`)."""
+    from .forward.replay import signature_spec as spec
+
+    return spec(module, n_args, keywords)
 
 
-def build_module(spec: dict, tensors: dict[str, Any] | None = None, children: dict[str, Any] | None = None) -> Any:
-    """The GraphModule ``spec`` describes; ``tensors`` are its buffers (zeros when ``None``:
-    a state_dict fills them), ``children`` the modules applied after the sum."""
+def sum_graph(spec: dict, owner: bool = False) -> Any:
+    """The fx graph of the sum ``spec`` describes. With ``owner`` its first placeholder is the
+    module it serves and the trailing children are that module's (``m.conv(...)``); without,
+    they are the graph's own submodules (the format of earlier versions)."""
     import operator
 
     import torch
     import torch.fx as fx
 
     g = fx.Graph()
+    owner_node = g.placeholder("m") if owner else None
     placeholders = []
     for a in spec["args"]:
         if "default" in a:
@@ -147,7 +118,6 @@ def build_module(spec: dict, tensors: dict[str, Any] | None = None, children: di
             placeholders.append(g.placeholder(a["name"]))
     var = g.placeholder("*" + spec["varargs"]) if spec.get("varargs") else None
     n_fixed = len(placeholders)
-    root: dict[str, Any] = {}
     out_c = int(spec["out_channels"])
 
     def read(path: list) -> Any:
@@ -168,9 +138,7 @@ def build_module(spec: dict, tensors: dict[str, Any] | None = None, children: di
             node = channels(node, None, out_c)
             c = out_c
         if t.get("scale") is not None:
-            name = f"weight{i}"
-            root[name] = _tensor(tensors, name, t["scale"])
-            node = g.call_function(operator.mul, (node, g.get_attr(name)))
+            node = g.call_function(operator.mul, (node, g.get_attr(f"weight{i}")))
         terms.append((node, c, int(t.get("offset", 0))))
     if spec.get("layout", "sum") == "cat":  # whole inputs one after another
         acc = g.call_function(torch.cat, ([n for n, _, _ in sorted(terms, key=lambda t: t[2])], 1))
@@ -184,15 +152,44 @@ def build_module(spec: dict, tensors: dict[str, Any] | None = None, children: di
             head = g.call_function(operator.add, (channels(acc, None, c), node))
             acc = g.call_function(torch.cat, ([head, channels(acc, c, None)], 1))
     if spec.get("bias") is not None:
-        root["bias"] = _tensor(tensors, "bias", spec["bias"])
         acc = g.call_function(operator.add, (acc, g.get_attr("bias")))
     for child in spec.get("children", []):
         name = child["name"]
-        root[name] = (children or {})[name]
-        acc = g.call_module(name, (acc,))
+        acc = g.call_method(name, (owner_node, acc)) if owner else g.call_module(name, (acc,))
     g.output(acc)
-    gm = fx.GraphModule(root, g, class_name=spec.get("class_name") or GRAPH_CLASS_NAME)
-    gm._graphmodule_cls_name = type(gm).__name__  # torch restores the class name from this on load
+    return g
+
+
+def _constants(spec: dict, tensors: dict | None) -> dict:
+    out = {f"weight{i}": _tensor(tensors, f"weight{i}", t["scale"]) for i, t in enumerate(spec["terms"])
+           if t.get("scale") is not None}
+    if spec.get("bias") is not None:
+        out["bias"] = _tensor(tensors, "bias", spec["bias"])
+    return out
+
+
+def owner_forward(spec: dict, tensors: dict) -> tuple[dict, Any]:
+    """``(graph spec, GraphModule)`` of the sum as the generated forward of the module it serves
+    (bound to it: the trailing children stay that module's)."""
+    from .forward.spec import build, to_spec
+
+    constants = _constants(spec, tensors)
+    gspec = to_spec(sum_graph(spec, owner=True), constants, owner="m")
+    gm = build(gspec, constants)
+    setattr(gm, MARKER, True)
+    return gspec, gm
+
+
+def build_module(spec: dict, tensors: dict[str, Any] | None = None, children: dict[str, Any] | None = None) -> Any:
+    """The stand-alone GraphModule of the sum (earlier versions' format, and a module replaced
+    as a whole): ``tensors`` are its buffers (zeros when ``None``: a state_dict fills them),
+    ``children`` the modules applied after the sum, its own."""
+    from .forward.spec import build, to_spec
+
+    constants = _constants(spec, tensors)
+    mods = {c["name"]: (children or {})[c["name"]] for c in spec.get("children", [])}
+    gspec = to_spec(sum_graph(spec), constants, {k: None for k in mods}, class_name=spec.get("class_name") or GRAPH_CLASS_NAME)
+    gm = build(gspec, constants, mods)
     setattr(gm, MARKER, True)
     return gm
 

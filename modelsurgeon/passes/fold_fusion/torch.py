@@ -1,29 +1,24 @@
 """fold-fusion on PyTorch models: evaluate fusion weights once and move them into the convs.
 
-Two shapes of the same idea, because a module's Python forward cannot be edited:
+Two shapes of the same idea:
 
 * **Fusion modules** (Darknet weighted ``[shortcut]``, BiFPN fast-normalised / softmax /
   sigmoid fusion, a BiFPN node ``conv(act(sum))``...): a module whose forward is a per-channel
   weighted sum of its inputs (recognised by :mod:`modelsurgeon.match.fusion`, weights read by
   probing, so any normalisation is evaluated once, exactly as the module computes it). Each
   input's weight moves into the layer producing that input when nothing else reads it
-  (:mod:`modelsurgeon.match.absorb`); the module is kept (its class, its attributes) and its
-  forward becomes a generated ``GraphModule`` computing the remaining sum with the same channel
-  slicing / zero padding, the weights that could not move kept as its constant buffers, the
-  module's trailing child modules moved into it (:mod:`modelsurgeon.rewrite.weighted_sum`).
-* **Inline weighted sums** in a host's forward (RFCR: ``self.scale[0] * a + self.scale[1] * b``):
-  a constant multiply (``w * x``, ``x * w``) or division (``x / w``; ``w / x`` is no scaling of
-  ``x``) whose result is summed with another feature map -- a Python ``sum()`` included, whose
-  ``0 + w[0] * x_0`` starts the sum. When the constant is a
-  parameter (or a view of one) read only by such multiplies, each weight moves into its
-  producing layer and the parameter is set to 1 (the host's multiply stays, by exactly 1).
-  A weight computed inline from parameters (``torch.sigmoid(self.w[0]) * x``) cannot be
-  neutralised without editing the source: reported as skipped, with the computation.
+  (:mod:`modelsurgeon.match.absorb`); the module is kept (its class, its attributes, the
+  children the sum leads to) and runs a generated forward computing the remaining sum with the
+  same channel slicing / zero padding, the weights that could not move kept as its constants
+  (:mod:`modelsurgeon.rewrite.weighted_sum` through :mod:`modelsurgeon.rewrite.forward`).
+* **Inline weighted sums** in a host's forward (RFCR ``self.scale[0] * a + ...``, an
+  EfficientDet BiFPN's ``weight[0] * p4_in + weight[1] * up(p5)`` in one big forward): the
+  host's forward is regenerated with the moved weights' multiplies gone and computed weights
+  evaluated once (:mod:`.inline`).
 
 A weight whose input is also read elsewhere stays one constant multiply. A module that probes
 as a weighted sum at the recorded input size but not at other sizes is not rewritten, and its
-weights do not move as inline ones either. Inline sums in a host's forward are read from one
-recorded forward: what the host computes at other sizes is not seen (README, *Not detected*).
+weights do not move as inline ones either.
 """
 
 from __future__ import annotations
@@ -31,14 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ...capture.graph import OUTPUT, VIEW_OPS, DataflowGraph, OpEvent, Ref
+from ...capture.graph import DataflowGraph
 from ...match.absorb import Absorber, describe_use, describe_value, find_absorber
-from ...match.affine import ADD, DIV, MUL, RSUB, SUB, elementwise_affine
 from ...match.calls import read_outside
-from ...match.conv import unwritable
-from ...match.fusion import Candidate, SizeDependent, candidate, probe, record_args
+from ...match.fusion import Candidate, candidate, probe, record_args
 from ...rewrite import weighted_sum
 from ..base import Applied, Match, Pass, Skipped, TorchContext
+from .inline import ForwardFusion, InlineFusion, _fmt, _values, inline_matches, rewrite_forward, rewrite_inline
 
 
 @dataclass
@@ -76,30 +70,8 @@ class ModuleFusion(Match):
     owner: Any = None  # the module whose forward becomes the generated one; None: replace `module` as a whole
     forward_name: str = ""  # the generated forward's submodule name in `owner`
     remove: list = field(default_factory=list)  # what `owner` loses: its parameters, buffers, submodules run
-
-
-@dataclass
-class InlineTerm:
-    event: OpEvent
-    value: int
-    desc: str
-    scale: Any
-    root: int  # event id of the sum this term belongs to
-    host: str
-    target: str = ""
-    param: Any = None  # Value of the parameter the weight is a view of
-    absorber: Absorber | None = None
-    reason: str | None = None
-
-    @property
-    def one(self) -> bool:
-        return bool((self.scale == 1).all())
-
-
-@dataclass
-class InlineFusion(Match):
-    terms: list[InlineTerm] = field(default_factory=list)
-    params: list = field(default_factory=list)  # Values set to 1
+    home: str = ""  # the path the trailing children are named relative to
+    bound: bool = True  # False: regenerating an unbound forward of an earlier version (children inside it)
 
 
 class FoldFusion(Pass):
@@ -112,7 +84,10 @@ class FoldFusion(Pass):
         for call in g.calls:
             if any(call.start >= c.call.start and call.end <= c.call.end and call is not c.call for c in cands):
                 continue
-            c = candidate(g, call)
+            parent = g.call(call.parent) if call.parent is not None else None
+            bound = parent is not None and weighted_sum.generated_forward(parent.module) is call.module \
+                and vars(parent.module).get("forward") is not call.module  # a bound generated forward
+            c = candidate(g, call, parent.path if bound else None)
             if isinstance(c, Candidate):
                 cands.append(c)
             elif isinstance(c, str):
@@ -129,8 +104,7 @@ class FoldFusion(Pass):
                 if m is not None:
                     yield m
         reported: set[int] = set()
-        for item in self._inline(g, replaced, refused, reported):
-            yield item
+        yield from inline_matches(ctx, replaced, refused, reported)
         for cid, reason in refused.items():  # weighted sums nothing else said anything about
             if cid not in reported:
                 yield Skipped(g.call(cid).path, reason)
@@ -151,7 +125,9 @@ class FoldFusion(Pass):
             return "it receives tensors as keyword arguments"
         if len(call_args.paths) != len(call.inputs):
             return "its arguments changed between two runs"
-        sig = weighted_sum.signature_spec(module, len(call_args.args), tuple(call_args.kwargs))
+        bound = parent is not None and call_args.args and call_args.args[0] is parent.module  # (owner, *args)
+        sig = weighted_sum.signature_spec(parent.module if bound else module, len(call_args.args) - bound,
+                                          tuple(call_args.kwargs))
         if isinstance(sig, str):
             return sig
         out_shape = g.value(c.out_value).shape
@@ -167,7 +143,7 @@ class FoldFusion(Pass):
         if layout is None:
             return "its inputs overlap in some channels and not in others (neither a sum nor a concatenation)"
         for v, k, o in zip(c.read, p.coefficients, p.offsets):
-            t = Term(v, describe_value(g, v, call), g.value(v).shape[1], k, path=call_args.paths[c.slots[v][0]], offset=o)
+            t = Term(v, describe_value(g, v, call), g.value(v).shape[1], k, path=_shift(call_args.paths[c.slots[v][0]], bound), offset=o)
             if not t.one:
                 full = torch.ones(t.channels, dtype=torch.float64)
                 full[:k.numel()] = k
@@ -197,138 +173,22 @@ class FoldFusion(Pass):
             return Skipped(call.path, f"its weights are plain parameters and no layer can absorb them ({why})")
         args, varargs = sig
         dtype = g.value(c.out_value).dtype
-        target, owner, name, remove = _owner(g, call, parent)
+        target, owner, name, remove, bound = _owner(g, call, parent, c.chain)
         why = _kept_elsewhere(g, owner, remove, call, target)
         if why is not None:
             return why
         return ModuleFusion(target=target, cand=c, terms=terms, out_channels=p.out_channels, bias=p.bias,
                             bias_term=bias_term, args=args, varargs=varargs, dtype=dtype, ndim=len(out_shape),
-                            layout=layout, owner=owner, forward_name=name, remove=remove)
-
-    # -- inline weighted sums --------------------------------------------------------------
-    def _inline(self, g: DataflowGraph, replaced: set[int], refused: dict[int, str],
-                reported: set[int]) -> Iterable[Match | Skipped]:
-        inside = set()
-        for cid in replaced:
-            c = g.call(cid)
-            inside.update(range(c.start, c.end))
-        terms: list[InlineTerm] = []
-        for ev in g.events:
-            if ev.id in inside or (ev.name not in MUL and ev.name not in DIV):
-                continue
-            t = _inline_term(g, ev)
-            if t is not None:
-                terms.append(t)
-        if not terms:
-            return
-        # name each sum: host path + its index among the weighted sums of that host
-        roots: dict[str, list[int]] = {}
-        for t in terms:
-            lst = roots.setdefault(t.host, [])
-            if t.root not in lst:
-                lst.append(t.root)
-        for t in terms:
-            lst = roots[t.host]
-            host = t.host or "the model"
-            t.target = f"{host}: weighted sum" + (f" {lst.index(t.root) + 1}" if len(lst) > 1 else "")
-        by_event = {t.event.id: t for t in terms}
-        live = [t for t in terms if not t.one]
-        # a module that probing showed to be a weighted sum at the recorded size only: its
-        # weights do not move as inline ones either (the sum would be wrong at other sizes)
-        size_dependent = [(g.call(cid), why) for cid, why in refused.items() if isinstance(why, SizeDependent)]
-        for t in live:
-            for c, why in size_dependent:
-                if c.start <= t.event.id < c.end:
-                    t.reason = f"{c.path} is a weighted sum at the recorded input size only ({why})"
-                    break
-        for t in live:
-            if t.reason is not None:
-                continue
-            operand = _const_operand(g, t.event)
-            root = g.const_root(operand) if operand is not None else None
-            if root is None:
-                t.reason = (f"its weight is computed inline in {t.host or 'the model'}.forward "
-                            f"({_computation(g, operand)}); without editing that code the multiply stays")
-                continue
-            t.param = root
-            a = find_absorber(g, t.value, t.scale, {t.event.id})
-            if isinstance(a, str):
-                t.reason = a
-            else:
-                t.absorber = a
-        # a parameter is set to 1 only if every read of it is a weight that moves (or is 1)
-        by_param: dict[int, list[InlineTerm]] = {}
-        for t in live:
-            if t.param is not None:
-                by_param.setdefault(t.param.id, []).append(t)
-        for pid, ts in by_param.items():
-            pv = g.value(pid)
-            problem = None
-            if any(w.version_of == pid for w in g.values):
-                problem = f"{pv.name} is modified in the forward"
-            why = None if problem else unwritable(g, pv.tensor, pv.name)
-            if why is not None:
-                problem = f"it cannot be set to 1: {why}"
-            for e in _view_leaves(g, pid):
-                if problem:
-                    break
-                u = by_event.get(e)
-                if u is None:
-                    problem = f"{pv.name} is also read by {describe_use(g, e)}"
-                elif not u.one and u.absorber is None:
-                    problem = f"{pv.name} also weighs {u.desc}, whose weight cannot move ({u.reason})"
-            if problem:
-                for t in ts:
-                    if t.reason is None:
-                        t.reason, t.absorber = problem, None
-        # one match per group of sums linked by a shared parameter
-        parent: dict[int, int] = {}
-
-        def find(x: int) -> int:
-            while parent.setdefault(x, x) != x:
-                x = parent[x]
-            return x
-
-        for t in live:
-            if t.param is not None:
-                parent[find(t.root)] = find(-1 - t.param.id)
-        groups: dict[int, list[InlineTerm]] = {}
-        for t in live:
-            groups.setdefault(find(t.root), []).append(t)
-        for ts in groups.values():
-            ok = [t for t in ts if t.absorber is not None]
-            reported.update(g.event(t.root).scope for t in ts)
-            for t in ts:
-                if t.absorber is None:
-                    note = refused.get(g.event(t.root).scope)
-                    why = t.reason + (f"; the module as a whole is not rewritten either ({note})"
-                                      if note and note not in t.reason else "")
-                    yield Skipped(t.target, f"{t.desc} ×{_fmt(t.scale)}: {why}")
-            if ok:
-                params = list({id(t.param): t.param for t in ok}.values())
-                yield InlineFusion(target=ok[0].target, terms=ok, params=params)
+                            layout=layout, owner=owner, forward_name=name, remove=remove,
+                            home=target if bound else call.path, bound=bound)
 
     # -- rewriting -------------------------------------------------------------------------
     def rewrite(self, ctx: TorchContext, m: Match) -> Applied | Skipped:
         if isinstance(m, InlineFusion):
-            return self._rewrite_inline(ctx, m)
+            return rewrite_inline(ctx, m)
+        if isinstance(m, ForwardFusion):
+            return rewrite_forward(ctx, m)
         return self._rewrite_module(ctx, m)
-
-    def _rewrite_inline(self, ctx: TorchContext, m: InlineFusion) -> Applied:
-        ed = ctx.editor
-        for t in m.terms:
-            t.absorber.apply(ed, t.scale)
-        for p in m.params:
-            ed.neutralise(p.tensor, 1.0)
-        parts = [f"{t.desc} ×{_fmt(t.scale)} → {t.absorber.describe()}" for t in m.terms]
-        names = ", ".join(p.name for p in m.params)
-        detail = "; ".join(parts) + f"; {names} set to 1"
-        return Applied(m.target, detail, {
-            "kind": "inline",
-            "inputs": [{"input": t.desc, "weight": _values(t.scale), "absorbed_by": t.absorber.path,
-                        "conv": t.absorber.conv, "through": t.absorber.through} for t in m.terms],
-            "neutralised": [p.name for p in m.params],
-        })
 
     def _rewrite_module(self, ctx: TorchContext, m: ModuleFusion) -> Applied:
         import torch
@@ -365,15 +225,17 @@ class FoldFusion(Pass):
             spec["bias"] = list(buf.shape)
         children = {}
         for child in c.chain:
-            rel = child.path[len(c.call.path) + 1:]
+            rel = child.path[len(m.home) + 1:] if m.home else child.path
             children[rel] = child.module
             spec["children"].append({"name": rel, "module": ed.spec_for(child.module)})
-        new = weighted_sum.build_module(spec, tensors, children)
         if m.owner is None:  # a module of an earlier version's format, or one whose forward cannot be set
-            ed.replace(module, new, spec)
+            ed.replace(module, weighted_sum.build_module(spec, tensors, children), spec)
             where = None
-        else:
-            where = ed.set_forward(m.owner, new, spec, m.forward_name, m.remove)
+        elif not m.bound:  # an earlier version's unbound forward, its children inside it: as it was
+            where = ed.set_forward(m.owner, weighted_sum.build_module(spec, tensors, children), spec, m.forward_name, m.remove)
+        else:  # the module's generated forward (the children stay the module's)
+            gspec, new = weighted_sum.owner_forward(spec, tensors)
+            where = ed.set_forward(m.owner, new, gspec, m.forward_name, m.remove, bind=True)
         shown = m.owner if m.owner is not None else module
         return Applied(m.target, _module_detail(shown, m, where), _module_data(shown, m, where))
 
@@ -382,29 +244,31 @@ class FoldFusion(Pass):
 # helpers
 
 
-def _owner(g: DataflowGraph, call: Any, parent: Any) -> tuple[str, Any, str, list[str]]:
-    """Where the generated sum goes: ``(target, owner, name, remove)``.
+def _owner(g: DataflowGraph, call: Any, parent: Any, chain: list) -> tuple[str, Any, str, list[str], bool]:
+    """Where the generated sum goes: ``(target, owner, name, remove, bound)``.
 
     A fusion module keeps its object and runs the generated module as its forward (``owner`` is
     the module itself; it loses its parameters and buffers -- what they computed is folded or
-    the generated module's constants -- and the submodules its forward ran: the trailing ones
-    move into the generated module). A generated forward found again (a later round: a weight
-    it kept can move now) is regenerated in the module it serves (``owner`` is that one, the
-    target its path). A module written by an earlier version (the generated module in place of
-    the fusion module) or one whose instance ``forward`` would not survive pickling is replaced
-    as a whole (``owner`` is ``None``)."""
+    the generated module's constants -- and the submodules its forward ran but the trailing
+    ones the sum leads to). A generated forward found again (a later round: a weight it kept
+    can move now) is regenerated in the module it serves (``owner`` is that one, the target its
+    path; an earlier version's unbound one, holding the trailing children, as it was: ``bound``
+    false). A module written by an earlier version (the generated module in place of the fusion
+    module) or one whose instance ``forward`` would not survive pickling is replaced as a whole
+    (``owner`` is ``None``)."""
     module = call.module
     if parent is not None and weighted_sum.generated_forward(parent.module) is module:
         name = next(n for n, m in parent.module._modules.items() if m is module)
-        return parent.path, parent.module, name, [name]
+        return parent.path, parent.module, name, [name], vars(parent.module).get("forward") is not module
     if weighted_sum.is_generated(module) or not weighted_sum.can_take_forward(module):
-        return call.path, None, "", []
+        return call.path, None, "", [], False
     ran = {id(k.module) for k in g.calls if k is not call and call.start <= k.start and k.end <= call.end}
+    stay = {k.path[len(call.path) + 1:].split(".")[0] for k in chain}
     remove = list(module._parameters) + list(module._buffers)
     for n, child in module._modules.items():
-        if child is not None and any(id(s) in ran for s in child.modules()):
+        if child is not None and n not in stay and any(id(s) in ran for s in child.modules()):
             remove.append(n)
-    return call.path, module, weighted_sum.free_name(module, remove), remove
+    return call.path, module, weighted_sum.free_name(module, remove), remove, True
 
 
 def _kept_elsewhere(g: DataflowGraph, owner: Any, remove: list[str], call: Any, target: str) -> str | None:
@@ -436,6 +300,11 @@ def _kept_elsewhere(g: DataflowGraph, owner: Any, remove: list[str], call: Any, 
     return None
 
 
+def _shift(path: tuple, bound: bool) -> tuple:
+    """An argument path of a bound generated forward's call, as the module it serves takes it."""
+    return (path[0] - 1,) + tuple(path[1:]) if bound else tuple(path)
+
+
 def _layout(p: Any, channels: list[int]) -> str | None:
     """"sum" when every input starts at channel 0; "cat" when whole inputs follow one another
     and fill the output; ``None`` otherwise."""
@@ -449,115 +318,6 @@ def _layout(p: Any, channels: list[int]) -> str | None:
     return "cat" if pos == p.out_channels else None
 
 
-def _inline_term(g: DataflowGraph, ev: OpEvent) -> InlineTerm | None:
-    """``x * w`` / ``w * x`` / ``x / w`` with ``w`` a constant tensor and the product summed
-    with another feature map."""
-    a0, a1 = (ev.args + (None, None))[:2]
-    refs = [a for a in (a0, a1) if isinstance(a, Ref)]
-    if len(refs) != 2 or not ev.outputs:
-        return None
-    var = [r for r in refs if not g.value(r.value).const]
-    const = [r for r in refs if g.value(r.value).const]
-    if len(var) != 1 or len(const) != 1:
-        return None
-    x = var[0].value
-    if ev.name in DIV and a0 != var[0]:
-        return None
-    r = elementwise_affine(g, ev, x, 1)
-    if r is None:
-        return None
-    cur = ev.outputs[0]
-    nxt = _single_reader(g, cur)
-    if nxt is not None and _adds_zero(nxt, cur):  # ``sum(w[i] * x_i ...)`` starts from the int 0
-        cur = nxt.outputs[0]
-        nxt = _single_reader(g, cur)
-    if nxt is None or nxt.name not in ADD | SUB | RSUB:
-        return None
-    if not any(i != cur and not g.value(i).const for i in nxt.inputs):
-        return None
-    root = nxt
-    while root.outputs:
-        u = g.uses(root.outputs[0])
-        if len(u) != 1 or u[0] == OUTPUT:
-            break
-        e = g.event(u[0])
-        if e.name not in ADD | SUB | RSUB or e.scope != root.scope:
-            break
-        root = e
-    host = g.call(root.scope).path
-    scope_call = g.call(root.scope)
-    return InlineTerm(ev, x, describe_value(g, x, scope_call), r[0].scale, root.id, host)
-
-
-def _single_reader(g: DataflowGraph, vid: int) -> OpEvent | None:
-    """The one op reading ``vid``; ``None`` when it has several readers or is a model output."""
-    uses = g.uses(vid)
-    if len(uses) != 1 or uses[0] == OUTPUT:
-        return None
-    return g.event(uses[0])
-
-
-def _adds_zero(ev: OpEvent, vid: int) -> bool:
-    """Is ``ev`` ``vid + 0`` (or ``0 + vid``), the start of a Python ``sum()``?"""
-    if ev.name not in ADD or ev.inplace or len(ev.outputs) != 1 or len(ev.args) < 2:
-        return False
-    a0, a1 = ev.args[:2]
-    other = a1 if a0 == Ref(vid) else a0 if a1 == Ref(vid) else None
-    return isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0
-
-
-def _const_operand(g: DataflowGraph, ev: OpEvent) -> int | None:
-    """The constant operand of a weighting ``x * w`` / ``w * x`` / ``x / w`` (the divisor of a
-    division: :func:`_inline_term` accepts no ``w / x``)."""
-    for a in ev.args[:2]:
-        if isinstance(a, Ref) and g.value(a.value).const:
-            return a.value
-    return None
-
-
-def _computation(g: DataflowGraph, vid: int | None) -> str:
-    """``relu, sum, add, div of w`` for a constant computed from parameters."""
-    if vid is None:
-        return "a computation"
-    ops: list[str] = []
-    params: list[str] = []
-    stack, seen = [vid], set()
-    while stack and len(seen) < 64:
-        v = stack.pop()
-        if v in seen:
-            continue
-        seen.add(v)
-        val = g.value(v)
-        if val.is_param:
-            if val.name and val.name not in params:
-                params.append(val.name)
-            continue
-        ev = g.producer(v)
-        if ev is None:
-            continue
-        name = ev.name.replace("Tensor.", "").strip("_")
-        if name not in ops:
-            ops.insert(0, name)
-        stack.extend(ev.inputs)
-    what = ", ".join(ops) or "a computation"
-    return f"{what} of {', '.join(params)}" if params else what
-
-
-def _view_leaves(g: DataflowGraph, vid: int) -> list[int]:
-    """Events reading value ``vid`` through pure views (the views themselves excluded)."""
-    out = []
-
-    def step(v: int, e: int) -> list[int]:
-        ev = g.event(e) if e != OUTPUT else None
-        if ev is not None and ev.name in VIEW_OPS and ev.inputs and ev.inputs[0] == v and not ev.inplace:
-            return ev.outputs
-        out.append(e)
-        return []
-
-    g.walk_uses(vid, step)
-    return list(dict.fromkeys(out))
-
-
 def _buffer(vec: Any, ndim: int, dtype: Any, store: Any) -> Any:
     """A constant for the replacement: a 0-d tensor if all channels share one value, else
     ``(1, C, 1, ...)``; rounded to the dtype it will be saved in."""
@@ -568,18 +328,6 @@ def _buffer(vec: Any, ndim: int, dtype: Any, store: Any) -> Any:
     if store is not None and store != dtype:
         t = t.to(store)
     return t.to(dtype).contiguous()
-
-
-def _fmt(vec: Any) -> str:
-    if vec.numel() == 1 or bool((vec == vec[0]).all()):
-        return f"{float(vec[0]):.4g}"
-    return f"per-channel[{vec.numel()}] {float(vec.min()):.3g}…{float(vec.max()):.3g}"
-
-
-def _values(vec: Any) -> Any:
-    if vec.numel() == 1 or bool((vec == vec[0]).all()):
-        return float(vec[0])
-    return [float(x) for x in vec]
 
 
 def _module_detail(module: Any, m: ModuleFusion, where: str | None) -> str:
@@ -625,7 +373,7 @@ def _module_data(module: Any, m: ModuleFusion, where: str | None) -> dict:
         "forward": where,
         # ...or, for a module written by an earlier version, what replaced it as a whole
         "replaced_by": "torch.fx.GraphModule" if where is None else None,
-        # the trailing child modules, where they are now (in the generated module)
-        "chain": [f"{where}.{c.path[len(m.cand.call.path) + 1:]}" if where is not None else c.path
+        # the trailing child modules, where they are now (the module's own, or, unbound, in the generated one)
+        "chain": [f"{where}.{c.path[len(m.home) + 1:]}" if where is not None and not m.bound else c.path
                   for c in m.cand.chain],
     }
