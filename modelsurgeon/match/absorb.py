@@ -7,7 +7,8 @@
   ``beta' = k * beta`` (the BatchNorm itself is left to fold-bn);
 
 and the walk may cross ops that commute with a per-channel scale, each of whose inputs is read
-by that op only: resampling and average pooling (linear, per channel), and -- when every ``k`` is
+by that op only: resampling, average pooling and zero padding (linear, per channel: the
+"same"-padded pooling of TensorFlow ports pads, then pools), and -- when every ``k`` is
 non-negative -- ReLU, LeakyReLU and max pooling (positively homogeneous: ``f(k x) = k f(x)``).
 An additive per-channel constant can only be absorbed directly (nothing crossed): it becomes
 part of the bias. A tensor the layer would write must be registered by that one module (not
@@ -147,7 +148,7 @@ def find_absorber(g: DataflowGraph, vid: int, scale: Any, allowed: set[int]) -> 
             return _conv_absorber(g, ev, cur, through)
         if ev.name in BATCH_NORM:
             return _bn_absorber(g, ev, cur, through)
-        if ev.name in POSITIVE_PASS or ev.name in LINEAR_PASS:
+        if ev.name in POSITIVE_PASS or ev.name in LINEAR_PASS or _zero_pad(ev):
             if ev.name in POSITIVE_PASS and not nonneg:
                 return f"a weight is negative, so it cannot be moved through the {ev.name} in {where}"
             src = ev.args[0] if ev.args else None
@@ -164,6 +165,11 @@ def find_absorber(g: DataflowGraph, vid: int, scale: Any, allowed: set[int]) -> 
             continue
         return f"it comes from {ev.name} in {where}, which a weight cannot be moved through"
     return "its producer chain is too long"  # pragma: no cover
+
+
+def _zero_pad(ev: OpEvent) -> bool:
+    """``F.pad(x, pad)`` with zeros (a constant pad of 0 commutes with any per-channel scale)."""
+    return ev.name == "pad" and ev.arg(2, "mode", "constant") == "constant" and ev.arg(3, "value", None) in (None, 0)
 
 
 def _conv_absorber(g: DataflowGraph, ev: OpEvent, cur: int, through: list[str]) -> Absorber | str:
