@@ -13,7 +13,7 @@ from __future__ import annotations
 import builtins
 from typing import Any
 
-from .program import Program, owned_tensors
+from .program import Program
 from .spec import inplace, owner_path
 
 RANDOM = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
@@ -53,7 +53,8 @@ def _mutated(prog: Program) -> set:
 
 def constness(prog: Program) -> dict:
     """node -> is it constant (see the module docstring)."""
-    owned = set(owned_tensors(prog.owner).values())
+    owned = {n for n, t in list(prog.owner.named_parameters(remove_duplicate=False))
+             + list(prog.owner.named_buffers(remove_duplicate=False)) if t is not None}
     mutated = _mutated(prog)
     const: dict = {}
     for n in prog.graph.nodes:
