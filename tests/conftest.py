@@ -49,6 +49,25 @@ def run_console(*args: str | Path, env: dict | None = None, timeout: float = 300
     return Result(p.returncode, p.stdout, p.stderr)
 
 
+def run_without_modelsurgeon(model_path: Path, x_path: Path, out_path: Path, show: str) -> list[str]:
+    """Load a pickled model with torch alone (``modelsurgeon`` cannot be imported), deep-copy
+    it, save ``[model(x), copy(x)]`` to ``out_path``; returns the words ``show`` (an expression
+    of ``m`` and ``c``, the model and its copy) printed."""
+    code = (
+        "import copy, sys; sys.modules['modelsurgeon'] = None\n"
+        "import torch\n"
+        f"m = torch.load({str(model_path)!r}, weights_only=False)\n"
+        f"x = torch.load({str(x_path)!r})\n"
+        "c = copy.deepcopy(m)\n"
+        f"print(*({show}))\n"
+        f"torch.save([m(x), c(x)], {str(out_path)!r})\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                       env={"PYTHONPATH": str(Path(__file__).parent), "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr
+    return p.stdout.split()
+
+
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory) -> Path:
     """The example checkpoints (examples/build.py), built once per test session."""

@@ -7,15 +7,13 @@ output type round-trips. BatchNorm statistics, affine parameters and fusion weig
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import bifpn_models as bm
 import modelsurgeon as ms
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_without_modelsurgeon
 from modelsurgeon.capture import capture
 
 SHAPE = (1, 3, 32, 32)
@@ -104,19 +102,9 @@ def test_pt_output_loads_with_torch_alone(tmp_path):
     x = torch.randn(2, 3, 32, 64)
     expected = torch.load(src, weights_only=False)(x)
     torch.save(x, tmp_path / "x.pt")
-    code = (
-        "import copy, sys; sys.modules['modelsurgeon'] = None\n"
-        "import torch\n"
-        f"m = torch.load({str(out)!r}, weights_only=False)\n"
-        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
-        "c = copy.deepcopy(m)\n"
-        "print(type(m.bifpn[0]).__name__, type(c.bifpn[1]).__name__, type(m.bifpn[0].fused).__name__)\n"
-        f"torch.save([m(x), c(x)], {str(tmp_path / 'y.pt')!r})\n"
-    )
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
-                       env={"PYTHONPATH": str(ROOT / "tests"), "PATH": "/usr/bin:/bin"})
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["BiFPN", "BiFPN", "GraphModule"]
+    shown = run_without_modelsurgeon(out, tmp_path / "x.pt", tmp_path / "y.pt",
+                                     "type(m.bifpn[0]).__name__, type(c.bifpn[1]).__name__, type(m.bifpn[0].fused).__name__")
+    assert shown == ["BiFPN", "BiFPN", "GraphModule"]
     for got in torch.load(tmp_path / "y.pt"):
         assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(got, expected))
 

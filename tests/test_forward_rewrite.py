@@ -10,15 +10,13 @@ from __future__ import annotations
 import copy
 import io
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import run_without_modelsurgeon
 from modelsurgeon.capture import capture
 from modelsurgeon.rewrite import forward
 from modelsurgeon.rewrite.forward import spec as fspec
@@ -106,19 +104,10 @@ def test_generated_forward_survives_pickling_without_modelsurgeon_and_deepcopy(t
     expected = model(x)
     torch.save(model, tmp_path / "m.pt")
     torch.save(x, tmp_path / "x.pt")
-    code = (
-        "import copy, sys; sys.modules['modelsurgeon'] = None\n"
-        "import torch\n"
-        f"m = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)\n"
-        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
-        "c = copy.deepcopy(m)\n"
-        "print(type(m.block).__name__, m.block.forward.args[0] is m.block, c.block.forward.args[0] is c.block)\n"
-        f"torch.save([m(x), c(x)], {str(tmp_path / 'y.pt')!r})\n"
-    )
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env={"PYTHONPATH": str(ROOT / "tests"), "PATH": "/usr/bin:/bin"})
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["RepVGGBlock", "True", "True"]
+    shown = run_without_modelsurgeon(tmp_path / "m.pt", tmp_path / "x.pt", tmp_path / "y.pt",
+                                     "type(m.block).__name__, m.block.forward.args[0] is m.block, "
+                                     "c.block.forward.args[0] is c.block")
+    assert shown == ["RepVGGBlock", "True", "True"]
     assert all(torch.equal(y, expected) for y in torch.load(tmp_path / "y.pt"))
     clone = copy.deepcopy(model)  # its own generated forward, bound to the copy
     assert clone.block.fused is not model.block.fused and clone.block.forward.args[0] is clone.block

@@ -129,20 +129,26 @@ def open_forwards(g: DataflowGraph, calls: list[ModuleCall], model: Any, inputs:
         pending = {cid: p for cid, p in plans.items() if checked[cid] < OTHER_SIZES and cid not in out}
         if not pending:
             break
+        by_owner = {id(p.owner): cid for cid, p in pending.items()}
+        verdict: dict[int, list[bool]] = {cid: [] for cid in pending}
+
+        def check(module: Any, seen: Any) -> None:
+            p = pending[by_owner[id(module)]]
+            try:
+                verdict[by_owner[id(module)]].append(same(run(p.prog, p.prog.constants, seen), seen.output))
+            except Exception:
+                verdict[by_owner[id(module)]].append(False)
+
         try:
-            obs = observe(model, variant, [p.owner for p in pending.values()], {id(p.owner): 1 for p in pending.values()})
+            observe(model, variant, [p.owner for p in pending.values()], {id(p.owner): 1 for p in pending.values()},
+                    on_call=check)
         except Exception:
             continue  # the model does not run at that size: try the next
         shape = " and ".join("x".join(map(str, t.shape)) for t in variant if hasattr(t, "shape"))
         for cid, p in pending.items():
-            got = obs.get(id(p.owner), [])
-            if len(got) != 1:
-                continue
-            try:
-                ok = same(run(p.prog, p.prog.constants, got[0]), got[0].output)
-            except Exception:
-                ok = False
-            if ok:
+            if len(verdict[cid]) != 1:
+                continue  # not called once at that size (a branch of the host): no evidence either way
+            if verdict[cid][0]:
                 checked[cid] += 1
             else:
                 out[cid] = Refused(NOT_REPRODUCED, f"its {'traced' if p.source != 'recording' else 'recorded'} forward "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import builtins
 from typing import Any
 
-from .program import Program
+from .program import Program, free_name
 from .spec import inplace, owner_path
 
 RANDOM = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
@@ -130,7 +130,7 @@ def fold(prog: Program) -> int:
         size = sum(int(value(a).numel()) for a in _leaves(n, const, prog) if isinstance(value(a), torch.Tensor))
         if r.numel() > max(1024, MAX_GROWTH * size):
             continue
-        name = _free(prog, "c_" + n.name)
+        name = free_name(set(prog.constants) | {x.name for x in prog.graph.nodes}, "c_" + n.name)
         prog.constants[name] = r.detach().clone().contiguous()
         with prog.graph.inserting_after(prog._last_placeholder()):
             c = prog.graph.get_attr(name)
@@ -155,15 +155,6 @@ def _leaves(n: Any, const: dict, prog: Program) -> list:
         else:
             stack.extend(a for a in x.all_input_nodes if a is not prog.owner_node)
     return out
-
-
-def _free(prog: Program, base: str) -> str:
-    taken = set(prog.constants) | {n.name for n in prog.graph.nodes}
-    name, i = base, 0
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    return name
 
 
 def dead_code(prog: Program) -> None:

@@ -125,10 +125,12 @@ class _Done(Exception):
 
 
 def observe(model: Any, inputs: list, modules: list, counts: dict[int, int],
-            children: dict[int, list] | None = None) -> dict[int, list[Seen]]:
+            children: dict[int, list] | None = None, on_call: Any = None) -> dict[int, list[Seen]]:
     """Run ``model(*inputs)``; for each module of ``modules`` (``counts``: how many calls to
     wait for, by ``id``), every call's :class:`Seen`, with the structure of its calls of the
-    modules ``children`` lists for it (by ``id``). Raises what the model raises."""
+    modules ``children`` lists for it (by ``id``). With ``on_call(module, seen)`` each call is
+    handed over when it ends and not kept (only one call's arguments are held at a time).
+    Raises what the model raises."""
     import torch
     from torch.nn.modules import module as torch_module
 
@@ -147,12 +149,17 @@ def observe(model: Any, inputs: list, modules: list, counts: dict[int, int],
 
     def pre(mod, args, kwargs):
         seen = Seen(clone(args), clone(kwargs))
-        found[id(mod)].append(seen)
+        if on_call is None:
+            found[id(mod)].append(seen)
         open_calls.setdefault(id(mod), []).append(seen)
 
     def post(mod, _args, _kwargs, output):
         seen = open_calls[id(mod)].pop()
-        seen.output = clone(output)
+        if on_call is not None:
+            seen.output = output  # (compared right away, before the host can change it)
+            on_call(mod, seen)
+        else:
+            seen.output = clone(output)
         remaining[0] -= 1
         if remaining[0] <= 0:
             raise _Done
