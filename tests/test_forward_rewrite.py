@@ -203,6 +203,29 @@ def test_parameter_only_expressions_become_constants_and_nothing_else_changes():
         assert torch.equal(model(x), original(x))  # the same ops on the same numbers: bit for bit
 
 
+def test_a_value_set_to_a_constant_and_a_child_call_replaced():
+    torch.manual_seed(0)
+    model = Net(Weighted()).eval()
+    block = model.block
+    w = torch.softmax(block.w.detach(), 0)
+    g, call, plan = _open(model, block)
+    (a_call,), (b_call,) = g.calls_of(block.a), g.calls_of(block.b)
+    doubled = copy.deepcopy(block.b)
+    with torch.no_grad():
+        doubled.weight.mul_(2)
+        doubled.bias.mul_(2)
+    const = torch.randn(X)
+    plan.set_constant(a_call.outputs[0], const)
+    assert plan.replace_call(b_call, doubled, "b2") == "b2"
+    done = plan.commit(ModuleEditor(model, None))
+    assert sorted(done.removed) == ["a", "b", "w"] and done.added == ["b2"] and block.b2 is doubled
+    x = torch.randn(X)
+    with torch.no_grad():
+        stem = model.stem(x)
+        expected = model.head(w[0] * const + w[1] * doubled(stem))
+    assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_an_edit_on_a_value_changed_in_place_later_is_refused():
     class InPlace(nn.Module):
         def __init__(self):

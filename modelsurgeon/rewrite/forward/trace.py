@@ -53,6 +53,8 @@ def traced(owner: Any) -> Program | Refused:
             owner.__dict__[k] = before[k]
     if changed:
         return Refused(UNTRACEABLE, f"tracing it changed its attribute {changed[0]}")
+    if any(n.op == "placeholder" and str(n.target).startswith("**") for n in g0.nodes):
+        return Refused(UNTRACEABLE, "its forward takes **kwargs")
     g = fx.Graph()
     taken = {n.target.lstrip("*") for n in g0.nodes if n.op == "placeholder"} | {n.name for n in g0.nodes}
     owner_node = g.placeholder(free_name(taken, "m"))
