@@ -10,7 +10,7 @@ from typing import Any
 
 from ..capture.graph import OUTPUT, VIEW_OPS, DataflowGraph, OpEvent, Ref
 from .absorb import Absorber, describe_value
-from .affine import ADD, DIV, MUL, RSUB, SUB, elementwise_affine
+from .affine import ADD, DIV, MUL, RSUB, SUB, _per_channel, elementwise_affine
 
 
 @dataclass
@@ -158,3 +158,51 @@ def view_leaves(g: DataflowGraph, vid: int) -> list[int]:
 
     g.walk_uses(vid, step)
     return list(dict.fromkeys(out))
+
+
+def exact_constant(g: DataflowGraph, vid: int, depth: int = 0) -> Any:
+    """A recorded constant recomputed in float64 from the parameters, by the recorded ops (what
+    a weight computed in the model's dtype is meant to be), or ``None`` when it cannot be."""
+    import torch
+
+    v = g.value(vid)
+    t = v.tensor
+    if v.is_param or g.producer(vid) is None:
+        return None if t is None else t.detach().to(torch.float64) if t.is_floating_point() else t
+    ev = g.producer(vid)
+    if ev.inplace or len(ev.outputs) != 1 or depth > 64:
+        return None
+    missing = []
+
+    def sub(a: Any) -> Any:
+        if isinstance(a, Ref):
+            c = exact_constant(g, a.value, depth + 1)
+            if c is None:
+                missing.append(a)
+            return c
+        if isinstance(a, (list, tuple)) and not hasattr(a, "_fields"):
+            return type(a)(sub(x) for x in a)
+        if isinstance(a, dict):
+            return {k: sub(x) for k, x in a.items()}
+        return a
+
+    args, kwargs = sub(tuple(ev.args)), sub(dict(ev.kwargs))
+    if missing:
+        return None
+    try:
+        with torch.no_grad():
+            r = ev.func(*args, **kwargs)
+    except Exception:
+        return None
+    return r if isinstance(r, torch.Tensor) and r.dtype == torch.float64 else None
+
+
+def exact_scale(g: DataflowGraph, t: InlineTerm) -> Any:
+    """The term's per-channel weight from its constant recomputed in float64 (its recorded
+    value's when that cannot be done)."""
+    operand = const_operand(g, t.event)
+    c = exact_constant(g, operand) if operand is not None else None
+    vec = _per_channel(c, g.value(t.value).shape, 1) if c is not None else None
+    if vec is None or vec.shape != t.scale.shape:
+        return t.scale
+    return 1.0 / vec if t.event.name in DIV else vec

@@ -19,7 +19,7 @@ from ...capture.graph import DataflowGraph
 from ...match.absorb import describe_use, find_absorber
 from ...match.conv import unwritable
 from ...match.fusion import SizeDependent
-from ...match.inline_sum import InlineTerm, computation, const_operand, inline_terms, view_leaves
+from ...match.inline_sum import InlineTerm, computation, const_operand, exact_scale, inline_terms, view_leaves
 from ...rewrite import forward
 from ..base import Applied, Match, Skipped, TorchContext
 
@@ -85,6 +85,8 @@ def inline_matches(ctx: TorchContext, replaced: set[int], refused: dict[int, str
         if t.reason is None and not t.one:
             operand = const_operand(g, t.event)
             t.param = g.const_root(operand) if operand is not None else None
+            if t.param is None:  # computed in the model's dtype: the weight it stands for, in float64
+                t.scale = exact_scale(g, t)
             a = find_absorber(g, t.value, t.scale, {t.event.id})
             t.reason, t.absorber = (a, None) if isinstance(a, str) else (None, a)
     hosts: dict[int, list[InlineTerm]] = {}
