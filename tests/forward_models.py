@@ -53,6 +53,19 @@ class Conv(nn.Module):
         return self.act(self.conv(x))
 
 
+class PlainConv(nn.Module):
+    """conv, BN, SiLU with no fused forward of its own."""
+
+    def __init__(self, c1, c2, k=1):
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c2, k, 1, k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(c2)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
 class Net(nn.Module):
     """A host whose ``fuse()`` is written the way YOLOv5 writes it."""
 

@@ -22,7 +22,8 @@ from modelsurgeon.rewrite import forward
 from modelsurgeon.rewrite.forward import spec as fspec
 from modelsurgeon.rewrite.modules import ModuleEditor
 from modelsurgeon.rewrite.recipe import Recipe, apply
-from forward_models import X, Conv, DataBranch, FixedSize, Net, OwnCall, RepVGGBlock, SizeBaked, Untraceable, Weighted
+from forward_models import (X, Conv, DataBranch, FixedSize, Net, OwnCall, PlainConv, RepVGGBlock, SizeBaked, Untraceable,
+                            Weighted)
 from testmodels import randomize_all
 
 
@@ -153,6 +154,26 @@ def test_a_folded_child_is_removed_the_way_yolov5_fuse_removes_it():
     x = torch.randn(2, 4, 9, 7)
     assert torch.allclose(model(x), original(x), rtol=1e-5, atol=1e-6)
     assert torch.equal(model.block(x), model.block.forward_fuse(x))
+
+
+def test_a_placeholder_fold_bn_left_goes_where_the_host_has_no_fused_forward():
+    """fold-bn leaves an ``nn.Identity`` where a BatchNorm was when the class has no fused
+    forward to switch to; ``remove_child`` removes it the way a host's ``fuse()`` would."""
+    import modelsurgeon as ms
+
+    torch.manual_seed(0)
+    model = randomize_all(Net(PlainConv(4, 4, 3)), 3).eval()
+    original = copy.deepcopy(model)
+    assert ms.fold_bn(model, X).parity.passed
+    assert isinstance(model.block.bn, nn.Identity)
+    x = torch.randn(2, 4, 6, 9)
+    folded = model(x)
+    _, _, plan = _open(model, model.block)
+    plan.remove_child("bn")
+    done = plan.commit(ModuleEditor(model, None))
+    assert done.removed == ["bn"] and not hasattr(model.block, "bn") and type(model.block) is PlainConv
+    model.fuse()  # the host's own deploy path finds no bn
+    assert torch.equal(model(x), folded) and torch.allclose(model(x), original(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("cls,host,source_or_code", [

@@ -84,6 +84,7 @@ class ForwardPlan:
     replaces: str | None = None  # the owner's child holding the forward generated earlier
     folded: int = 0
     _added: dict = field(default_factory=dict)  # name -> module registered on the owner at commit
+    _dropped: set = field(default_factory=set)  # children removed by remove_child
 
     @property
     def owner(self) -> Any:
@@ -171,6 +172,24 @@ class ForwardPlan:
             raise EditError(f"{call.path} is called with more than one argument")
         self.substitute(call.outputs[0], call.inputs[0])
 
+    def remove_child(self, name: str) -> None:
+        """The owner's child ``name`` goes, attribute and all: each call of it is replaced by its
+        one argument -- for a child the caller knows computes the identity, such as the
+        ``nn.Identity`` a fold leaves where a BatchNorm was (a host's ``fuse()`` then finds no
+        ``bn``). Refused when the forward uses the child otherwise."""
+        g, owner = self.prog.graph, self.prog.owner_node
+        calls = [n for n in g.nodes if n.op == "call_method" and n.args and n.args[0] is owner and n.target == name]
+        for n in calls:
+            if len(n.args) != 2 or n.kwargs:
+                raise EditError(f"{name} is called with more than one argument")
+        for n in calls:
+            n.replace_all_uses_with(n.args[1])
+            self.prog.values = {k: ((n.args[1], ()) if v == (n, ()) else v) for k, v in self.prog.values.items()}
+            g.erase_node(n)
+        if name in _top_names(self.prog):
+            raise EditError(f"the forward uses {name} otherwise than by calling it")
+        self._dropped.add(name)
+
     def replace_call(self, call: ModuleCall, module: Any, name: str | None = None) -> str:
         """Call ``module`` (registered on the owner) where ``call``'s module was called, with
         the same arguments; returns its name on the owner."""
@@ -205,6 +224,10 @@ class ForwardPlan:
             out.append(name)
         if self.replaces:
             out.append(self.replaces)
+        for name in sorted(self._dropped - set(out)):
+            if name in _top_names(self.prog):
+                return Refused(EDIT, f"the forward still uses {name}")
+            out.append(name)
         return out
 
     def check(self) -> Refused | None:
