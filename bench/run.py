@@ -163,7 +163,7 @@ def _ort_session(model, x, work: Path, name: str):
     import numpy as np
     import onnxruntime as ort
 
-    from modelsurgeon.save.onnx_export import export
+    from modelsurgeon.write.onnx_export import export
 
     path = work / f"{name}.onnx"
     export(model, [x], path)

@@ -73,9 +73,9 @@ def write_darknet(directory: Path, name: str, cfg_text: str, seed: int = 0, majo
                   tiny_variance: bool = False) -> tuple[Path, Path]:
     """``name.cfg`` + ``name.weights`` with random weights; the layout is the .cfg's as read by
     modelsurgeon (OpenCV then reading the same files checks it)."""
-    from modelsurgeon.load.darknet.cfg import parse_cfg
-    from modelsurgeon.load.darknet.layers import input_shape, read_layers
-    from modelsurgeon.load.darknet.weights import Header, pack_weights
+    from modelsurgeon.read.darknet.cfg import parse_cfg
+    from modelsurgeon.read.darknet.layers import input_shape, read_layers
+    from modelsurgeon.read.darknet.weights import Header, pack_weights
 
     cfg_path = Path(directory) / f"{name}.cfg"
     cfg_path.write_text(cfg_text)
@@ -145,11 +145,11 @@ def caffe_random_blobs(layer, expected: list, rng) -> list[np.ndarray]:
 def write_caffe(directory: Path, name: str, prototxt_text: str, seed: int = 0, legacy_shapes: bool = False):
     """``name.prototxt`` + ``name.caffemodel`` with random blobs (every BatchNorm with its own
     moving-average factor); blob shapes are the prototxt's as modelsurgeon reads it."""
-    from modelsurgeon.load.caffe import _net_inputs
-    from modelsurgeon.load.caffe.graph import CaffeGraph
-    from modelsurgeon.load.caffe.layers import HANDLERS
-    from modelsurgeon.load.caffe.prototxt import read_prototxt
-    from modelsurgeon.load.caffe.schema import classes
+    from modelsurgeon.read.caffe import _net_inputs
+    from modelsurgeon.read.caffe.graph import CaffeGraph
+    from modelsurgeon.read.caffe.layers import HANDLERS
+    from modelsurgeon.read.caffe.prototxt import read_prototxt
+    from modelsurgeon.read.caffe.schema import classes
 
     proto = Path(directory) / f"{name}.prototxt"
     proto.write_text(prototxt_text)

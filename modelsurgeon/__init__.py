@@ -1,8 +1,8 @@
 """modelsurgeon: exact, verified surgery on trained PyTorch checkpoints and ONNX files.
 
-    from modelsurgeon import load, fold_bn, verify, save
+    from modelsurgeon import load, fold_bn, compare, save
 
-The pipeline (and the folders it lives in): load → capture → match → rewrite → verify → save.
+The pipeline (and the folders it lives in): read → capture → match → rewrite → verify → write.
 Attributes are imported lazily so that ``import modelsurgeon`` (and the CLI) start fast.
 """
 
@@ -13,19 +13,14 @@ from typing import Any
 from ._version import __version__
 from .errors import BadInput, ParityError, SurgeryError, UnsafeCheckpoint
 
-_API = {"load_checkpoint", "fold_bn", "focus_to_conv", "fold_fusion", "optimize", "truncate",
-        "apply_passes", "run", "Options"}
-_STAGES = {"load", "verify", "save"}  # callable stage packages (see _callable.py)
+_API = {"load", "save", "compare", "load_checkpoint", "fold_bn", "focus_to_conv", "fold_fusion", "optimize",
+        "truncate", "apply_passes", "run", "Options"}
 
 __all__ = ["__version__", "BadInput", "ParityError", "SurgeryError", "UnsafeCheckpoint",
-           *sorted(_API | _STAGES)]
+           *sorted(_API)]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _STAGES:
-        import importlib
-
-        return importlib.import_module(f".{name}", __name__)
     if name in _API:
         from . import api
 

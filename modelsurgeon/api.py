@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import BadInput, ParityError
-from .load import load, load_checkpoint  # noqa: F401  (re-exported)
+from .read import load_checkpoint  # noqa: F401  (re-exported)
 from .pipeline import Options, run  # noqa: F401  (re-exported)
 
 Shape = Sequence[int]
@@ -30,12 +30,41 @@ def _shape_args(input_shape: Shape | Sequence[Shape] | None) -> list[str]:
     return [",".join(str(int(d)) for d in s) for s in shapes]
 
 
+def load(path: str | Path, arch: str | None = None, arch_kwargs: dict | str | None = None, *,
+         trust_pickle: bool = False, code_paths: Sequence[str | Path] = (), cfg: str | Path | None = None,
+         prototxt: str | Path | None = None) -> Any:
+    """Load a model from any file modelsurgeon reads or writes.
+
+    * a pickled module or YOLO-style dict: the module (``ema`` when present) -- needs
+      ``trust_pickle=True``, since unpickling runs code;
+    * a state_dict ``.pt`` or ``.safetensors`` (with ``arch``; or the arch recorded in the file
+      by modelsurgeon, with ``trust_pickle=True`` since that imports and calls code the file
+      names): the model rebuilt by the factory, with the file's recorded structural edits
+      replayed, and the weights loaded in the dtypes the file stores them in;
+    * an ``.onnx`` file: the ``onnx.ModelProto``;
+    * a darknet ``.weights`` (with ``cfg``, default: the ``.cfg`` beside it) or a Caffe
+      ``.caffemodel`` (with ``prototxt``, default: the ``.prototxt`` beside it): the
+      ``onnx.ModelProto`` it is read into.
+    """
+    ckpt = load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,
+                           code_paths=code_paths, cfg=cfg, prototxt=prototxt)
+    if ckpt.source is not None:
+        import onnx
+
+        return onnx.load_from_string(ckpt.source.onnx_bytes)
+    if ckpt.is_onnx:
+        import onnx
+
+        return onnx.load(str(path))
+    return ckpt.primary().module
+
+
 def apply_passes(model: Any, passes: Sequence[str], input_shape: Shape | Sequence[Shape] | None = None, *,
                  trials: int = 2, seed: int = 0, atol: float | None = None, rtol: float | None = None,
                  verify: bool = True, repeat: bool = False, pass_options: dict | None = None,
                  command: str | None = None):
     """Run passes on ``model`` in place and verify; returns the :class:`~modelsurgeon.report.Report`."""
-    from .load.prepare import prepare
+    from .read.prepare import prepare
     from .passes.base import PassReport
     from .pipeline import operate
     from .report import Report
@@ -105,7 +134,7 @@ def optimize(model: Any, input_shape: Shape | Sequence[Shape] | None = None, *,
     return apply_passes(model, chosen, input_shape, command="optimize", **kwargs)
 
 
-def verify(model: Any, reference: Any, input_shape: Shape | Sequence[Shape], *, trials: int = 1,
+def compare(model: Any, reference: Any, input_shape: Shape | Sequence[Shape], *, trials: int = 1,
            seed: int = 0, atol: float | None = None, rtol: float | None = None):
     """Compare two models on the same random inputs; returns a ParityReport (does not raise)."""
     import torch
@@ -131,9 +160,9 @@ def save(model: Any, path: str | Path, input_shape: Shape | Sequence[Shape] | No
     (needs ``input_shape``). Atomic."""
     import torch
 
-    from .save import output_format
-    from .save.atomic import atomic_path, check_output_path
-    from .save.torch import write_pt
+    from .write import output_format
+    from .write.atomic import atomic_path, check_output_path
+    from .write.torch import write_pt
 
     path = Path(path)
     fmt = output_format(path)
@@ -147,7 +176,7 @@ def save(model: Any, path: str | Path, input_shape: Shape | Sequence[Shape] | No
         with atomic_path(path) as tmp:
             save_file(sd, str(tmp))
     else:
-        from .save.onnx_export import export
+        from .write.onnx_export import export
         from .verify.inputs import InputSpec
 
         if input_shape is None:

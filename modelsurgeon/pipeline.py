@@ -64,7 +64,7 @@ class Options:
 def default_output(opts: Options, command: str) -> Path:
     """``INPUT.<command>.<ext>`` next to the input; a ``.bin`` / ``.tar`` / ``.pkl`` checkpoint
     gets ``.pt`` (the container torch writes)."""
-    from .save import FORMATS
+    from .write import FORMATS
 
     src = Path(opts.input)
     if opts.in_place:
@@ -81,9 +81,9 @@ def run(command: str, passes: Sequence[str], opts: Options) -> Report:
     from the original's beyond tolerance (unless ``force``).
     """
     from . import passes as registry
-    from .load import load_checkpoint
-    from .save import output_format
-    from .save.atomic import check_output_path
+    from .read import load_checkpoint
+    from .write import output_format
+    from .write.atomic import check_output_path
 
     status = opts.status or (lambda _msg: None)
     opts.input = Path(opts.input)
@@ -98,7 +98,7 @@ def run(command: str, passes: Sequence[str], opts: Options) -> Report:
     check_output_path(out_path, opts.input, opts.in_place)
     report.output = str(out_path)
 
-    from .load import CONVERTED
+    from .read import CONVERTED
 
     if opts.input.suffix.lower() not in {".onnx", *CONVERTED}:  # timed on its own: the loaders import it lazily
         t = time.perf_counter()
@@ -106,7 +106,7 @@ def run(command: str, passes: Sequence[str], opts: Options) -> Report:
 
         report.timings["import"] = time.perf_counter() - t
         if out_fmt == "onnx":
-            from .save.onnx_export import check_opset
+            from .write.onnx_export import check_opset
 
             check_opset(opts.opset)
     t = time.perf_counter()
@@ -133,7 +133,7 @@ def run(command: str, passes: Sequence[str], opts: Options) -> Report:
 
 
 def _run_torch(command, passes, opts, ckpt, report, out_path, out_fmt) -> Report:
-    from .load.prepare import prepare
+    from .read.prepare import prepare
     from .passes.base import PassReport
     from .verify.compare import ParityReport
     from .verify.inputs import InputSpec
@@ -186,7 +186,7 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
     Whatever happens, buffers that running the model changed are left as the checkpoint had
     them (:class:`BufferState`).
     """
-    from .load.prepare import BufferState
+    from .read.prepare import BufferState
 
     state = BufferState(model)
     try:
@@ -197,7 +197,7 @@ def operate(model, storage, passes, opts, spec, report, recipe, slot_name=None, 
 
 def _operate(model, storage, passes, opts, spec, report, recipe, slot_name, primary, state):
     from . import passes as registry
-    from .load.prepare import compute_dtype
+    from .read.prepare import compute_dtype
     from .passes.base import TorchContext, run_pass
     from .report.stats import torch_stats
     from .rewrite.modules import ModuleEditor
@@ -426,9 +426,9 @@ def _rewritten_runner(pass_name):
 
 
 def _save(ckpt, opts, report, out_path, out_fmt, primary, refs) -> None:
-    from .save.onnx_export import export, ort_run
-    from .save.atomic import atomic_path
-    from .save.torch import how_to_load, save_pt, save_safetensors
+    from .write.onnx_export import export, ort_run
+    from .write.atomic import atomic_path
+    from .write.torch import how_to_load, save_pt, save_safetensors
     from .verify.compare import Tolerance, compare_outputs, summarise
 
     status = opts.status or (lambda _msg: None)

@@ -1,16 +1,16 @@
 """The pipeline for ONNX inputs, natively (no PyTorch round trip):
 
-    load       modelsurgeon/load/onnx.py      onnx_ir model, external data checked and mapped
+    load       modelsurgeon/read/onnx.py      onnx_ir model, external data checked and mapped
     capture    modelsurgeon/capture/onnx.py   the IR is the graph: readers, constants, evaluation
     reference  modelsurgeon/verify/onnx.py    the ORIGINAL file run in onnxruntime (optimisations off)
     passes     modelsurgeon/passes/*/onnx.py  the same run_pass / PassReport as PyTorch
     cleanup    modelsurgeon/rewrite/onnx.py   dead nodes and initializers removed, topological sort
-    save       modelsurgeon/save/onnx.py      staged write, ONNX checker, parity of the written file,
+    save       modelsurgeon/write/onnx.py     staged write, ONNX checker, parity of the written file,
                                               then moved into place (external data above 2 GB)
 
-Darknet and Caffe inputs arrive here as the ONNX graph they were read into (``load/darknet``,
-``load/caffe``); the references are that graph's outputs, and a ``.weights`` / ``.caffemodel``
-output is written by ``save/darknet.py`` / ``save/caffe.py``, read back with the same reader
+Darknet and Caffe inputs arrive here as the ONNX graph they were read into (``read/darknet``,
+``read/caffe``); the references are that graph's outputs, and a ``.weights`` / ``.caffemodel``
+output is written by ``write/darknet.py`` / ``write/caffe.py``, read back with the same reader
 and checked like an ``.onnx`` output.
 
 Verification compares every output of the written file, by name, with the original's value
@@ -86,8 +86,8 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
     from .passes.base import OnnxContext, PassReport, run_pass
     from .report.stats import onnx_stats
     from .rewrite.onnx import OnnxEditor
-    from .save.atomic import atomic_files
-    from .save.onnx import check, wants_external, write
+    from .write.atomic import atomic_files
+    from .write.onnx import check, wants_external, write
     from .verify.compare import ParityReport, Tolerance
     from .verify.onnx import OnnxInputs, OnnxReferences, OrtError
     from .verify.points_onnx import OnnxPoints
@@ -257,17 +257,17 @@ NATIVE_SUFFIX = {"darknet": ".weights (+ .cfg)", "caffe": ".caffemodel (+ .proto
 def _write_native(model, ckpt, opts, report, out_path, references, tol, expected, points):
     """Write the graph back in the input's own format (darknet / Caffe), read the written files
     back with the same reader, and check them like an .onnx output; both files or neither."""
-    from .save.atomic import atomic_files, check_output_path
+    from .write.atomic import atomic_files, check_output_path
 
     status = opts.status or (lambda _msg: None)
     if ckpt.format == "darknet":
-        from .load.darknet import read_darknet as read
-        from .save.darknet import write_darknet as write
+        from .read.darknet import read_darknet as read
+        from .write.darknet import write_darknet as write
 
         side, original_side = out_path.with_suffix(".cfg"), ckpt.source.cfg_path
     else:
-        from .load.caffe import read_caffe as read
-        from .save.caffe import write_caffe as write
+        from .read.caffe import read_caffe as read
+        from .write.caffe import write_caffe as write
 
         side, original_side = out_path.with_suffix(".prototxt"), ckpt.source.prototxt_path
     check_output_path(side, original_side, opts.in_place)
@@ -299,7 +299,7 @@ def _check_in_memory(model, ckpt, refs, tol, expected, pass_name, report):
     """Parity of the model as it stands (--verify-each), without writing it anywhere."""
     import onnx_ir as ir
 
-    from .save.onnx import EXTERNAL_THRESHOLD, nbytes
+    from .write.onnx import EXTERNAL_THRESHOLD, nbytes
     from .verify.onnx import OrtError, session
 
     inline = sum(nbytes(v.const_value) for v in model.graph.initializers.values()
@@ -309,7 +309,7 @@ def _check_in_memory(model, ckpt, refs, tol, expected, pass_name, report):
             import tempfile
             from pathlib import Path
 
-            from .save.onnx import write
+            from .write.onnx import write
 
             with tempfile.TemporaryDirectory() as d:
                 sess = session(Path(write(model, Path(d), "model.onnx", external=True)))

@@ -173,7 +173,7 @@ def test_keyboard_interrupt_is_exit_130_in_process(monkeypatch, tmp_path):
 def test_interrupt_inside_torch_save_is_not_an_internal_error(monkeypatch, tmp_path):
     """A Ctrl-C arriving in the middle of torch.save's writes used to come out as a RuntimeError
     from the zip writer (exit 3); it is an interrupt (130), and the temporary file is gone."""
-    from modelsurgeon.save.torch import write_pt
+    from modelsurgeon.write.torch import write_pt
 
     real = torch.save
     calls = {"n": 0}

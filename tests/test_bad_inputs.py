@@ -263,7 +263,7 @@ def full_disk(monkeypatch):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
         return real_save(obj, f, *a, **k)
 
-    import modelsurgeon.save.torch as save_torch
+    import modelsurgeon.write.torch as save_torch
 
     monkeypatch.setattr(os, "write", write)
     monkeypatch.setattr(torch, "save", torch_save)

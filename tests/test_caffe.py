@@ -14,7 +14,7 @@ pytest.importorskip("cv2")
 
 
 def _read(caffemodel, prototxt=None, **kw):
-    from modelsurgeon.load.caffe import read_caffe
+    from modelsurgeon.read.caffe import read_caffe
 
     return read_caffe(caffemodel, prototxt, **kw)
 
@@ -101,7 +101,7 @@ def test_batchnorm_moving_average_factor(tmp_path):
             'layer { name: "bn" type: "BatchNorm" bottom: "data" top: "bn" batch_norm_param { eps: 0.001 } }\n'
             'layer { name: "bn0" type: "BatchNorm" bottom: "data" top: "bn0" }\n')
     proto, model = M.write_caffe(tmp_path, "bn", text, seed=3)
-    from modelsurgeon.load.caffe.schema import classes
+    from modelsurgeon.read.caffe.schema import classes
 
     net = classes()["NetParameter"]()
     net.ParseFromString(model.read_bytes())

@@ -15,7 +15,7 @@ pytest.importorskip("cv2")
 
 
 def _read(weights, cfg=None, **kw):
-    from modelsurgeon.load.darknet import read_darknet
+    from modelsurgeon.read.darknet import read_darknet
 
     return read_darknet(weights, cfg, **kw)
 

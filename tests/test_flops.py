@@ -85,7 +85,7 @@ def test_onnx_flops_equal_the_torch_models(tmp_path):
     """FLOPs of an exported graph equal the PyTorch model's (same formulas, inferred shapes)."""
     import warnings
 
-    from modelsurgeon.load.onnx import load_onnx
+    from modelsurgeon.read.onnx import load_onnx
     from modelsurgeon.report.flops import onnx_flops
     from zoo.resnet import resnet
 

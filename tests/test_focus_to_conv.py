@@ -31,7 +31,7 @@ def _run(model, shape, seed=0, **options):
     original = copy.deepcopy(model)
     report = ms.apply_passes(model, ["focus-to-conv"], shape, pass_options={"focus-to-conv": options})
     assert report.parity.passed
-    independent = ms.verify(model, original, shape, trials=3, seed=123)
+    independent = ms.compare(model, original, shape, trials=3, seed=123)
     assert independent.passed, independent.outputs
     return report, original
 
@@ -197,7 +197,7 @@ def test_half_checkpoint_model_and_ema(ckpts, tmp_path):
         assert torch.equal(w[:, :, 1::2, ::2], old_w[:, 3:6])  # fp16 values moved, not recomputed
         assert next(ck[slot].parameters()).dtype == torch.float16
         assert not any(type(x).__module__.startswith("modelsurgeon") for x in ck[slot].modules())
-        assert ms.verify(ck[slot].float(), src[slot].float(), (1, 3, 64, 64), trials=2, rtol=1e-3).passed
+        assert ms.compare(ck[slot].float(), src[slot].float(), (1, 3, 64, 64), trials=2, rtol=1e-3).passed
 
 
 def test_state_dict_with_arch_rebuilds_the_new_structure(tmp_path):
@@ -211,7 +211,7 @@ def test_state_dict_with_arch_rebuilds_the_new_structure(tmp_path):
     stem = rebuilt.model[0]
     assert type(stem).__name__ == "Conv" and stem.conv.weight.shape == (16, 3, 6, 6)
     assert (stem.i, stem.f, stem.type) == (0, -1, "models.common.Focus")
-    assert ms.verify(rebuilt, m, (1, 3, 64, 64), trials=2).passed
+    assert ms.compare(rebuilt, m, (1, 3, 64, 64), trials=2).passed
 
 
 def pixel_unshuffle_net() -> nn.Module:
@@ -232,7 +232,7 @@ def test_recipe_rebuilds_a_new_sequential_from_safetensors(tmp_path):
     rebuilt = ms.load(out, arch="test_focus_to_conv:pixel_unshuffle_net")  # + the recipe in the file
     assert [type(c) for c in rebuilt.stem] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
     assert rebuilt.stem[0].weight.shape == (8, 3, 6, 6)
-    assert ms.verify(rebuilt, m, (1, 3, 16, 16), trials=2).passed
+    assert ms.compare(rebuilt, m, (1, 3, 16, 16), trials=2).passed
 
 
 def test_onnx_output_has_a_plain_conv_stem(ckpts, tmp_path):
@@ -447,7 +447,7 @@ def test_optimize_converts_the_stem_then_folds_its_batchnorm():
     # the folded BN removed as YOLOv5's fuse() removes it: the stem Conv runs its forward_fuse
     assert not hasattr(m.stem, "bn") and m.stem.forward.__func__ is type(m.stem).forward_fuse
     assert m.stem.conv.bias is not None
-    assert ms.verify(m, original, (1, 3, 32, 32), trials=2).passed
+    assert ms.compare(m, original, (1, 3, 32, 32), trials=2).passed
 
 
 # -- regressions: rewrites that held at the verified shape only (QA focus pass) ----------------

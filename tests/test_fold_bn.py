@@ -28,7 +28,7 @@ def _fold(model, shape, seed=0):
     model.eval()
     original = copy.deepcopy(model)
     report = ms.fold_bn(model, shape)
-    independent = ms.verify(model, original, shape, trials=3, seed=123)
+    independent = ms.compare(model, original, shape, trials=3, seed=123)
     assert independent.passed, independent.outputs
     assert report.parity.passed
     return report, original
@@ -89,7 +89,7 @@ def test_eps_is_the_models_own():
     m = _small_var_resnet()
     original = copy.deepcopy(m)
     ms.fold_bn(m, (1, 3, 32, 32))
-    assert ms.verify(m, original, (1, 3, 32, 32), trials=2).passed
+    assert ms.compare(m, original, (1, 3, 32, 32), trials=2).passed
 
 
 def test_wrong_eps_is_caught_by_parity_and_nothing_is_kept(monkeypatch):
@@ -154,7 +154,7 @@ def test_fp16_weights_are_folded_in_float64_and_stored_in_fp16():
     report = ms.fold_bn(m, (1, 3, 32, 32))
     assert next(m.parameters()).dtype == torch.float16
     assert all(p.dtype == torch.float16 for p in m.parameters())
-    res = ms.verify(m.float(), ref32, (1, 3, 32, 32), rtol=1e-2)
+    res = ms.compare(m.float(), ref32, (1, 3, 32, 32), rtol=1e-2)
     assert res.passed and report.parity.rtol == 1e-2
 
 

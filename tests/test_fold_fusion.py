@@ -31,7 +31,7 @@ def _fold(model, shape=SHAPE):
     report = ms.fold_fusion(model, shape)
     assert report.parity.passed
     for s in [shape, *OTHER_SHAPES]:
-        independent = ms.verify(model, original, s, trials=2, seed=11)
+        independent = ms.compare(model, original, s, trials=2, seed=11)
         assert independent.passed, (s, independent.outputs)
     return report, original
 
@@ -322,7 +322,7 @@ def test_batchnorm_without_affine_keeps_the_multiply_until_fold_bn_takes_it():
     finish(model)
     original = copy.deepcopy(model)
     report = ms.optimize(model, SHAPE)
-    assert ms.verify(model, original, (2, 3, 20, 12), trials=2).passed
+    assert ms.compare(model, original, (2, 3, 20, 12), trials=2).passed
     ff = next(p for p in report.passes if p.name == "fold-fusion")
     first = ff.applied[0].data["inputs"][0]
     assert first["kept"] and "no affine" in first["reason"]
@@ -425,7 +425,7 @@ def test_state_dict_outputs_rebuild_the_replacement_from_the_recipe(arch, ext, t
     fused = folded.layers[4] if hasattr(folded, "layers") else folded.fusion
     _generated(fused)
     assert type(fused).__name__ in ("ShortcutLayer", "BiFPNAdd")
-    assert ms.verify(folded, original, (2, 3, 16, 24), trials=2).passed
+    assert ms.compare(folded, original, (2, 3, 16, 24), trials=2).passed
     # the rebuilt model is the rewritten one: the same tensors under the same keys, bit for bit
     rewritten = ms.load(src, arch=arch)
     ms.fold_fusion(rewritten, (1, 3, 16, 16))
@@ -505,7 +505,7 @@ def test_inline_weights_are_read_at_the_recorded_size_only_and_the_readme_says_s
     original = copy.deepcopy(model)
     report = ms.fold_fusion(model, SHAPE)
     assert report.parity.passed and report.applied[0].data["kind"] == "inline"
-    assert ms.verify(model, original, (2, 3, 16, 20), trials=2).passed  # exact where verified
+    assert ms.compare(model, original, (2, 3, 16, 20), trials=2).passed  # exact where verified
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert ("a host forward that computes a different weighted sum at other input sizes (a branch on "
             "`x.shape`) is not detected for inline weights") in readme
@@ -675,12 +675,12 @@ def test_pt_files_of_the_previous_format_load_and_are_done(monkeypatch, tmp_path
     torch.save(model, tmp_path / "old.pt")
     old = torch.load(tmp_path / "old.pt", weights_only=False)
     assert type(old.layers[4]).__name__ == "ShortcutLayer" and getattr(old.layers[4], marker) is True
-    assert ms.verify(old, original, (2, 3, 20, 12), trials=2).passed
+    assert ms.compare(old, original, (2, 3, 20, 12), trials=2).passed
     again = ms.fold_fusion(old, SHAPE)
     assert not again.applied and not again.skipped
     report = ms.optimize(old, SHAPE)
     assert {a.pass_name for a in report.applied} == {"fold-bn"} and not report.skipped
-    assert ms.verify(old, original, (2, 3, 20, 12), trials=2).passed
+    assert ms.compare(old, original, (2, 3, 20, 12), trials=2).passed
 
 
 @pytest.mark.parametrize("arch,ext", [("fusionmodels:darknet_mismatch", "pt"), ("fusionmodels:bifpn_node", "safetensors")])
@@ -701,7 +701,7 @@ def test_state_dicts_of_the_previous_format_replay_and_are_done(monkeypatch, tmp
     folded = ms.load(out, arch=arch)
     fused = folded.layers[4] if hasattr(folded, "layers") else folded.fusion
     assert isinstance(fused, torch.fx.GraphModule) and type(fused).__name__ in ("ShortcutLayer", "BiFPNAdd")
-    assert ms.verify(folded, ms.load(src, arch=arch), (2, 3, 16, 24), trials=2).passed
+    assert ms.compare(folded, ms.load(src, arch=arch), (2, 3, 16, 24), trials=2).passed
     again = ms.fold_fusion(folded, SHAPE)
     assert not again.applied and not again.skipped
 
@@ -753,7 +753,7 @@ def test_inline_weight_in_a_non_persistent_buffer_is_not_set_to_1_and_state_dict
     assert r.code == 0, r.err
     reloaded = ms.load(out, arch="fusionmodels:inline_non_persistent")
     for shape in [(2, 3, 16, 16), (1, 3, 20, 12)]:
-        assert ms.verify(reloaded, original, shape, trials=2, seed=5).passed
+        assert ms.compare(reloaded, original, shape, trials=2, seed=5).passed
 
 
 @pytest.mark.parametrize("where", ["inline", "module"])

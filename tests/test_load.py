@@ -14,7 +14,7 @@ import torch
 from conftest import run_cli
 from testmodels import seeded_resnet
 from modelsurgeon.errors import BadInput, UnsafeCheckpoint
-from modelsurgeon.load import load_checkpoint
+from modelsurgeon.read import load_checkpoint
 
 
 class _Payload:
@@ -183,7 +183,7 @@ def test_same_module_under_two_keys_is_one_slot_rewritten_once(tmp_path):
 def ms_verify(model, ref, shape=(1, 3, 32, 32)) -> bool:
     import modelsurgeon as ms
 
-    return ms.verify(model.float(), ref.float(), shape, trials=2).passed
+    return ms.compare(model.float(), ref.float(), shape, trials=2).passed
 
 
 def test_lightning_state_dict_keeps_keys_outside_the_model(tmp_path):
@@ -273,7 +273,7 @@ def test_fp16_state_dict_stays_fp16(tmp_path, suffix, command):
         again = ms.load(out, arch="zoo.resnet:resnet")
         assert {p.dtype for p in again.parameters()} == {torch.float16}
         if command == "fold-bn":
-            assert ms.verify(again.float(), m, (1, 3, 32, 32), trials=2, rtol=1e-2).passed
+            assert ms.compare(again.float(), m, (1, 3, 32, 32), trials=2, rtol=1e-2).passed
 
 
 def test_float64_state_dict_keeps_its_precision(tmp_path):

@@ -119,7 +119,7 @@ def _reshape_by_shape(batch) -> onnx.ModelProto:
 
 def test_shape_of_a_static_input_is_constant_and_of_a_symbolic_one_is_not(tmp_path):
     from modelsurgeon.capture.onnx import OnnxGraph
-    from modelsurgeon.load.onnx import load_onnx
+    from modelsurgeon.read.onnx import load_onnx
     from onnx_graphs import save
 
     for batch, const in ((2, True), ("N", False)):

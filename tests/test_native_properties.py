@@ -48,7 +48,7 @@ def darknet_nets(draw):
 @SETTINGS
 @given(text=darknet_nets(), seed=st.integers(0, 2**16))
 def test_darknet_geometry(tmp_path, text, seed):
-    from modelsurgeon.load.darknet import read_darknet
+    from modelsurgeon.read.darknet import read_darknet
 
     try:
         cfg, weights = M.write_darknet(tmp_path, "p", text, seed=seed)
@@ -91,7 +91,7 @@ def caffe_nets(draw):
 @SETTINGS
 @given(text=caffe_nets(), seed=st.integers(0, 2**16))
 def test_caffe_convolution_and_pooling(tmp_path, text, seed):
-    from modelsurgeon.load.caffe import read_caffe
+    from modelsurgeon.read.caffe import read_caffe
 
     try:
         proto, model = M.write_caffe(tmp_path, "p", text, seed=seed)

@@ -156,7 +156,7 @@ def test_string_constants_are_left_alone(tmp_path, command):
 def test_tensor_bytes_of_string_tensors():
     import onnx_ir as ir
 
-    from modelsurgeon.save.onnx import nbytes
+    from modelsurgeon.write.onnx import nbytes
 
     assert nbytes(ir.Tensor(np.array([b"ab", b"cde"], dtype=object))) == 5
     assert nbytes(ir.Tensor(np.zeros((2, 3), np.float32))) == 24

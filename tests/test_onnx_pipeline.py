@@ -110,7 +110,7 @@ def test_external_data_outside_the_model_directory_is_refused(tmp_path, location
 
 
 def test_external_data_read_and_written(tmp_path, monkeypatch):
-    import modelsurgeon.save.onnx as save_onnx
+    import modelsurgeon.write.onnx as save_onnx
 
     monkeypatch.setattr(save_onnx, "EXTERNAL_MIN_TENSOR", 16)  # these tensors are tiny
     m = G.conv_bn_relu(seed=4)
@@ -129,7 +129,7 @@ def test_external_data_read_and_written(tmp_path, monkeypatch):
 
 
 def test_large_output_goes_to_external_data(tmp_path, monkeypatch):
-    import modelsurgeon.save.onnx as save_onnx
+    import modelsurgeon.write.onnx as save_onnx
 
     monkeypatch.setattr(save_onnx, "EXTERNAL_THRESHOLD", 100)
     monkeypatch.setattr(save_onnx, "EXTERNAL_MIN_TENSOR", 16)

@@ -55,7 +55,7 @@ def test_optimize_runs_every_pass_until_nothing_changes(fusion_ckpt, tmp_path):
     assert rep["before"]["flops"] > 0 and rep["after"]["modules"] > 0
     folded, original = torch.load(out, weights_only=False), torch.load(fusion_ckpt, weights_only=False)
     assert type(folded.layers[4]).__name__ == "ShortcutLayer"
-    assert ms.verify(folded, original, (2, 3, 20, 28), trials=2).passed
+    assert ms.compare(folded, original, (2, 3, 20, 28), trials=2).passed
 
 
 def test_optimize_to_onnx(fusion_ckpt, tmp_path):
@@ -169,11 +169,11 @@ def test_state_dict_to_safetensors_rebuilds(tmp_path):
     assert type(fused).__name__ == "ShortcutLayer" and fused.layers == [1, 2]
     assert isinstance(fused.fused, torch.fx.GraphModule) and fused.forward.func is fused.fused
     assert not any(isinstance(m, nn.BatchNorm2d) for m in rebuilt.modules())
-    assert ms.verify(rebuilt, original, (1, 3, 20, 20), trials=2).passed
+    assert ms.compare(rebuilt, original, (1, 3, 20, 20), trials=2).passed
     # a deep copy (EMA, export) still runs through the host's class-name dispatch
     clone = copy.deepcopy(rebuilt)
     assert type(clone.layers[4]).__name__ == "ShortcutLayer"
-    assert ms.verify(clone, original, (1, 3, 20, 20), trials=2).passed
+    assert ms.compare(clone, original, (1, 3, 20, 20), trials=2).passed
     again = ms.optimize(clone, (1, 3, 16, 16))
     assert not again.applied and not again.skipped
 
@@ -210,4 +210,4 @@ def test_skipped_candidates_are_reported_once_over_rounds():
     ff = next(p for p in report.passes if p.name == "fold-fusion")
     assert len(ff.skipped) == 2 and {s.target for s in ff.skipped} == {"the model: weighted sum"}
     assert report.after.bn == 0
-    assert ms.verify(model, original, (2, 3, 8, 8)).passed
+    assert ms.compare(model, original, (2, 3, 8, 8)).passed

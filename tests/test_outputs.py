@@ -60,7 +60,7 @@ def test_state_dict_output_rebuilds_with_load(ckpts, tmp_path):
     original = ms.load(ckpts / "mobilenetv2.pt", arch="zoo.mobilenetv2:mobilenet_v2")
     folded = ms.load(out, arch="zoo.mobilenetv2:mobilenet_v2")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    assert ms.verify(folded, original, (1, 3, 64, 64), trials=2).passed
+    assert ms.compare(folded, original, (1, 3, 64, 64), trials=2).passed
     with pytest.raises(ms.BadInput, match="--arch zoo.mobilenetv2:mobilenet_v2"):
         ms.load(out)  # the arch recorded in the file is named, not imported on the file's word
     assert isinstance(ms.load(out, trust_pickle=True), torch.nn.Module)
@@ -78,7 +78,7 @@ def test_safetensors_output_rebuilds_with_load(ckpts, tmp_path):
     assert meta["arch"] == "zoo.mobilenetv2:mobilenet_v2"
     original = ms.load(ckpts / "mobilenetv2.safetensors", arch="zoo.mobilenetv2:mobilenet_v2")
     folded = ms.load(out, trust_pickle=True)  # arch recorded in the file: trusted explicitly
-    assert ms.verify(folded, original, (1, 3, 64, 64)).passed
+    assert ms.compare(folded, original, (1, 3, 64, 64)).passed
 
 
 def test_full_module_to_safetensors_reloads_with_original_arch(ckpts, tmp_path):
@@ -87,7 +87,7 @@ def test_full_module_to_safetensors_reloads_with_original_arch(ckpts, tmp_path):
     assert r.code == 0, r.err
     original = ms.load(ckpts / "resnet.pt", trust_pickle=True)
     folded = ms.load(out, arch="zoo.resnet:resnet")
-    assert ms.verify(folded, original, (1, 3, 32, 32)).passed
+    assert ms.compare(folded, original, (1, 3, 32, 32)).passed
 
 
 def test_onnx_output_has_no_batchnorm_and_matches_torch(ckpts, tmp_path):
@@ -113,7 +113,7 @@ def test_api_round_trip(tmp_path):
     assert report.after.bn == 0
     path = ms.save(m, tmp_path / "m.pt")
     again = torch.load(path, weights_only=False)
-    assert ms.verify(again, ref.eval(), (1, 3, 32, 32)).passed
+    assert ms.compare(again, ref.eval(), (1, 3, 32, 32)).passed
 
 
 
@@ -146,9 +146,9 @@ def test_dataparallel_module_to_safetensors_reloads_with_the_models_factory(tmp_
         again = ms.load(st, arch=arch)
         inner = again.module if isinstance(again, torch.nn.DataParallel) else again
         assert [type(m) for m in inner.modules()] == [type(m) for m in rewritten.modules()]
-        assert ms.verify(inner, rewritten, (1, 3, 32, 32), trials=2, atol=0, rtol=0).passed
+        assert ms.compare(inner, rewritten, (1, 3, 32, 32), trials=2, atol=0, rtol=0).passed
         if command == "fold-bn":
-            assert ms.verify(inner, net, (1, 3, 32, 32), trials=2).passed
+            assert ms.compare(inner, net, (1, 3, 32, 32), trials=2).passed
         else:
             assert isinstance(inner.layer4, torch.nn.Identity) and inner.fc.in_features == 64
     # a file an older modelsurgeon wrote, with the wrapper's "module." in the recipe's paths
@@ -160,12 +160,12 @@ def test_dataparallel_module_to_safetensors_reloads_with_the_models_factory(tmp_
     legacy["recipe"] = [dict(e, path="module." + e["path"]) for e in legacy["recipe"]]
     old = tmp_path / "legacy.safetensors"
     save_file(load_file(str(st)), str(old), metadata={**metadata, "modelsurgeon": json.dumps(legacy)})
-    assert ms.verify(ms.load(old, arch="zoo.resnet:resnet"), rewritten, (1, 3, 32, 32), atol=0, rtol=0).passed
+    assert ms.compare(ms.load(old, arch="zoo.resnet:resnet"), rewritten, (1, 3, 32, 32), atol=0, rtol=0).passed
     # rewriting the reloaded state again keeps the recipe relative to the model
     st2 = tmp_path / "again.safetensors"
     r = run_cli("fold-bn", st, "--arch", "test_outputs:dp_resnet", "-s", "1,3,32,32", "-o", st2, "-q")
     assert r.code == 0, r.err
-    assert ms.verify(ms.load(st2, arch="zoo.resnet:resnet"), rewritten, (1, 3, 32, 32), trials=2).passed
+    assert ms.compare(ms.load(st2, arch="zoo.resnet:resnet"), rewritten, (1, 3, 32, 32), trials=2).passed
 
 
 def test_container_to_safetensors_records_the_written_models_recipe(tmp_path):
@@ -177,4 +177,4 @@ def test_container_to_safetensors_records_the_written_models_recipe(tmp_path):
     assert r.code == 0, r.err
     again = ms.load(out, arch="zoo.resnet:resnet")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in again.modules())
-    assert ms.verify(again, ema, (1, 3, 32, 32), trials=2).passed
+    assert ms.compare(again, ema, (1, 3, 32, 32), trials=2).passed

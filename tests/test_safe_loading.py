@@ -21,7 +21,7 @@ import torch
 import modelsurgeon as ms
 from conftest import files_in, run_cli, run_console
 from modelsurgeon.errors import BadInput, UnsafeCheckpoint
-from modelsurgeon.load import load_checkpoint
+from modelsurgeon.read import load_checkpoint
 
 
 class Payload:
@@ -165,7 +165,7 @@ def test_a_recipe_only_builds_torch_nn_classes(tmp_path):
 
 # -- ONNX external data ------------------------------------------------------------------------
 
-ONNX_LOADER = importlib.util.find_spec("modelsurgeon.load.onnx") is not None
+ONNX_LOADER = importlib.util.find_spec("modelsurgeon.read.onnx") is not None
 
 
 def _onnx_with_external_data(d: Path) -> Path:
@@ -196,7 +196,7 @@ def _relocate(p: Path, location: str) -> None:
     onnx.save(m, str(p))
 
 
-@pytest.mark.skipif(not ONNX_LOADER, reason="no ONNX loader on this branch (modelsurgeon.load.onnx)")
+@pytest.mark.skipif(not ONNX_LOADER, reason="no ONNX loader on this branch (modelsurgeon.read.onnx)")
 @pytest.mark.parametrize("escape", ["parent", "absolute", "symlink"])
 def test_onnx_external_data_outside_the_model_directory_is_refused(tmp_path, escape):
     """The weights exist and are valid where the location points: following it would work,

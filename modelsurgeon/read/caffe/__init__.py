@@ -3,7 +3,7 @@
 ``read_caffe(caffemodel, prototxt)`` returns a :class:`CaffeSource`: the ``onnx_ir`` model
 (``.model``) and what a writer needs to put a rewritten graph back into Caffe files (the net
 as parsed, the blobs as read, which node and which blob version belongs to which layer).
-``load_caffe`` wraps it in a :class:`~modelsurgeon.load.checkpoint.Checkpoint` for the
+``load_caffe`` wraps it in a :class:`~modelsurgeon.read.checkpoint.Checkpoint` for the
 pipeline, which runs it through the ONNX back end.
 
     schema.py     the caffe.proto subset, as protobuf messages built at run time

@@ -8,8 +8,8 @@ from typing import Any
 
 from .._version import __version__
 from ..errors import BadInput
-from ..load import META_KEY
-from ..load.checkpoint import Checkpoint, ModelSlot
+from ..read import META_KEY
+from ..read.checkpoint import Checkpoint, ModelSlot
 from .atomic import atomic_files, atomic_path, disk_full, io_errno
 
 

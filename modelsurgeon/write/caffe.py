@@ -1,7 +1,7 @@
 """Write a rewritten graph back as Caffe files: ``.caffemodel`` + ``.prototxt`` beside it.
 
 The graph read from Caffe files names every node after its layer and knows which blob
-*version* (which layer's write of a blob) each tensor is (``load/caffe``). The writer maps the
+*version* (which layer's write of a blob) each tensor is (``read/caffe``). The writer maps the
 rewritten graph back to the prototxt's layers:
 
 * a layer whose nodes are all there is kept, with its blobs taken from the graph
@@ -73,7 +73,7 @@ class _Net:
 
 def caffe_net(model: Any, src: Any) -> tuple[Any, list[str]]:
     """The NetParameter (structure + blobs) for the rewritten ``model`` read from ``src``."""
-    from ..load.caffe.schema import classes
+    from ..read.caffe.schema import classes
 
     g = _Net(model, src)
     states = {layer.index: g.state(layer) for layer in g.layers}

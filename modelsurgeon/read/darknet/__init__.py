@@ -3,7 +3,7 @@
 ``read_darknet(weights, cfg)`` returns a :class:`DarknetSource`: the ``onnx_ir`` model
 (``.model``) and what a writer needs to put a rewritten graph back into darknet files (the
 parsed ``.cfg``, the layers, the header, which node belongs to which layer).
-``load_darknet`` wraps it in a :class:`~modelsurgeon.load.checkpoint.Checkpoint` for the
+``load_darknet`` wraps it in a :class:`~modelsurgeon.read.checkpoint.Checkpoint` for the
 pipeline, which runs it through the ONNX back end.
 
     cfg.py      the .cfg grammar (sections, options, darknet's atoi/atof)

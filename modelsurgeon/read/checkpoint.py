@@ -15,7 +15,7 @@ class ModelSlot:
     key: str | None  # key in the container dict, None when the checkpoint is the module itself
     module: Any  # the torch.nn.Module
     sd_prefix: str = ""  # for state_dict checkpoints: prefix of the keys in the file
-    storage: Any = None  # modelsurgeon.load.prepare.StorageState, set by prepare()
+    storage: Any = None  # modelsurgeon.read.prepare.StorageState, set by prepare()
     recipe: Any = None  # this model's structural edits (Checkpoint.recipe_for)
     sd_extra: dict = field(default_factory=dict)
     """State_dict entries that are not the model's (keys outside ``sd_prefix``, non-tensor
@@ -52,7 +52,7 @@ class Checkpoint:
     'ema': m}``) -> that slot's key. ``slots`` lists each object once, so it is rewritten once;
     the saved container keeps the keys pointing at the same object."""
     notes: list[str] = field(default_factory=list)  # what the loader has to say, for the report
-    source: Any = None  # darknet / caffe: the files as read (load/darknet, load/caffe)
+    source: Any = None  # darknet / caffe: the files as read (read/darknet, read/caffe)
 
     @property
     def is_onnx(self) -> bool:

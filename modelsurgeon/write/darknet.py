@@ -1,6 +1,6 @@
 """Write a rewritten graph back as darknet files: ``.weights`` + ``.cfg`` beside it.
 
-The graph read from darknet files names every node after its layer (``load/darknet``); the
+The graph read from darknet files names every node after its layer (``read/darknet``); the
 writer maps the rewritten graph's nodes back to those layers and keeps the ``.cfg`` text as it
 was (comments, training settings), changing only what the rewrite changed:
 
@@ -83,7 +83,7 @@ class _Layers:
 
 def darknet_files(model: Any, src: Any) -> tuple[str, bytes, list[str]]:
     """``(cfg text, weights bytes, notes)`` for the rewritten ``model`` read from ``src``."""
-    from ..load.darknet.weights import Header
+    from ..read.darknet.weights import Header
 
     g = _Layers(model, src)
     alive: dict[int, bool] = {}

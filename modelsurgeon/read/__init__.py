@@ -1,8 +1,8 @@
-"""Stage 1 of the pipeline: read a checkpoint safely and find the models in it.
+"""The first stage of the pipeline: read a checkpoint safely and find the models in it.
 
 ``load_checkpoint`` returns a :class:`Checkpoint` (container + model slots) for the surgery
-pipeline; ``load`` is the public convenience that returns the model itself -- including the
-rewritten structure of a state_dict / safetensors file that modelsurgeon wrote.
+pipeline; :func:`modelsurgeon.load` (``api.py``) is the public convenience that returns the
+model itself.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping
 from ..errors import BadInput
 from .checkpoint import Checkpoint, ModelSlot
 
-__all__ = ["Checkpoint", "ModelSlot", "load", "load_checkpoint", "add_code_paths", "META_KEY"]
+__all__ = ["Checkpoint", "ModelSlot", "load_checkpoint", "add_code_paths", "META_KEY"]
 
 META_KEY = "modelsurgeon"
 """Key of modelsurgeon's metadata in a ``.pt`` dict and in safetensors metadata."""
@@ -250,44 +250,3 @@ def _load_safetensors(path: Path, arch: str | None, kwargs: dict, trust: bool = 
     ckpt = _from_state_dict(path, None, sd, None, arch, kwargs, meta, fmt="safetensors", trust=trust)
     ckpt.metadata = metadata
     return ckpt
-
-
-def load(
-    path: str | Path,
-    arch: str | None = None,
-    arch_kwargs: dict | str | None = None,
-    *,
-    trust_pickle: bool = False,
-    code_paths: Iterable[str | Path] = (),
-    cfg: str | Path | None = None,
-    prototxt: str | Path | None = None,
-) -> Any:
-    """Load a model from any file modelsurgeon reads or writes.
-
-    * a pickled module or YOLO-style dict: the module (``ema`` when present) -- needs
-      ``trust_pickle=True``, since unpickling runs code;
-    * a state_dict ``.pt`` or ``.safetensors`` (with ``arch``; or the arch recorded in the file
-      by modelsurgeon, with ``trust_pickle=True`` since that imports and calls code the file
-      names): the model rebuilt by the factory, with the file's recorded structural edits
-      replayed, and the weights loaded in the dtypes the file stores them in;
-    * an ``.onnx`` file: the ``onnx.ModelProto``;
-    * a darknet ``.weights`` (with ``cfg``, default: the ``.cfg`` beside it) or a Caffe
-      ``.caffemodel`` (with ``prototxt``, default: the ``.prototxt`` beside it): the
-      ``onnx.ModelProto`` it is read into.
-    """
-    ckpt = load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,
-                           code_paths=code_paths, cfg=cfg, prototxt=prototxt)
-    if ckpt.source is not None:
-        import onnx
-
-        return onnx.load_from_string(ckpt.source.onnx_bytes)
-    if ckpt.is_onnx:
-        import onnx
-
-        return onnx.load(str(path))
-    return ckpt.primary().module
-
-
-from .._callable import make_callable as _make_callable  # noqa: E402
-
-_make_callable(__name__)

@@ -6,7 +6,7 @@ producer, model and graph metadata, doc strings; shapes are re-inferred before w
 after the output when they would not fit a protobuf (2 GB) or when the input kept its weights
 as external data; otherwise everything is inline. The files are first written to a temporary
 directory next to the target, checked (ONNX checker, then parity in onnxruntime by the
-caller), and only then moved into place (:func:`modelsurgeon.save.atomic.atomic_files`).
+caller), and only then moved into place (:func:`modelsurgeon.write.atomic.atomic_files`).
 """
 
 from __future__ import annotations

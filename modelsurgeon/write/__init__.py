@@ -1,4 +1,4 @@
-"""Stage 6 of the pipeline: write the result, atomically, in the format its extension names.
+"""The last stage of the pipeline: write the result, atomically, in the format its extension names.
 
 * ``.pt/.pth/.ckpt`` -- the input's own container (full module, YOLO dict with every wrapped
   module rewritten, or state_dict + recipe) -- :mod:`.torch`
@@ -31,7 +31,3 @@ def output_format(path: Path) -> str:
                        ".safetensors, .onnx (.weights, .caffemodel for darknet / Caffe models)", code="output-format")
     return fmt
 
-
-from .._callable import make_callable as _make_callable  # noqa: E402
-
-_make_callable(__name__)
