@@ -1,33 +1,31 @@
-"""The Python API: the same passes and checks as the CLI, on an ``nn.Module`` in memory.
+"""The Python API: the same passes and checks as the CLI.
 
     import modelsurgeon as ms
     model = ms.load("resnet.pt", trust_pickle=True)
-    report = ms.fold_bn(model, input_shape=(1, 3, 224, 224))   # in place, verified
+    model, report = ms.fold_bn(model, input_shape=(1, 3, 224, 224))   # in place, verified
     ms.save(model, "resnet-folded.pt")
 
-The model is rewritten in place (one copy in memory); if parity fails, :class:`ParityError` is
-raised with the report attached -- the model is then already modified, so keep a copy if you
-need the original afterwards. Whole checkpoint files (YOLO dicts, state_dicts...) are best
-handled by :func:`run`, which is what the CLI calls.
+Each pass function takes the model, ``input_shape`` and, as keywords, the pass's options (the
+fields of its options dataclass: ``ms.truncate(model, shape, blocks=2)``) and the verification
+options (``trials``, ``seed``, ``atol``, ``rtol``, ``verify_at``, ``verify``); it returns
+``(model, report)``. The model is rewritten in place (one copy in memory); if parity fails,
+:class:`ParityError` is raised with the report attached -- the model is then already modified,
+so keep a copy if you need the original. Whole files (YOLO dicts, state_dicts...) go through
+:func:`run`, what the CLI calls.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import BadInput, ParityError
-from .read import load_checkpoint  # noqa: F401  (re-exported)
-from .pipeline import Options, run  # noqa: F401  (re-exported)
+from .options.run import RunOptions
 
 Shape = Sequence[int]
 
-
-def _shape_args(input_shape: Shape | Sequence[Shape] | None) -> list[str]:
-    if input_shape is None:
-        return []
-    shapes = [input_shape] if input_shape and isinstance(input_shape[0], int) else list(input_shape)
-    return [",".join(str(int(d)) for d in s) for s in shapes]
+__all__ = ["load", "save", "run", "compare", "fold_bn", "focus_to_conv", "fold_fusion", "truncate", "optimize"]
 
 
 def load(path: str | Path, arch: str | None = None, arch_kwargs: dict | str | None = None, *,
@@ -46,6 +44,8 @@ def load(path: str | Path, arch: str | None = None, arch_kwargs: dict | str | No
       ``.caffemodel`` (with ``prototxt``, default: the ``.prototxt`` beside it): the
       ``onnx.ModelProto`` it is read into.
     """
+    from .read import load_checkpoint
+
     ckpt = load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,
                            code_paths=code_paths, cfg=cfg, prototxt=prototxt)
     if ckpt.source is not None:
@@ -59,107 +59,9 @@ def load(path: str | Path, arch: str | None = None, arch_kwargs: dict | str | No
     return ckpt.primary().module
 
 
-def apply_passes(model: Any, passes: Sequence[str], input_shape: Shape | Sequence[Shape] | None = None, *,
-                 trials: int = 2, seed: int = 0, atol: float | None = None, rtol: float | None = None,
-                 verify: bool = True, repeat: bool = False, pass_options: dict | None = None,
-                 command: str | None = None):
-    """Run passes on ``model`` in place and verify; returns the :class:`~modelsurgeon.report.Report`."""
-    from .read.prepare import prepare
-    from .passes.base import PassReport
-    from .pipeline import operate
-    from .report import Report
-    from .rewrite.recipe import Recipe
-    from .verify.compare import ParityReport
-    from .verify.inputs import InputSpec
-
-    opts = Options(input=Path("<module>"), input_shapes=_shape_args(input_shape), trials=trials,
-                   seed=seed, atol=atol, rtol=rtol, verify=verify, repeat=repeat,
-                   pass_options=pass_options or {})
-    opts.check()
-    spec = InputSpec.parse(opts.input_shapes, "float32", seed)
-    report = Report(command=command or "+".join(passes), input=type(model).__name__)
-    report.passes = [PassReport(n) for n in passes]
-    report.parity = ParityReport(trials=trials, checked=verify)
-    storage = prepare(model)
-    try:
-        operate(model, storage, passes, opts, spec, report, Recipe())
-    finally:
-        storage.restore(model)
-    report.inputs = list(spec.shapes)
-    if report.stopped:
-        report.parity = ParityReport(checked=False, note=f"({report.stopped}: nothing rewritten)")
-    if verify and not report.parity.passed:
-        raise ParityError(f"parity failed ({report.parity.worst()})", report)
-    return report
-
-
-def fold_bn(model: Any, input_shape: Shape | Sequence[Shape] | None = None, **kwargs: Any):
-    """Fold every BatchNorm / per-channel affine layer into the layer before it, in place."""
-    return apply_passes(model, ["fold-bn"], input_shape, command="fold-bn", **kwargs)
-
-
-def truncate(model: Any, input_shape: Shape | Sequence[Shape] | None = None, *, blocks: int | None = None,
-             after: str | None = None, stage: str | None = None, head: str = "reinit",
-             list_blocks: bool = False, **kwargs: Any):
-    """Remove the last ``blocks`` blocks of a backbone stage (or those after ``after``), in place,
-    and rebuild (``head="reinit"``) or drop the layers that read the stage's output.
-
-    The report's ``extra["truncate"]`` holds the stage, its blocks and the figures; with
-    ``list_blocks=True`` nothing is changed and the report only lists the blocks.
-    """
-    opts = {"truncate": {"blocks": blocks, "after": after, "stage": stage, "list": list_blocks,
-                         "head": head, "at": []}}
-    return apply_passes(model, ["truncate"], input_shape, pass_options=opts, command="truncate", **kwargs)
-
-
-def focus_to_conv(model: Any, input_shape: Shape | Sequence[Shape] | None = None, *, check_grad: bool = False,
-                  **kwargs: Any):
-    """Replace space-to-depth stems (Focus, pixel_unshuffle) + conv by one strided conv, in place."""
-    opts = {"focus-to-conv": {"check_grad": check_grad, "bench": False}}
-    return apply_passes(model, ["focus-to-conv"], input_shape, pass_options=opts, command="focus-to-conv", **kwargs)
-
-
-def fold_fusion(model: Any, input_shape: Shape | Sequence[Shape] | None = None, **kwargs: Any):
-    """Evaluate fusion weights once and fold them into the convs producing the fused inputs, in place."""
-    return apply_passes(model, ["fold-fusion"], input_shape, command="fold-fusion", **kwargs)
-
-
-def optimize(model: Any, input_shape: Shape | Sequence[Shape] | None = None, *,
-             passes: Sequence[str] | None = None, **kwargs: Any):
-    """Run every exact pass available for PyTorch (or ``passes``), repeated until nothing changes."""
-    from . import passes as registry
-
-    chosen = [p for p in (passes or registry.exact_passes()) if registry.available(p, "torch")]
-    kwargs.setdefault("repeat", True)
-    return apply_passes(model, chosen, input_shape, command="optimize", **kwargs)
-
-
-def compare(model: Any, reference: Any, input_shape: Shape | Sequence[Shape], *, trials: int = 1,
-           seed: int = 0, atol: float | None = None, rtol: float | None = None):
-    """Compare two models on the same random inputs; returns a ParityReport (does not raise)."""
-    import torch
-
-    from .verify.compare import Tolerance, compare_outputs, summarise
-    from .verify.inputs import InputSpec
-    from .verify.torch import run as run_model
-
-    spec = InputSpec.parse(_shape_args(input_shape), "float32", seed)
-    dtype = next((p.dtype for p in reference.parameters() if p.is_floating_point()), torch.float32)
-    tol = Tolerance.default(dtype, atol, rtol)
-    model.eval()
-    reference.eval()
-    diffs = []
-    for t in range(trials):
-        x = spec.make(t, dtype)
-        diffs.append(compare_outputs(run_model(reference, x), run_model(model, x), tol))
-    return summarise(diffs, tol)
-
-
 def save(model: Any, path: str | Path, input_shape: Shape | Sequence[Shape] | None = None, opset: int = 17) -> Path:
     """Write a module: ``.pt`` (pickled module), ``.safetensors`` (state_dict) or ``.onnx``
     (needs ``input_shape``). Atomic."""
-    import torch
-
     from .write import output_format
     from .write.atomic import atomic_path, check_output_path
     from .write.torch import write_pt
@@ -176,12 +78,186 @@ def save(model: Any, path: str | Path, input_shape: Shape | Sequence[Shape] | No
         with atomic_path(path) as tmp:
             save_file(sd, str(tmp))
     else:
-        from .write.onnx_export import export
         from .verify.inputs import InputSpec
+        from .write.onnx_export import export
 
         if input_shape is None:
             raise BadInput("saving to .onnx needs input_shape")
-        spec = InputSpec.parse(_shape_args(input_shape), "float32")
+        spec = InputSpec.parse(RunOptions(input=Path(path), input_shape=input_shape).input_shape, "float32")
         with atomic_path(path) as tmp:
             export(model.eval(), spec.make(0), tmp, opset)
     return path
+
+
+def compare(model: Any, reference: Any, input_shape: Shape | Sequence[Shape], *, trials: int = 1, seed: int = 0,
+            atol: float | None = None, rtol: float | None = None) -> Any:
+    """Compare two models on the same seeded random inputs; returns a ParityReport (does not raise)."""
+    import torch
+
+    from .verify.compare import Tolerance, compare_outputs, summarise
+    from .verify.inputs import InputSpec
+    from .verify.torch import run as run_model
+
+    opts = RunOptions(input=Path("<module>"), input_shape=input_shape, trials=trials, seed=seed, atol=atol, rtol=rtol)
+    spec = InputSpec.parse(opts.input_shape, "float32", seed)
+    dtype = next((p.dtype for p in reference.parameters() if p.is_floating_point()), torch.float32)
+    tol = Tolerance.default(dtype, atol, rtol)
+    model.eval()
+    reference.eval()
+    diffs = []
+    for t in range(trials):
+        x = spec.make(t, dtype)
+        diffs.append(compare_outputs(run_model(reference, x), run_model(model, x), tol))
+    return summarise(diffs, tol)
+
+
+# -- the passes ---------------------------------------------------------------------------------
+
+def _split(where: str, options: dict, *classes: type, allowed_run: Sequence[str] = RunOptions.MODEL) -> list[dict]:
+    """``options`` divided among ``classes`` (then the run options); an unknown one is a TypeError."""
+    parts: list[dict] = [{} for _ in classes] + [{}]
+    for key, value in options.items():
+        for i, cls in enumerate(classes):
+            f = cls.option_fields().get(key)
+            if f is not None and f.info.api:
+                parts[i][key] = value
+                break
+        else:
+            if key not in allowed_run:
+                raise TypeError(f"{where}() got an unexpected keyword argument {key!r}")
+            parts[-1][key] = value
+    return parts
+
+
+def _apply(model: Any, command: str, passes: list[str], input_shape: Any, run_kwargs: dict, pass_options: dict,
+           repeat: bool = False, verify_each: bool = False) -> tuple[Any, Any]:
+    """Run ``passes`` on ``model`` in place and verify: ``(model, report)``."""
+    from . import passes as registry
+    from .passes.base import PassReport
+    from .pipeline_torch import SlotRun, operate
+    from .read.prepare import prepare
+    from .report import Report
+    from .rewrite.recipe import Recipe
+    from .verify.compare import ParityReport
+    from .verify.inputs import InputSpec
+
+    opts = RunOptions(input=Path("<module>"), input_shape=input_shape or (), **run_kwargs)
+    opts.pass_options.update(pass_options)
+    opts.repeat, opts.verify_each = repeat, verify_each
+    for name in passes:  # passes given no options run with their defaults
+        opts.pass_options.setdefault(name, registry.spec(name).options()).check_backend("torch")
+    spec = InputSpec.parse(opts.input_shape, "float32", opts.seed)
+    report = Report(command=command, input=type(model).__name__)
+    report.passes = [PassReport(n) for n in passes]
+    report.parity = ParityReport(trials=opts.trials, checked=opts.verify)
+    storage = prepare(model)
+    try:
+        operate(SlotRun(model, storage, passes, opts, spec, report, Recipe()))
+    finally:
+        storage.restore(model)
+    report.inputs = list(spec.shapes)
+    if report.stopped:
+        report.parity = ParityReport(checked=False, note=f"({report.stopped}: nothing rewritten)")
+    if opts.verify and not report.parity.passed:
+        raise ParityError(f"parity failed ({report.parity.worst()})", report)
+    return model, report
+
+
+def _pass_function(name: str, where: str) -> Any:
+    def apply(model: Any, input_shape: Shape | Sequence[Shape] | None = None, **options: Any) -> tuple[Any, Any]:
+        from . import passes as registry
+
+        spec = registry.spec(name)
+        own, run_kwargs = _split(where, options, spec.options)
+        return _apply(model, name, [name], input_shape, run_kwargs, {name: spec.options(**own)})
+
+    apply.__name__ = apply.__qualname__ = where
+    return apply
+
+
+fold_bn = _pass_function("fold-bn", "fold_bn")
+fold_bn.__doc__ = """Fold every BatchNorm / per-channel affine layer into the layer before it, in place."""
+focus_to_conv = _pass_function("focus-to-conv", "focus_to_conv")
+focus_to_conv.__doc__ = """Replace space-to-depth stems (Focus, pixel_unshuffle) + conv by one strided conv, in place.
+Options: ``check_grad`` (also compare the gradients), ``bench`` (time the stem)."""
+fold_fusion = _pass_function("fold-fusion", "fold_fusion")
+fold_fusion.__doc__ = """Evaluate fusion weights once and fold them into the convs producing the fused inputs, in place."""
+truncate = _pass_function("truncate", "truncate")
+truncate.__doc__ = """Remove the last ``blocks`` blocks of a backbone stage (or those after ``after``), in place,
+and rebuild (``head="reinit"``) or drop the layers that read the stage's output; ``stage``
+names the stage. The report's ``extra["truncate"]`` holds the stage, its blocks and the
+figures; with ``list_blocks=True`` nothing is changed and the report only lists the blocks."""
+
+
+def optimize(model: Any, input_shape: Shape | Sequence[Shape] | None = None, **options: Any) -> tuple[Any, Any]:
+    """Run every exact pass available for PyTorch (``passes=[...]``: those; ``skip=[...]``: not
+    those), repeated until nothing changes, in place; ``verify_each=True`` checks parity after
+    each pass."""
+    from . import passes as registry
+    from .options.optimize import OptimizeOptions, commandless
+
+    others = commandless()
+    own, *theirs, run_kwargs = _split("optimize", options, OptimizeOptions, *others.values())
+    o = OptimizeOptions(**own)
+    chosen = [p for p in o.selected() if registry.available(p, "torch")]
+    pass_options = {n: cls(**kw) for (n, cls), kw in zip(others.items(), theirs) if n in chosen}
+    return _apply(model, "optimize", chosen, input_shape, run_kwargs, pass_options, repeat=True,
+                  verify_each=o.verify_each)
+
+
+def run(command: str, input: str | Path, output: str | Path | None = None, **options: Any) -> Any:
+    """What the CLI runs: ``command`` (a pass's command, or ``"optimize"``) on the file ``input``,
+    written to ``output`` (default: next to the input); the keywords are the command's options
+    and the run options (``arch``, ``trust_pickle``, ``input_shape``, ``trials``...), named as
+    the CLI's flags are, with ``_`` for ``-``. Returns the report."""
+    from . import passes as registry
+    from .options.optimize import OptimizeOptions, commandless
+    from .pipeline import run as run_pipeline
+
+    everything = tuple(n for n, f in RunOptions.option_fields().items() if f.info.api and n not in ("input", "output"))
+    if command == "optimize":
+        others = commandless()
+        own, *theirs, run_kwargs = _split("run", options, OptimizeOptions, *others.values(), allowed_run=everything)
+        o = OptimizeOptions(**own)
+        passes = o.selected()
+        pass_options = {n: cls(**kw) for (n, cls), kw in zip(others.items(), theirs) if n in passes}
+        plumbing = {"repeat": True, "verify_each": o.verify_each}
+    else:
+        spec = next((s for s in registry.specs() if s.cli == command), None)
+        if spec is None:
+            known = [s.cli for s in registry.specs() if s.cli] + ["optimize"]
+            raise BadInput(f"unknown command {command!r} (known: {', '.join(known)})")
+        own, run_kwargs = _split("run", options, spec.options, allowed_run=everything)
+        passes, pass_options, plumbing = [spec.name], {spec.name: spec.options(**own)}, {}
+    opts = RunOptions(input=input, output=output, **run_kwargs)
+    opts.pass_options.update(pass_options)
+    for key, value in plumbing.items():
+        setattr(opts, key, value)
+    return run_pipeline(command, passes, opts)
+
+
+def _signature(fn: Any, classes: list[type], run_fields: Sequence[str]) -> None:
+    """Show the keyword arguments in ``help()`` and ``inspect.signature``."""
+    base = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    seen = {p.name for p in base}
+    fields = RunOptions.option_fields()
+    extra = []
+    for f in [f for c in classes for f in c.option_fields().values() if f.info.api] + [fields[n] for n in run_fields]:
+        if f.name not in seen:
+            seen.add(f.name)
+            extra.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type))
+    fn.__signature__ = inspect.Signature(base + extra)
+
+
+def _signatures() -> None:
+    from .passes.focus_to_conv import FocusToConvOptions
+    from .passes.truncate import TruncateOptions
+    from .options.optimize import OptimizeOptions
+
+    model_fields = [n for n in RunOptions.MODEL if n != "input_shape"]
+    for fn, classes in ((fold_bn, []), (fold_fusion, []), (focus_to_conv, [FocusToConvOptions]),
+                        (truncate, [TruncateOptions]), (optimize, [OptimizeOptions])):
+        _signature(fn, classes, model_fields)
+
+
+_signatures()

@@ -1,11 +1,11 @@
 """The pipeline for ONNX inputs, natively (no PyTorch round trip):
 
-    load       modelsurgeon/read/onnx.py      onnx_ir model, external data checked and mapped
+    read       modelsurgeon/read/onnx.py      onnx_ir model, external data checked and mapped
     capture    modelsurgeon/capture/onnx.py   the IR is the graph: readers, constants, evaluation
     reference  modelsurgeon/verify/onnx.py    the ORIGINAL file run in onnxruntime (optimisations off)
-    passes     modelsurgeon/passes/*/onnx.py  the same run_pass / PassReport as PyTorch
+    passes     modelsurgeon/passes/*/onnx.py  the same round loop (passes/manager.py) as PyTorch
     cleanup    modelsurgeon/rewrite/onnx.py   dead nodes and initializers removed, topological sort
-    save       modelsurgeon/write/onnx.py     staged write, ONNX checker, parity of the written file,
+    write      modelsurgeon/write/onnx.py     staged write, ONNX checker, parity of the written file,
                                               then moved into place (external data above 2 GB)
 
 Darknet and Caffe inputs arrive here as the ONNX graph they were read into (``read/darknet``,
@@ -83,7 +83,8 @@ def _type_outputs(model, refs, report) -> None:
 def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
     from . import passes as registry
     from .capture.onnx import OnnxGraph, infer_shapes
-    from .passes.base import OnnxContext, PassReport, run_pass
+    from .passes.base import OnnxContext, PassReport
+    from .passes.manager import own_verification, run_rounds
     from .report.stats import onnx_stats
     from .rewrite.onnx import OnnxEditor
     from .write.atomic import atomic_files
@@ -102,16 +103,16 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
         raise BadInput(f"an ONNX input is written as .onnx (got {out_path.name!r}): modelsurgeon edits ONNX "
                        "graphs natively and does not convert them to PyTorch")
     report.notes.extend(n for n in ckpt.notes if n not in report.notes)
-    if out_fmt != "onnx" and any(registry.REGISTRY[p].cleanup for p in passes):
+    if out_fmt != "onnx" and any(registry.spec(p).group == "cleanup" for p in passes):
         # a .cfg / .prototxt can record the surgery passes' rewrites, not a cleaned-up graph
-        passes = [p for p in passes if not registry.REGISTRY[p].cleanup]
+        passes = [p for p in passes if registry.spec(p).group != "cleanup"]
         report.notes.append(f"graph clean-up not run: {native} files record only the surgery passes' rewrites "
                             "(write .onnx to have it)")
     model = ckpt.container
     if ckpt.metadata.get("sparse_initializers"):
         n = ckpt.metadata["sparse_initializers"]
         report.notes.append(f"{n} sparse initializer{'s' if n > 1 else ''} read as dense (written dense)")
-    spec = OnnxInputs.from_model(model, opts.input_shapes, opts.dtype, opts.seed)
+    spec = OnnxInputs.from_model(model, opts.input_shape, opts.dtype, opts.seed)
     report.inputs = list(spec.shapes)
     report.notes.extend(spec.notes)
     report.passes = [PassReport(name) for name in passes]
@@ -119,27 +120,25 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
     report.before = onnx_stats(model)
     editor = OnnxEditor(model)
     input_shapes = dict(zip(spec.names, spec.shapes))
-    given = input_shapes if opts.input_shapes else {}
-    impls = {name: registry.get(name, "onnx") for name in passes}
+    given = input_shapes if opts.input_shape else {}
+    impls = [registry.get(name, "onnx") for name in passes]
 
-    def context(name: str) -> OnnxContext:
-        return OnnxContext(model=model, graph=OnnxGraph(model), editor=editor, options=opts.pass_options.get(name, {}),
-                           input_shapes=input_shapes, given_shapes=given)
+    def context(p) -> OnnxContext:
+        return OnnxContext(model=model, graph=OnnxGraph(model), editor=editor, options=opts.pass_options[p.name],
+                           input_shapes=input_shapes, given_shapes=given, references=refs)
 
     # options checks + tensors the references must include (before anything runs)
     points = OnnxPoints(model, opts.verify_at)  # --verify-at tensors, post-processed outputs
     if points.describe():
         report.notes.append(points.describe())
         report.extra.update(post_processed=dict(points.post), suggest_verify_at=points.suggestion)
-    extra: list[str] = list(opts.verify_at)
-    for name, p in impls.items():
-        prepare = getattr(p, "prepare", None)
-        if prepare is not None:
-            extra += [n for n in (prepare(context(name)) or []) if n not in extra]
-    original_outputs = [v.name for v in model.graph.outputs]
-    expected = extra if any(not p.preserves_function for p in impls.values()) else original_outputs + list(opts.verify_at)
-
     refs = OnnxReferences(spec, opts.trials)
+    extra: list[str] = list(opts.verify_at)
+    for p in impls:
+        extra += [n for n in (p.prepare(context(p)) or []) if n not in extra]
+    original_outputs = [v.name for v in model.graph.outputs]
+    expected = extra if any(not p.preserves_function for p in impls) else original_outputs + list(opts.verify_at)
+
     values = OnnxGraph(model).values_by_name()
     types = {n: int(values[n].dtype) for n in extra if n in values and values[n].dtype is not None}
 
@@ -157,37 +156,37 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
 
     tol = Tolerance.default(storage_dtype(model), opts.atol, opts.rtol)
     per_pass = {p.name: p for p in report.passes}
+
+    def taken(p, ctx, _pr) -> None:
+        report.warnings.extend(w for w in ctx.warnings if w not in report.warnings)
+        report.extra.update(ctx.report_extra)
+
+    def changed(p, _ctx) -> None:
+        editor.cleanup()
+        infer_shapes(model)
+        if opts.verify_each and opts.verify:
+            status(f"{p.name}: checking parity")
+            step = _check_in_memory(model, ckpt, references(), tol, [n for n in expected if n not in opts.verify_at],
+                                    p.name, report)
+            if not step.passed and not opts.force:
+                report.parity.merge(step)
+                raise ParityError(f"parity failed after {p.name} ({step.worst()}); nothing written", report)
+
+    def fresh(p) -> OnnxContext:
+        status(f"{p.name}: matching")
+        return context(p)
+
     t = time.perf_counter()
-    for round_ in range(8):
-        changed = False
-        for name in passes:
-            p = impls[name]
-            status(f"{name}: matching")
-            ctx = context(name)
-            ctx.references = refs
-            pr = run_pass(p, ctx, dry_run=opts.dry_run)
-            per_pass[name].add_round(pr, first_round=round_ == 0)
-            report.warnings.extend(w for w in ctx.warnings if w not in report.warnings)
-            report.extra.update(ctx.report_extra)
-            if ctx.stop:  # an inspection answered (truncate --list): end the run here
-                report.stopped = ctx.stop
-                report.output = None
-                report.parity = ParityReport(checked=False, note=f"({ctx.stop})")
-                return report
-            if pr.changed and not opts.dry_run:
-                changed = True
-                editor.cleanup()
-                infer_shapes(model)
-                if opts.verify_each and opts.verify:
-                    status(f"{name}: checking parity")
-                    step = _check_in_memory(model, ckpt, references(), tol, [n for n in expected if n not in opts.verify_at],
-                                            name, report)
-                    if not step.passed and not opts.force:
-                        report.parity.merge(step)
-                        raise ParityError(f"parity failed after {name} ({step.worst()}); nothing written", report)
-        report.extra["rounds"] = round_ + 1
-        if not (opts.repeat and changed):
-            break
+    rounds = run_rounds(impls, per_pass, context=fresh, taken=taken, changed=changed, repeat=opts.repeat,
+                        dry_run=opts.dry_run)
+    if rounds.stopped:  # an inspection answered (truncate --list): end the run here
+        report.stopped = rounds.stopped
+        report.output = None
+        report.parity = ParityReport(checked=False, note=f"({rounds.stopped})")
+        return report
+    if rounds.warning():
+        report.warnings.append(rounds.warning())
+    report.extra["rounds"] = rounds.count
     report.timings["rewrite"] = time.perf_counter() - t
     report.after = onnx_stats(model)
     points.after_passes(model)
@@ -197,6 +196,9 @@ def _run_onnx(command, passes, opts, ckpt, report, out_path, out_fmt):
         return report
     if not opts.verify:
         report.parity = ParityReport(checked=False, note="(--no-verify)")
+    else:
+        for _p, _ctx, result in own_verification(impls, rounds, tol):  # added to the written file's check
+            report.parity.merge(result)
 
     if any(v.dtype is None for v in model.graph.outputs):
         _type_outputs(model, references(), report)
@@ -278,7 +280,7 @@ def _write_native(model, ckpt, opts, report, out_path, references, tol, expected
         report.notes.extend(notes)
         report.timings["save"] = time.perf_counter() - t
         try:
-            back = read(main, companion, opts.input_shapes)
+            back = read(main, companion, opts.input_shape)
         except BadInput as e:
             raise ParityError(f"the written {ckpt.format} files do not read back ({e}); nothing written", report)
         names = {v.name for v in back.model.graph.outputs}

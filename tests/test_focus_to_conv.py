@@ -29,7 +29,7 @@ def _run(model, shape, seed=0, **options):
     randomize_all(model, seed)
     model.eval()
     original = copy.deepcopy(model)
-    report = ms.apply_passes(model, ["focus-to-conv"], shape, pass_options={"focus-to-conv": options})
+    _, report = ms.focus_to_conv(model, shape, **options)
     assert report.parity.passed
     independent = ms.compare(model, original, shape, trials=3, seed=123)
     assert independent.passed, independent.outputs
@@ -264,7 +264,7 @@ def test_gradients_of_the_new_conv_are_the_mapped_gradients():
     m = Net(focus, c=16)
     ref = Net(original, c=16)
     ref.head.load_state_dict(m.head.state_dict())
-    ms.apply_passes(m, ["focus-to-conv"], (2, 3, 32, 32))
+    ms.focus_to_conv(m, (2, 3, 32, 32))
     assert all(mod.training for mod in m.modules())  # training flags restored, the new conv's too
     ref.train()
     x = torch.randn(4, 3, 32, 32)
@@ -442,7 +442,7 @@ def test_optimize_converts_the_stem_then_folds_its_batchnorm():
     m = Net(Focus(3, 8, 3))
     randomize_all(m, 9).eval()
     original = copy.deepcopy(m)
-    report = ms.apply_passes(m, ["focus-to-conv", "fold-bn"], (1, 3, 32, 32), repeat=True)
+    _, report = ms.optimize(m, (1, 3, 32, 32), passes=["focus-to-conv", "fold-bn"])
     assert [a.pass_name for a in report.applied] == ["focus-to-conv", "fold-bn"]
     # the folded BN removed as YOLOv5's fuse() removes it: the stem Conv runs its forward_fuse
     assert not hasattr(m.stem, "bn") and m.stem.forward.__func__ is type(m.stem).forward_fuse

@@ -26,7 +26,7 @@ def _fold(model: nn.Module, shape, seed: int = 0, **kwargs):
     randomize_all(model, seed)
     model.eval()
     original = copy.deepcopy(model)
-    report = ms.fold_bn(model, shape, **kwargs)
+    _, report = ms.fold_bn(model, shape, **kwargs)
     return report, original
 
 
@@ -121,7 +121,7 @@ def test_inline_scale_in_a_non_persistent_buffer_is_skipped_and_state_dict_outpu
     arch = "testmodels:non_persistent_scale"
     m = non_persistent_scale()
     original = copy.deepcopy(m)
-    report = ms.fold_bn(m, (1, 3, 12, 12))
+    _, report = ms.fold_bn(m, (1, 3, 12, 12))
     assert "non-persistent buffer" in _reason(report, "Tensor.mul in the model's forward")
     assert "a state_dict cannot carry its new value" in _reason(report, "Tensor.mul in the model's forward")
     assert [a.target for a in report.applied] == ["conv2"]
@@ -515,7 +515,7 @@ def test_every_unfolded_batchnorm_like_module_is_reported():
         m.default_bn.reset_parameters()
     m.eval()
     original = copy.deepcopy(m)
-    report = ms.fold_bn(m, (1, 3, 16, 16))
+    _, report = ms.fold_bn(m, (1, 3, 16, 16))
     assert [a.target for a in report.applied] == ["c"]
     assert _reason(report, "aux_b") == "not executed on the example input"
     assert "relu" in _reason(report, "fbn")
@@ -532,7 +532,7 @@ def test_inline_batchnorm_neutralised_by_the_pass_is_not_folded_again(dtype):
     scale, folded too) is neither folded again nor reported; one with default statistics would be."""
     m = randomize_all(InlineBN(1e-3), 1).to(dtype).eval()
     original = copy.deepcopy(m).float()
-    report = ms.apply_passes(m, ["fold-bn"], (2, 3, 8, 8), repeat=True)
+    _, report = ms.optimize(m, (2, 3, 8, 8), passes=["fold-bn"])
     assert len(report.applied) == 1 and not report.skipped
     _same(m.float(), original, (1, 3, 8, 8), (3, 3, 12, 10), rtol=1e-4 if dtype == torch.float32 else 1e-2)
 
@@ -545,7 +545,7 @@ def test_model_stored_in_training_mode_is_folded_with_a_warning():
     randomize_all(m, 2)
     original = copy.deepcopy(m).eval()
     m.train()
-    report = ms.fold_bn(m, (1, 3, 8, 8))
+    _, report = ms.fold_bn(m, (1, 3, 8, 8))
     assert any("stored in training mode" in w and "inference model" in w for w in report.warnings), report.warnings
     assert m.training  # flags are restored as stored
     _same(m.eval(), original, (2, 3, 8, 8), (1, 3, 5, 9))

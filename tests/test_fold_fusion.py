@@ -28,7 +28,7 @@ OTHER_SHAPES = [(2, 3, 24, 20)]
 
 def _fold(model, shape=SHAPE):
     original = copy.deepcopy(model)
-    report = ms.fold_fusion(model, shape)
+    _, report = ms.fold_fusion(model, shape)
     assert report.parity.passed
     for s in [shape, *OTHER_SHAPES]:
         independent = ms.compare(model, original, s, trials=2, seed=11)
@@ -321,7 +321,7 @@ def test_batchnorm_without_affine_keeps_the_multiply_until_fold_bn_takes_it():
     model.branches[0].bn = nn.BatchNorm2d(8, affine=False)
     finish(model)
     original = copy.deepcopy(model)
-    report = ms.optimize(model, SHAPE)
+    _, report = ms.optimize(model, SHAPE)
     assert ms.compare(model, original, (2, 3, 20, 12), trials=2).passed
     ff = next(p for p in report.passes if p.name == "fold-fusion")
     first = ff.applied[0].data["inputs"][0]
@@ -371,7 +371,7 @@ def test_kept_per_channel_weight_of_a_sliced_input():
 def test_second_run_finds_nothing_new():
     model = darknet("per_feature", "none", 3, mismatch=True, shared_output=True)
     ms.fold_fusion(model, SHAPE)
-    again = ms.fold_fusion(model, SHAPE)
+    _, again = ms.fold_fusion(model, SHAPE)
     assert not again.applied and not again.skipped
 
 
@@ -381,7 +381,7 @@ def test_models_without_fusion_are_untouched():
 
     model = randomize(resnet(), 2).eval()
     before = copy.deepcopy(model.state_dict())
-    report = ms.fold_fusion(model, (1, 3, 32, 32))
+    _, report = ms.fold_fusion(model, (1, 3, 32, 32))
     assert not report.applied and not report.skipped
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
@@ -437,7 +437,7 @@ def test_state_dict_outputs_rebuild_the_replacement_from_the_recipe(arch, ext, t
     clone = copy.deepcopy(folded)
     assert type(clone.layers[4] if hasattr(clone, "layers") else clone.fusion) is type(fused)
     assert torch.equal(clone(x), folded(x))
-    again = ms.fold_fusion(clone, (1, 3, 16, 16))
+    _, again = ms.fold_fusion(clone, (1, 3, 16, 16))
     assert not again.applied and not again.skipped
 
 
@@ -503,7 +503,7 @@ def test_inline_weights_are_read_at_the_recorded_size_only_and_the_readme_says_s
 
     model = finish(InlineSizeBranch())
     original = copy.deepcopy(model)
-    report = ms.fold_fusion(model, SHAPE)
+    _, report = ms.fold_fusion(model, SHAPE)
     assert report.parity.passed and report.applied[0].data["kind"] == "inline"
     assert ms.compare(model, original, (2, 3, 16, 20), trials=2).passed  # exact where verified
     readme = " ".join((ROOT / "README.md").read_text().split())
@@ -640,7 +640,7 @@ def test_deepcopy_keeps_the_class_name_in_memory_and_after_loading(tmp_path):
     assert torch.equal(model(x), expected) and not torch.equal(clone(x), expected)
     for m in (copy.deepcopy(model), copy.deepcopy(loaded)):
         assert not hasattr(m.layers[4].fused, "_generated_weighted_sum")
-        again = ms.fold_fusion(m, SHAPE)
+        _, again = ms.fold_fusion(m, SHAPE)
         assert not again.applied and not again.skipped
         assert torch.equal(m(x), expected)
 
@@ -653,7 +653,7 @@ def _previous_format(monkeypatch, model):
 
     with monkeypatch.context() as m:
         m.setattr(weighted_sum, "can_take_forward", lambda module: False)
-        report = ms.fold_fusion(model, SHAPE)
+        _, report = ms.fold_fusion(model, SHAPE)
     (a,) = report.applied
     assert a.data["replaced_by"] == "torch.fx.GraphModule" and a.data["forward"] is None
     return report
@@ -676,9 +676,9 @@ def test_pt_files_of_the_previous_format_load_and_are_done(monkeypatch, tmp_path
     old = torch.load(tmp_path / "old.pt", weights_only=False)
     assert type(old.layers[4]).__name__ == "ShortcutLayer" and getattr(old.layers[4], marker) is True
     assert ms.compare(old, original, (2, 3, 20, 12), trials=2).passed
-    again = ms.fold_fusion(old, SHAPE)
+    _, again = ms.fold_fusion(old, SHAPE)
     assert not again.applied and not again.skipped
-    report = ms.optimize(old, SHAPE)
+    _, report = ms.optimize(old, SHAPE)
     assert {a.pass_name for a in report.applied} == {"fold-bn"} and not report.skipped
     assert ms.compare(old, original, (2, 3, 20, 12), trials=2).passed
 
@@ -702,7 +702,7 @@ def test_state_dicts_of_the_previous_format_replay_and_are_done(monkeypatch, tmp
     fused = folded.layers[4] if hasattr(folded, "layers") else folded.fusion
     assert isinstance(fused, torch.fx.GraphModule) and type(fused).__name__ in ("ShortcutLayer", "BiFPNAdd")
     assert ms.compare(folded, ms.load(src, arch=arch), (2, 3, 16, 24), trials=2).passed
-    again = ms.fold_fusion(folded, SHAPE)
+    _, again = ms.fold_fusion(folded, SHAPE)
     assert not again.applied and not again.skipped
 
 
@@ -719,7 +719,7 @@ def test_module_whose_class_pickles_itself_is_replaced_as_a_whole():
     (a,) = report.applied
     assert a.data["replaced_by"] == "torch.fx.GraphModule" and a.data["forward"] is None
     assert isinstance(model.fusion, torch.fx.GraphModule) and type(model.fusion).__name__ == "OwnPickling"
-    again = ms.fold_fusion(model, SHAPE)
+    _, again = ms.fold_fusion(model, SHAPE)
     assert not again.applied and not again.skipped
 
 

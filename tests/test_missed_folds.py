@@ -69,7 +69,7 @@ def test_reshapes_that_move_channels_are_not_looked_through(cls, shape):
     from testmodels import randomize_all
 
     model = randomize_all(cls(), 1).eval()
-    r = ms.fold_bn(model, input_shape=shape)
+    _, r = ms.fold_bn(model, input_shape=shape)
     assert not r.applied and r.skipped
     assert isinstance(model.bn, nn.BatchNorm1d)
 

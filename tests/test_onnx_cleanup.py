@@ -363,19 +363,20 @@ def test_skip_cleanup_runs_the_surgery_passes_only(tmp_path):
     assert [p["name"] for p in rep["passes"]] == ["focus-to-conv", "fold-fusion", "fold-bn"]
     assert "Pad" in G.ops(dst)
     rep, src, dst = run(tmp_path, G.same_pad_conv(), "--passes", "cleanup", name="only")
-    assert [p["name"] for p in rep["passes"]] == registry.cleanup_passes()
+    assert [p["name"] for p in rep["passes"]] == registry.in_group("cleanup")
 
 
 def test_cleanup_passes_are_onnx_only_and_declare_their_order():
     from modelsurgeon.passes.cleanup import CLEANUP
 
     order = registry.exact_passes()
-    for name, _summary, _target in CLEANUP:
+    for spec in CLEANUP:
+        name = spec.name
         p = registry.get(name, "onnx")
-        assert p.name == name and not registry.available(name, "torch")
-        for other in p.before:  # the registry order honours what each pass declares
+        assert p.name == name and not registry.available(name, "torch") and spec.cli is None
+        for other in spec.before:  # optimize's order honours what each pass declares
             assert order.index(name) < order.index(other)
-        for other in p.after:
+        for other in spec.after:
             assert order.index(other) < order.index(name)
 
 
@@ -395,7 +396,7 @@ def test_native_outputs_get_the_surgery_passes_only(tmp_path):
     r = run_cli("optimize", model, "-o", tmp_path / "merged.caffemodel", "--json")
     assert r.code == 0, r.err
     rep = r.json()
-    assert not any(registry.REGISTRY[p["name"]].cleanup for p in rep["passes"])
+    assert not any(registry.REGISTRY[p["name"]].group == "cleanup" for p in rep["passes"])
     assert any("graph clean-up not run" in n for n in rep["notes"]) and rep["after"]["bn"] == 0
     r = run_cli("optimize", model, "-o", tmp_path / "merged.onnx", "--json")
     assert r.code == 0, r.err

@@ -109,7 +109,7 @@ def test_api_round_trip(tmp_path):
     m = randomize(resnet(), 3).eval()
     ref = resnet()
     ref.load_state_dict(m.state_dict())
-    report = ms.fold_bn(m, (1, 3, 32, 32))
+    _, report = ms.fold_bn(m, (1, 3, 32, 32))
     assert report.after.bn == 0
     path = ms.save(m, tmp_path / "m.pt")
     again = torch.load(path, weights_only=False)

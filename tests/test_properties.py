@@ -122,6 +122,21 @@ def assert_storage_kept(original, rewritten) -> None:
 # the property, through the API and through files
 
 
+def command_options(pass_name: str) -> dict:
+    """The options of the command a property entry runs: a pass list is optimize's ``passes``."""
+    spec = PROPERTY_PASSES.get(pass_name)
+    return {"passes": spec.passes} if spec is not None and spec.passes else {}
+
+
+def run_api(pass_name: str, model, shape) -> object:
+    """A property entry (or one pass) through its API function; the report."""
+    spec = PROPERTY_PASSES.get(pass_name)
+    if spec is not None and spec.passes:  # a pass list: optimize's
+        assert spec.repeat and spec.command == "optimize"
+        return ms.optimize(model, shape, passes=spec.passes)[1]
+    return getattr(ms, pass_name.replace("-", "_"))(model, shape)[1]
+
+
 def apply(pass_name: str, model, cfg: dict, seen: dict | None = None):
     """Run the pass through the API; ``seen`` receives the inputs and the output the pipeline's
     final verification judged (to check that what was verified is what is kept)."""
@@ -137,8 +152,7 @@ def apply(pass_name: str, model, cfg: dict, seen: dict | None = None):
 
     References.check = check
     try:
-        return ms.apply_passes(model, spec.passes or [pass_name], tuple(cfg["input_shape"]),
-                               command=spec.command or pass_name, repeat=spec.repeat)
+        return run_api(pass_name, model, tuple(cfg["input_shape"]))
     finally:
         References.check = real_check
 
@@ -186,7 +200,7 @@ def staged_twin(pass_name: str, cfg: dict, original):
         for p in spec.passes:
             stage = copy.deepcopy(current).double()
             try:
-                report = ms.apply_passes(stage, [p], tuple(cfg["input_shape"]), command=p)
+                report = run_api(p, stage, tuple(cfg["input_shape"]))
             except ms.ParityError as e:
                 raise AssertionError(f"{p} alone is not exact in float64 ({e})") from None
             changed |= bool(report.applied)
@@ -284,11 +298,9 @@ def check_file(pass_name: str, cfg: dict, tmp: Path, src_suffix: str, out_suffix
         p.unlink(missing_ok=True)
     _save_input(cfg, model, src)
     data = src.read_bytes()
-    opts = ms.Options(input=src, output=out, arch="strategies:build", arch_kwargs=dict(cfg),
-                      code_paths=[TESTS], input_shapes=[",".join(map(str, cfg["input_shape"]))],
-                      repeat=spec.repeat)
     try:
-        ms.run(command, spec.passes or [pass_name], opts)
+        ms.run(command, src, out, arch="strategies:build", arch_kwargs=dict(cfg), code_paths=[TESTS],
+               input_shape=tuple(cfg["input_shape"]), **command_options(pass_name))
     except ms.ParityError as e:
         assert not out.exists(), "nothing may be written when parity fails"
         if out_suffix == ".onnx" and "onnxruntime" in str(e):  # the export, not the rewrite
@@ -357,10 +369,9 @@ def check_onnx_input(pass_name: str, cfg: dict, tmp: Path) -> str:
     except Exception:  # not a valid input for this route (exporter / onnxruntime limits)
         return "not exportable to a runnable ONNX model"
     data = src.read_bytes()
-    opts = ms.Options(input=src, output=out, input_shapes=[",".join(map(str, cfg["input_shape"]))],
-                      repeat=spec.repeat)
     try:
-        report = ms.run(spec.command or pass_name, spec.passes or [pass_name], opts)
+        report = ms.run(spec.command or pass_name, src, out, input_shape=tuple(cfg["input_shape"]),
+                        **command_options(pass_name))
     except ms.ParityError:
         assert not out.exists()
         return "parity error (refused)"

@@ -33,7 +33,7 @@ def test_probing_does_not_take_a_saturated_activation_for_an_affine_map():
     was folded into the conv and removed, which is wrong wherever ``3x + 60`` is not >> 0."""
     m = nn.Sequential(nn.Conv2d(3, 4, 3), SaturatedSiLU(4)).eval()
     original = copy.deepcopy(m)
-    report = ms.fold_bn(m, (1, 3, 8, 8))
+    _, report = ms.fold_bn(m, (1, 3, 8, 8))
     assert not report.applied
     assert isinstance(m[1], SaturatedSiLU) and float(m[1].b[0]) == 60.0
     x = torch.randn(4, 3, 8, 8) * 30  # reaches the curved part of the SiLU
@@ -59,7 +59,7 @@ def test_bn_with_saturated_activation_is_folded_keeping_the_activation():
         m[1].running_var.fill_(1e-2)
         m[1].weight.uniform_(0.5, 2.0)
     original = copy.deepcopy(m)
-    report = ms.fold_bn(m, (1, 3, 8, 8))
+    _, report = ms.fold_bn(m, (1, 3, 8, 8))
     assert len(report.applied) == 1 and "probed" not in report.applied[0].detail
     assert isinstance(m[1], nn.SiLU)
     x = torch.randn(4, 3, 8, 8) * 30
@@ -110,7 +110,7 @@ def test_all_zero_outputs_are_reported_as_uninformative():
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
     with torch.no_grad():
         m[1].bias.fill_(-1e6)  # every output clipped to 0, whatever the input
-    report = ms.fold_bn(m, (1, 3, 8, 8), trials=1)
+    _, report = ms.fold_bn(m, (1, 3, 8, 8), trials=1)
     assert report.parity.trials == 5  # the one asked for and up to 4 more (README)
     assert any("every output is zero" in w for w in report.warnings)
 
@@ -199,7 +199,7 @@ def test_a_rewrite_exact_only_at_the_captured_batch_size_is_refused():
         ms.fold_bn(copy.deepcopy(m), (1, 3, 8, 8))
     assert not e.value.report.parity.passed
     # with a single trial (the captured input) the same fold passes: the second trial is what catches it
-    assert ms.fold_bn(copy.deepcopy(m), (1, 3, 8, 8), trials=1).parity.passed
+    assert ms.fold_bn(copy.deepcopy(m), (1, 3, 8, 8), trials=1)[1].parity.passed
 
 
 def test_a_model_that_runs_only_at_its_example_batch_is_still_verified():
@@ -218,7 +218,7 @@ def test_a_model_that_runs_only_at_its_example_batch_is_still_verified():
     with torch.no_grad():
         m.bn.running_mean.uniform_(-1, 1)
         m.bn.running_var.uniform_(0.5, 2)
-    report = ms.fold_bn(m, (1, 3, 8, 8))
+    _, report = ms.fold_bn(m, (1, 3, 8, 8))
     assert report.applied and report.parity.passed and report.parity.trials == 2
     assert any("does not run at inputs 2,3,8,8" in n for n in report.notes)
 
@@ -258,7 +258,7 @@ def test_outputs_held_in_objects_are_compared_field_by_field(kind, monkeypatch):
         m.bn.running_mean.uniform_(-1, 1)
         m.bn.running_var.uniform_(0.5, 2)
         m.bn.weight.uniform_(0.5, 2)
-    report = ms.fold_bn(copy.deepcopy(m), (1, 3, 8, 8))
+    _, report = ms.fold_bn(copy.deepcopy(m), (1, 3, 8, 8))
     assert report.applied and report.parity.passed
     names = {o.name for o in report.parity.outputs}
     assert names == ({"out.boxes", "out.scores", "out.meta"} if kind == "dataclass"
@@ -296,9 +296,8 @@ def test_buffers_the_tool_s_own_runs_change_are_kept_at_the_checkpoint_values(tm
         m[1].running_var.uniform_(0.5, 2)
     src, out = tmp_path / "m.pt", tmp_path / "o.pt"
     torch.save(m, src)
-    report = ms.run("fold-bn", ["fold-bn"], ms.Options(input=src, output=out, trust_pickle=True,
-                                                       code_paths=[Path(__file__).parent],
-                                                       input_shapes=["1,3,8,8"]))
+    report = ms.run("fold-bn", src, out, trust_pickle=True, code_paths=[Path(__file__).parent],
+                    input_shape=(1, 3, 8, 8))
     assert report.applied and report.written
     assert any("changes its buffers" in w and "2.max_val" in w for w in report.warnings)
     again = torch.load(out, weights_only=False)

@@ -87,7 +87,7 @@ def test_after_names_the_last_kept_block(ckpts):
     t = r.json()["truncate"]
     assert t["removed"] == ["features.17", "features.18"] and t["last_kept"] == "features.16"
     m = randomize(resnet(), 4).eval()
-    report = ms.truncate(m, (1, 3, 32, 32), after="layer2")
+    _, report = ms.truncate(m, (1, 3, 32, 32), after="layer2")
     assert report.extra["truncate"]["removed"] == ["layer3", "layer4"] and m.fc.in_features == 32
 
 
@@ -103,7 +103,7 @@ def test_dry_run_changes_and_writes_nothing(ckpts, tmp_path):
 def test_head_drop_returns_the_backbone_features():
     original = _mb(5)
     m = copy.deepcopy(original)
-    report = ms.truncate(m, (2, 3, 32, 32), blocks=2, head="drop")
+    _, report = ms.truncate(m, (2, 3, 32, 32), blocks=2, head="drop")
     t = report.extra["truncate"]
     assert isinstance(m.classifier[1], nn.Identity)
     assert t["head"]["layers"][0]["action"] == "dropped"
@@ -146,7 +146,7 @@ def test_resnet_full_module_auto_stage_fc_rebuilt(ckpts, tmp_path):
 def test_stage_option_picks_an_inner_stage_and_keeps_an_unchanged_head():
     m = randomize(resnet(), 2).eval()
     fc = m.fc
-    report = ms.truncate(m, (1, 3, 64, 64), blocks=1, stage="layer4")
+    _, report = ms.truncate(m, (1, 3, 64, 64), blocks=1, stage="layer4")
     t = report.extra["truncate"]
     assert t["stage"] == "layer4" and "--stage" in t["reason"]
     assert isinstance(m.layer4[1], nn.Identity) and not isinstance(m.layer4[0], nn.Identity)
@@ -181,7 +181,7 @@ class SkipNet(nn.Module):
 
 def test_skip_connection_from_a_removed_block_refuses():
     m = randomize(SkipNet()).eval()
-    report = ms.truncate(copy.deepcopy(m), (1, 3, 8, 8), blocks=1, stage="blocks")
+    _, report = ms.truncate(copy.deepcopy(m), (1, 3, 8, 8), blocks=1, stage="blocks")
     assert report.extra["truncate"]["head"]["layers"][0]["after"] == "Linear(24→3)"
     before = copy.deepcopy(m.state_dict())
     with pytest.raises(ms.BadInput) as e:
@@ -215,7 +215,7 @@ def test_head_that_is_no_linear_or_conv_refuses_unless_dropped():
     with pytest.raises(ms.BadInput, match=r"norm \(BatchNorm1d\)"):
         ms.truncate(randomize(BNHead()).eval(), (2, 3, 12, 12), blocks=1)
     m = randomize(BNHead()).eval()
-    report = ms.truncate(m, (2, 3, 12, 12), blocks=1, head="drop")
+    _, report = ms.truncate(m, (2, 3, 12, 12), blocks=1, head="drop")
     assert isinstance(m.norm, nn.Identity) and isinstance(m.fc, nn.Identity)
     assert report.extra["truncate"]["output_shapes"]["after"] == [[2, 16]]
 
@@ -237,7 +237,7 @@ class ConvHead(nn.Module):
 
 def test_conv_head_is_rebuilt_with_its_configuration():
     m = randomize(ConvHead()).eval()
-    report = ms.truncate(m, (1, 3, 8, 8), blocks=1)
+    _, report = ms.truncate(m, (1, 3, 8, 8), blocks=1)
     h = m.head
     assert type(h) is nn.Conv2d and h.in_channels == 16 and h.out_channels == 8
     assert h.stride == (2, 2) and h.padding == (1, 1) and h.bias is None
@@ -385,7 +385,7 @@ def _prefix(seq, n, x):
 def test_plain_sequential_keeps_its_classifier_and_counts_only_layers_with_parameters():
     original = randomize(VGGBN(), 21).eval()
     m = copy.deepcopy(original)
-    t = ms.truncate(m, (2, 3, 16, 16), list_blocks=True).extra["truncate"]
+    t = ms.truncate(m, (2, 3, 16, 16), list_blocks=True)[1].extra["truncate"]
     assert t["stage"] == ""
     # a block is a child with parameters, the parameter-free ones after it ride along
     assert [b["path"] for b in t["blocks"]] == ["0", "1", "4", "5", "7", "8", "11", "12"]
@@ -394,7 +394,7 @@ def test_plain_sequential_keeps_its_classifier_and_counts_only_layers_with_param
     # the trailing relu, pooling, flatten, dropout and the Linear they lead to are the head
     assert t["not_blocks"] == ["13", "14", "15", "16", "17"]
 
-    report = ms.truncate(m, (2, 3, 16, 16), blocks=1)
+    _, report = ms.truncate(m, (2, 3, 16, 16), blocks=1)
     t = report.extra["truncate"]
     assert t["removed"] == ["12"] and t["removed_modules"] == ["12"] and t["last_kept"] == "11"
     assert isinstance(m[12], nn.Identity) and type(m[11]) is nn.Conv2d and type(m[13]) is nn.ReLU
@@ -402,7 +402,7 @@ def test_plain_sequential_keeps_its_classifier_and_counts_only_layers_with_param
     assert t["head"]["unchanged"] is True and t["output_shapes"] == {"before": [[2, 10]], "after": [[2, 10]]}
 
     m = copy.deepcopy(original)
-    report = ms.truncate(m, (2, 3, 16, 16), blocks=3)  # 7, 8 (+9, 10), 11, 12 go: bn 5 (+relu 6) is last
+    _, report = ms.truncate(m, (2, 3, 16, 16), blocks=3)  # 7, 8 (+9, 10), 11, 12 go: bn 5 (+relu 6) is last
     t = report.extra["truncate"]
     assert t["removed"] == ["8", "11", "12"] and t["last_kept"] == "7"
     assert t["removed_modules"] == ["8", "9", "10", "11", "12"]
@@ -437,7 +437,9 @@ def test_stage_naming_the_model_or_the_classifier_never_cuts_the_head(tmp_path):
     assert "the stage <model> has one block (features; classifier is its head), so none can be removed" in str(e.value)
     with pytest.raises(ms.BadInput) as e:
         ms.truncate(m, (1, 3, 16, 16), blocks=1, stage="classifier")
-    assert str(e.value).startswith("--stage classifier: its children (classifier.0 … classifier.3) are the head")
+    # the API names the parameter (the CLI the flag: test_bad_values_exit_2_and_write_nothing)
+    assert e.value.option == "stage"
+    assert str(e.value).startswith("stage='classifier': its children (classifier.0 … classifier.3) are the head")
     assert "stages found: features (3 blocks)" in str(e.value)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert not any(isinstance(x, nn.Identity) for x in m.modules())
@@ -449,7 +451,7 @@ def test_stage_naming_the_model_or_the_classifier_never_cuts_the_head(tmp_path):
     assert r.code == 2 and r.err.count("\n") == 1 and "are the head" in r.err
     assert files_in(tmp_path) == {"fc.pt"}
     # what is meant: the last block of features, the Linear rebuilt
-    report = ms.truncate(m, (1, 3, 16, 16), blocks=1)
+    _, report = ms.truncate(m, (1, 3, 16, 16), blocks=1)
     assert report.extra["truncate"]["removed"] == ["features.2"] and m.classifier[3].in_features == 16
 
 
@@ -468,7 +470,7 @@ class HeadInBlock(nn.Module):
 def test_cut_that_removes_the_output_layer_refuses_under_reinit():
     original = randomize(nn.Sequential(_cbr(3, 8, 2), _cbr(8, 16, 2), HeadInBlock()), 3).eval()
     m = copy.deepcopy(original)
-    t = ms.truncate(m, (2, 3, 16, 16), list_blocks=True).extra["truncate"]
+    t = ms.truncate(m, (2, 3, 16, 16), list_blocks=True)[1].extra["truncate"]
     assert [b["path"] for b in t["blocks"]] == ["0", "1", "2"] and "not_blocks" not in t
     with pytest.raises(ms.BadInput) as e:
         ms.truncate(m, (2, 3, 16, 16), blocks=1)
@@ -477,7 +479,7 @@ def test_cut_that_removes_the_output_layer_refuses_under_reinit():
     assert "--head drop returns the features on purpose" in msg and "nothing written" in msg
     assert not any(isinstance(x, nn.Identity) for x in m.modules())
     # asked for on purpose: the features of the last kept block
-    report = ms.truncate(m, (2, 3, 16, 16), blocks=1, head="drop")
+    _, report = ms.truncate(m, (2, 3, 16, 16), blocks=1, head="drop")
     assert isinstance(m[2], nn.Identity)
     assert report.extra["truncate"]["output_shapes"]["after"] == [[2, 16, 4, 4]]
     x = torch.randn(2, 3, 16, 16)
@@ -511,7 +513,7 @@ class InlineFPN(nn.Module):
 def test_backbone_loop_feeding_laterals_inline_is_one_stage_of_all_its_blocks():
     original = randomize(InlineFPN(), 12).eval()
     m = copy.deepcopy(original)
-    report = ms.truncate(m, (2, 3, 32, 32), blocks=1)
+    _, report = ms.truncate(m, (2, 3, 32, 32), blocks=1)
     t = report.extra["truncate"]
     assert t["stage"] == "features" and "found automatically" in t["reason"]
     assert [b["path"] for b in t["blocks"]] == [f"features.{i}" for i in range(8)]
@@ -534,7 +536,7 @@ def test_backbone_loop_feeding_laterals_inline_is_one_stage_of_all_its_blocks():
         assert "cannot truncate features after features.5" in msg
         assert "removed block features.6 is also read by conv2d in lat6 (Conv2d)" in msg
         assert not any(isinstance(x, nn.Identity) for x in m.modules())
-    t = ms.truncate(copy.deepcopy(original), (2, 3, 32, 32), list_blocks=True, stage="features").extra["truncate"]
+    t = ms.truncate(copy.deepcopy(original), (2, 3, 32, 32), list_blocks=True, stage="features")[1].extra["truncate"]
     assert len(t["blocks"]) == 8 and "chosen with --stage" in t["reason"]
 
 
@@ -559,7 +561,8 @@ def test_stage_option_takes_all_of_the_containers_children_and_cuts_only_at_its_
     m = randomize(SplitLoop(), 6).eval()
     with pytest.raises(ms.BadInput) as e:
         ms.truncate(m, (1, 3, 16, 16), blocks=1, stage="features")
-    assert ("--stage features: its blocks are not called one after another on the input→output path, each "
+    assert e.value.option == "stage"
+    assert ("stage='features': its blocks are not called one after another on the input→output path, each "
             "reading the previous one's output: features.4 (Sequential) does not take features.3's output as its "
             "first input, so features is not one chain of blocks that can be cut at its end") in str(e.value)
     # the first run, features.0 … features.3, may not be cut: the rest of features reads its output
@@ -569,7 +572,7 @@ def test_stage_option_takes_all_of_the_containers_children_and_cuts_only_at_its_
             "block of features, so cutting here would remove blocks from the middle of features") in str(e.value)
     assert not any(isinstance(x, nn.Identity) for x in m.modules())
     # the last run ends where features ends: cut there, the head rebuilt
-    report = ms.truncate(m, (1, 3, 16, 16), after="features.5")
+    _, report = ms.truncate(m, (1, 3, 16, 16), after="features.5")
     t = report.extra["truncate"]
     assert [b["path"] for b in t["blocks"]] == [f"features.{i}" for i in range(4, 8)]
     assert "the run features.4 … features.7" in t["reason"]
@@ -596,7 +599,7 @@ class SliceNet(nn.Module):
 def test_backbone_called_through_slices_is_the_container_with_every_block(tmp_path):
     original = randomize(SliceNet(), 9).eval()
     m = copy.deepcopy(original)
-    t = ms.truncate(m, (1, 3, 32, 32), list_blocks=True).extra["truncate"]
+    t = ms.truncate(m, (1, 3, 32, 32), list_blocks=True)[1].extra["truncate"]
     assert t["stage"] == "features" and [b["path"] for b in t["blocks"]] == [f"features.{i}" for i in range(8)]
     assert "through slices of features (features[0:4], features[4:8]) by the model's forward" in t["reason"]
     # FLOPs: each block counted once; the two 1x1 heads are the rest
@@ -606,7 +609,7 @@ def test_backbone_called_through_slices_is_the_container_with_every_block(tmp_pa
     assert t["candidates"][0]["stage"] == "features" and 0.9 < share < 1
     assert f"carrying {share:.0%} of the model's FLOPs" in t["reason"]
     # one block: same width, the head stays
-    report = ms.truncate(m, (1, 3, 32, 32), blocks=1)
+    _, report = ms.truncate(m, (1, 3, 32, 32), blocks=1)
     assert report.extra["truncate"]["removed"] == ["features.7"] and isinstance(m.features[7], nn.Identity)
     assert m.p5.in_channels == 32 and report.extra["truncate"]["head"]["unchanged"]
     x = torch.randn(1, 3, 32, 32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import SurgeryError
 
@@ -16,28 +16,15 @@ class ExitWith(Exception):
         self.code = code
 
 
-def execute(name: str, passes: Any, fn: Callable[..., dict], own: dict, common: dict,
-            verify_each: bool = False, repeat: bool = False) -> None:
+def execute(name: str, passes: list[str], opts: Any, general: Any) -> None:
+    """Run ``passes`` with the run options ``opts`` (a RunOptions, pass options set) and print
+    the report as ``general`` (GeneralOptions) asks."""
     from rich.console import Console
 
-    from ..pipeline import Options, run
+    from ..pipeline import run
 
-    quiet, as_json = common["quiet"], common["json_"]
+    quiet, as_json = general.quiet, general.json
     err = Console(stderr=True, highlight=False)
-    pass_options = fn(**own) or {}
-    pass_list = passes(own) if callable(passes) else list(passes)
-    opts = Options(
-        input=common["input"], output=common["output"], arch=common["arch"],
-        arch_kwargs=common["arch_kwargs"], trust_pickle=common["trust_pickle"],
-        code_paths=common["code_path"] or (), input_shapes=common["input_shape"] or (),
-        cfg=common["cfg"], prototxt=common["prototxt"],
-        dtype=common["dtype"], seed=common["seed"], trials=common["trials"], atol=common["atol"],
-        rtol=common["rtol"], verify=not common["no_verify"], force=common["force"],
-        dry_run=common["dry_run"], in_place=common["in_place"], opset=common["opset"],
-        verify_at=list(common["verify_at"] or ()),
-        pass_options=pass_options, verify_each=verify_each or bool(own.get("verify_each")),
-        repeat=repeat,
-    )
     out = Console(highlight=False, soft_wrap=False)
     status = None
     if not quiet and err.is_terminal:
@@ -46,7 +33,7 @@ def execute(name: str, passes: Any, fn: Callable[..., dict], own: dict, common: 
         opts.status = lambda msg: status.update(msg)
     report = None
     try:
-        report = run(name, pass_list, opts)
+        report = run(name, passes, opts)
     except SurgeryError as e:
         if status:
             status.stop()
@@ -70,8 +57,15 @@ def error_json(exc: BaseException | None, message: str | None = None, code: str 
     if exc is None and message is None:
         return None
     return {"code": code or getattr(exc, "code", "internal-error"),
-            "message": " ".join((message if message is not None else str(exc)).split()),
+            "message": " ".join((message if message is not None else message_of(exc)).split()),
             "exit_code": exit_code if exit_code is not None else int(getattr(exc, "exit_code", 3))}
+
+
+def message_of(exc: BaseException) -> str:
+    """An error's message as the command line says it (an option named by its flag)."""
+    from ..options.base import OptionError
+
+    return exc.render("cli") if isinstance(exc, OptionError) else str(exc)
 
 
 def write_json(doc: dict, exc: BaseException | None = None, **error: Any) -> None:

@@ -1,16 +1,19 @@
-"""The shape every pass has, on either back end.
+"""The pass contract, on either back end (drawn in docs/architecture.md).
 
-A pass is a class with a ``name`` and two methods:
+A pass is a :class:`Pass` subclass with a ``name``, a ``backend`` and four phases:
 
+* ``prepare(ctx)`` -- once, before anything runs: checks of its options against the model,
+  and the tensors the references must include (default: nothing);
 * ``match(ctx)`` -- read the graph (never modify anything) and yield one :class:`Match` per
-  rewrite it can make exactly, and one :class:`Skipped` (target + reason) per candidate it
-  found but cannot rewrite exactly;
-* ``rewrite(ctx, match)`` -- apply one match in place and return an :class:`Applied` (or a
-  :class:`Skipped` if a late check declines it).
+  rewrite it can make exactly, one :class:`Skipped` (target + reason) per candidate it cannot;
+* ``rewrite(ctx, match)`` -- apply one match in place; an :class:`Applied` (or a
+  :class:`Skipped` if a late check declines it);
+* ``verify(ctx, applied, tolerance)`` -- a pass that changes the function on purpose checks
+  its own result (default ``None``: the pipeline's parity against the original).
 
-``ctx`` is a :class:`TorchContext` or an ONNX context; the pipeline runs the pass
-(:func:`run_pass`), verifies and saves. Matching separate from rewriting means ``--dry-run``
-and the report come for free, and all matches are found on the unmodified graph.
+What one phase hands the next travels in the ``Match`` and ``Applied`` objects, never on the
+pass. Its options arrive as ``ctx.options``, an instance of the options dataclass its
+:class:`~modelsurgeon.passes.spec.PassSpec` declares.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from typing import Any, ClassVar, Iterable
 
 @dataclass
 class Applied:
+    """One rewrite done: target and detail for the report, ``data`` for its JSON. A pass whose
+    ``verify`` needs more (what it measured before rewriting) subclasses it."""
+
     target: str
     detail: str
     data: dict = field(default_factory=dict)
@@ -37,6 +43,8 @@ class Applied:
 
 @dataclass
 class Skipped:
+    """A candidate the pass found and cannot rewrite exactly, with the reason."""
+
     target: str
     reason: str
     pass_name: str = ""
@@ -83,7 +91,7 @@ class PassContext:
     """What every pass gets besides its back end's model and graph; the pipeline merges back
     what a pass leaves here."""
 
-    options: dict = field(default_factory=dict)  # the pass's own options (from its command)
+    options: Any = None  # the pass's options (an instance of its PassSpec's options dataclass)
     slot: str | None = None  # "model" / "ema" in a multi-model checkpoint
     references: Any = None  # the original model's outputs (torch References / OnnxReferences)
     notes: list[str] = field(default_factory=list)  # into the pass's section of the report
@@ -117,22 +125,34 @@ class OnnxContext(PassContext):
 
 
 class Pass:
+    """Base of every pass. Subclasses set ``name`` (the registered name) and ``backend``."""
+
     name: ClassVar[str] = ""
-    backend: ClassVar[str] = "torch"
-    preserves_function: ClassVar[bool] = True
+    backend: ClassVar[str] = "torch"  # "torch" or "onnx"
+    preserves_function: ClassVar[bool] = True  # False: verify() checks the pass's own result
 
-    def match(self, ctx: Any) -> Iterable[Match | Skipped]:  # pragma: no cover - interface
-        raise NotImplementedError
+    def prepare(self, ctx: Any) -> list[str] | None:
+        """Check the options against the model before anything runs; return the names of
+        tensors the references must include (ONNX), if any."""
+        return None
 
-    def rewrite(self, ctx: Any, match: Match) -> Applied | Skipped:  # pragma: no cover
-        raise NotImplementedError
+    def match(self, ctx: Any) -> Iterable[Match | Skipped]:
+        raise NotImplementedError(f"{type(self).__name__}.match")
+
+    def rewrite(self, ctx: Any, match: Match) -> Applied | Skipped:
+        raise NotImplementedError(f"{type(self).__name__}.rewrite")
+
+    def verify(self, ctx: Any, applied: list[Applied], tolerance: Any) -> Any:
+        """``None``: the pipeline's parity against the original decides. A ParityReport
+        replaces it (PyTorch; on ONNX it is added to the check of the written file)."""
+        return None
 
 
 def run_pass(p: Pass, ctx: Any, dry_run: bool = False) -> PassReport:
     """Match on the unmodified graph, then rewrite each match (unless ``dry_run``)."""
     report = PassReport(p.name)
     found = list(p.match(ctx))
-    if getattr(ctx, "stop", None):
+    if ctx.stop:
         dry_run = True  # an inspection: report what was found, change nothing
     seen: set[tuple[str, str]] = set()
     for m in found:
@@ -140,11 +160,11 @@ def run_pass(p: Pass, ctx: Any, dry_run: bool = False) -> PassReport:
             if (m.target, m.reason) in seen:  # the same module met again (shared, called twice)
                 continue
             seen.add((m.target, m.reason))
-            m.pass_name, m.slot = p.name, getattr(ctx, "slot", None)
+            m.pass_name, m.slot = p.name, ctx.slot
             report.skipped.append(m)
             continue
         result = Applied(m.target, "would be rewritten") if dry_run else p.rewrite(ctx, m)
-        result.pass_name, result.slot = p.name, getattr(ctx, "slot", None)
+        result.pass_name, result.slot = p.name, ctx.slot
         (report.applied if isinstance(result, Applied) else report.skipped).append(result)
-    report.notes.extend(getattr(ctx, "notes", []))
+    report.notes.extend(ctx.notes)
     return report

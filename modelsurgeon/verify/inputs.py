@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import re
-
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..errors import BadInput
-
-DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32")
+from ..options.run import DTYPES, parse_dims  # noqa: F401  (DTYPES re-exported)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """``1,3,640,640`` (or ``1x3x640x640``) -> ``(1, 3, 640, 640)``."""
-    t = str(text).replace(" ", "")
-    if not re.fullmatch(r"\d+([,x]\d+)*", t):
-        raise BadInput(f"--input-shape {text!r}: expected comma-separated integers like 1,3,224,224")
-    dims = tuple(int(p) for p in re.split(r"[,x]", t))
-    if any(d <= 0 for d in dims):
-        raise BadInput(f"--input-shape {text!r}: every dimension must be a positive integer")
-    if len(dims) > 8:
-        raise BadInput(f"--input-shape {text!r}: more than 8 dimensions")
-    if any(d > 2**31 - 1 for d in dims):
-        raise BadInput(f"--input-shape {text!r}: a dimension above 2**31 - 1")
+    try:
+        dims = parse_dims(text)
+    except ValueError as e:
+        raise BadInput(f"--input-shape {text!r}: {e}")
     _check_memory(text, dims)
     return dims
 

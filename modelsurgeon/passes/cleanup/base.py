@@ -10,12 +10,10 @@ from ..base import Applied, Match, OnnxContext, Pass
 
 
 class CleanupPass(Pass):
-    """An ONNX-only pass of the generic clean-up. ``before`` / ``after``: passes it must run
-    before / after within a round (see :data:`modelsurgeon.passes.cleanup.CLEANUP`)."""
+    """An ONNX-only pass of the generic clean-up (its spec and declared order:
+    :mod:`modelsurgeon.passes.cleanup`)."""
 
     backend = "onnx"
-    before: ClassVar[tuple[str, ...]] = ()
-    after: ClassVar[tuple[str, ...]] = ()
 
 
 class IrPass(CleanupPass):

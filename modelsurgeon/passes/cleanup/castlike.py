@@ -16,7 +16,6 @@ from .base import CleanupPass, NodeMatch, attr, default_domain
 
 class CastLikeToCast(CleanupPass):
     name = "castlike-to-cast"
-    before = ("fold-shapes", "fold-fusion")
 
     def match(self, ctx: OnnxContext) -> Iterable[NodeMatch]:
         for node in ctx.graph.nodes:

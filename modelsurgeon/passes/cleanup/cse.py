@@ -46,7 +46,6 @@ def common(model) -> int:
 
 class EliminateCommonSubexpressions(IrPass):
     name = "cse"
-    after = ("dedup-constants",)
     what = "repeated node"
 
     count = staticmethod(common)

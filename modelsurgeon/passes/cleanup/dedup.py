@@ -26,8 +26,6 @@ def duplicates(model) -> int:
 
 class DedupConstants(IrPass):
     name = "dedup-constants"
-    before = ("cse",)
-    after = ("fold-fusion",)
     what = "duplicate initializer"
 
     count = staticmethod(duplicates)

@@ -16,10 +16,9 @@ from .base import CleanupPass, NodeMatch
 
 class FixInputShapes(CleanupPass):
     name = "fix-input-shapes"
-    before = ("fold-shapes",)
 
     def match(self, ctx: OnnxContext) -> Iterable[NodeMatch]:
-        if ctx.options.get("keep_symbolic"):
+        if ctx.options.keep_symbolic:
             return
         for v in ctx.model.graph.inputs:
             given = ctx.given_shapes.get(v.name)

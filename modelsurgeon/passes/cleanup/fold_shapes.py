@@ -28,8 +28,6 @@ from .base import CleanupPass, NodeMatch, attr, default_domain, facts
 
 class FoldShapes(CleanupPass):
     name = "fold-shapes"
-    before = ("fold-fusion",)
-    after = ("fix-input-shapes",)
 
     def match(self, ctx: OnnxContext) -> Iterable[NodeMatch]:
         g, p = ctx.graph, facts(ctx)

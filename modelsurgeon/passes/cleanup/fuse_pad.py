@@ -22,7 +22,6 @@ READERS = {"Conv", "AveragePool"}
 
 class FusePad(CleanupPass):
     name = "fuse-pad"
-    after = ("fold-fusion", "fold-shapes")
 
     def match(self, ctx: OnnxContext) -> Iterable[NodeMatch | Skipped]:
         for node in ctx.graph.nodes:

@@ -17,7 +17,6 @@ from .base import CleanupPass, NodeMatch, const, default_domain, facts
 
 class FuseGemm(CleanupPass):
     name = "fuse-gemm"
-    after = ("fold-bn",)
 
     def match(self, ctx: OnnxContext) -> Iterable[NodeMatch]:
         g = ctx.graph

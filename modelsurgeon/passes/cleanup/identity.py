@@ -20,7 +20,6 @@ SINGLE_INPUT = {"Concat", "Sum", "Max", "Min", "Mean"}
 
 class RemoveIdentity(CleanupPass):
     name = "remove-identity"
-    before = ("fold-shapes",)
 
     def match(self, ctx: OnnxContext) -> Iterable[NodeMatch | Skipped]:
         for node in ctx.graph.nodes:

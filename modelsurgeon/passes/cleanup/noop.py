@@ -24,7 +24,6 @@ NEUTRAL = {"Add": (0, (0, 1)), "Sub": (0, (1,)), "Mul": (1, (0, 1)), "Div": (1, 
 
 class RemoveNoOps(CleanupPass):
     name = "remove-noops"
-    after = ("fold-fusion", "fold-shapes")
 
     def match(self, ctx: OnnxContext) -> Iterable[NodeMatch]:
         for node in ctx.graph.nodes:

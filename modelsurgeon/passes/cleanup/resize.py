@@ -20,7 +20,6 @@ from .base import CleanupPass, NodeMatch, attr, default_domain, facts
 
 class ResizeScales(CleanupPass):
     name = "resize-scales"
-    after = ("fold-shapes",)
 
     def match(self, ctx: OnnxContext) -> Iterable[NodeMatch]:
         g = ctx.graph

@@ -16,7 +16,6 @@ from .base import CleanupPass, NodeMatch, attr, const, default_domain, facts
 
 class SplitSequences(CleanupPass):
     name = "split-sequences"
-    after = ("fold-shapes",)
 
     def match(self, ctx: OnnxContext) -> Iterable[NodeMatch]:
         g = ctx.graph

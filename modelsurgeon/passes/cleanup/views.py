@@ -41,7 +41,6 @@ def target_for(src: tuple, dst: tuple) -> list[int] | None:
 
 class MergeReshapes(CleanupPass):
     name = "merge-reshapes"
-    after = ("fold-shapes",)
 
     def match(self, ctx: OnnxContext) -> Iterable[NodeMatch]:
         for node in ctx.graph.nodes:

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ...capture.onnx import EvaluationError, OnnxGraph, node_label, shape_of
-from ...errors import BadInput
 from ...match.onnx import _attr, to_f64
 from ..base import Applied, Match, OnnxContext, Pass, Skipped
 
@@ -224,12 +223,6 @@ def conv_reason(g: OnnxGraph, conv: Any, channels: int) -> str | None:
 class FocusToConv(Pass):
     name = "focus-to-conv"
     backend = "onnx"
-
-    def prepare(self, ctx: OnnxContext) -> list[str]:
-        torch_only = [flag for flag, key in (("--check-grad", "check_grad"), ("--bench", "bench")) if ctx.options.get(key)]
-        if torch_only:
-            raise BadInput(f"{', '.join(torch_only)}: for PyTorch models only")
-        return []
 
     def match(self, ctx: OnnxContext) -> Iterable[Match | Skipped]:
         g = ctx.graph

@@ -222,8 +222,7 @@ class FocusToConv(Pass):
         import torch
 
         ed, s, old = ctx.editor, m.s2d, m.conv
-        check_grad = bool(ctx.options.get("check_grad"))
-        bench = bool(ctx.options.get("bench"))
+        check_grad, bench = ctx.options.check_grad, ctx.options.bench
         x = _stem_input(ctx, m) if (check_grad or bench) else None
         # what --check-grad / --bench run: the stem, or the space-to-depth layer and the conv
         before = torch.nn.Sequential(m.stem, old) if m.layer and (check_grad or bench) else m.stem

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from ...capture.onnx import OnnxGraph, format_shape, node_label, shape_of
-from ...errors import BadInput
+from ...options.base import escape
 from ..base import Applied, Match, OnnxContext, Pass, Skipped
 
 
@@ -43,20 +43,14 @@ class Truncate(Pass):
     preserves_function = False
 
     def prepare(self, ctx: OnnxContext) -> list[str]:
-        """Check the options; the tensors the references must include (``--at``)."""
-        opts = ctx.options
-        torch_only = [flag for flag, key in (("--blocks", "blocks"), ("--after", "after"), ("--stage", "stage"))
-                      if opts.get(key) not in (None, "")]
-        if opts.get("head") not in (None, "reinit"):
-            torch_only.append("--head")
-        if torch_only:
-            raise BadInput(f"{', '.join(torch_only)}: for PyTorch models; on an ONNX model use --at TENSOR "
-                           "(--list shows the candidates)")
-        if opts.get("list"):
+        """Check ``--at`` against the graph; the tensors the references must include."""
+        o = ctx.options
+        if o.list_blocks:
             return []
-        at = list(dict.fromkeys(opts.get("at") or []))
+        at = list(dict.fromkeys(o.at))
         if not at:
-            raise BadInput("truncate on an ONNX model needs --at TENSOR (repeatable); --list shows the candidates")
+            o.fail("truncate on an ONNX model needs {at} (repeatable); {list_blocks} shows the candidates",
+                   at=..., list_blocks=...)
         g = ctx.graph
         values = g.values_by_name()
         for name in at:
@@ -64,16 +58,17 @@ class Truncate(Pass):
             if v is None:
                 close = difflib.get_close_matches(name, [v.name for _, v in _activations(g)], n=3)
                 hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-                raise BadInput(f"--at {name!r}: no tensor of that name in the graph{hint}; --list shows the candidates")
+                o.fail("{at}: no tensor of that name in the graph" + escape(hint) + "; {list_blocks} shows the "
+                       "candidates", at=name, list_blocks=...)
             if v.is_graph_input():
-                raise BadInput(f"--at {name!r} is a graph input, not a computed tensor")
+                o.fail("{at} is a graph input, not a computed tensor", at=name)
             if g.is_const(v):
-                raise BadInput(f"--at {name!r} is a constant (a weight), not a computed tensor")
+                o.fail("{at} is a constant (a weight), not a computed tensor", at=name)
         return at
 
     def match(self, ctx: OnnxContext) -> Iterable[Match | Skipped]:
         at = self.prepare(ctx)
-        if ctx.options.get("list"):  # an inspection: list the candidates, change nothing
+        if ctx.options.list_blocks:  # an inspection: list the candidates, change nothing
             ctx.report_extra["tensors"] = self.listing(ctx)
             ctx.stop = "--list: candidate tensors listed, nothing rewritten"
             return

@@ -47,35 +47,10 @@ from ...match.conv import CONV_OPS
 from ...match.head import GATHERING, NEUTRAL, is_classifier_layer, layer_of, shape_only, short_name
 from ...match.stage import Stage, StageError, find_stages, module_flops, stage_at
 from ..base import Applied, Match, Pass, Skipped, TorchContext
+from ...options.base import escape
+from . import TruncateOptions
 
-HEAD_MODES = ("reinit", "drop")
 INIT_SEED = 0
-
-@dataclass
-class TruncateOptions:
-    blocks: int | None = None
-    after: str | None = None
-    stage: str | None = None
-    list: bool = False
-    head: str = "reinit"
-
-    @classmethod
-    def parse(cls, raw: dict) -> "TruncateOptions":
-        if raw.get("at"):
-            raise BadInput("--at cuts ONNX graphs at a tensor; for PyTorch checkpoints use --blocks N or --after BLOCK")
-        o = cls(blocks=raw.get("blocks"), after=raw.get("after"), stage=raw.get("stage"),
-                list=bool(raw.get("list")), head=raw.get("head") or "reinit")
-        if o.after is not None:
-            o.after = str(o.after).strip()
-        if o.head not in HEAD_MODES:
-            raise BadInput(f"--head {o.head!r}: choose reinit or drop")
-        if o.blocks is not None and o.after is not None:
-            raise BadInput("--blocks and --after are mutually exclusive: give one of them")
-        if o.blocks is None and o.after is None and not o.list:
-            raise BadInput("truncate needs --blocks N or --after BLOCK (or --list to see the stage's blocks)")
-        if o.blocks is not None and int(o.blocks) < 1:
-            raise BadInput(f"--blocks {o.blocks}: must be at least 1 (the number of blocks to remove from the end of the stage)")
-        return o
 
 
 @dataclass
@@ -111,10 +86,13 @@ class TruncateMatch(Match):
 
 
 @dataclass
-class _State:
-    match: TruncateMatch
-    prefix_refs: list  # output of the last kept block on each trial, before the rewrite
-    info: dict
+class TruncateApplied(Applied):
+    """The cut made, and what ``verify`` compares: the last kept block's output on every trial,
+    recorded before the rewrite."""
+
+    match: TruncateMatch | None = None
+    prefix_refs: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
 
 
 class _Reached(Exception):
@@ -126,12 +104,15 @@ class Truncate(Pass):
     name = "truncate"
     preserves_function = False
 
-    def __init__(self) -> None:
-        self.state: _State | None = None
+    def prepare(self, ctx: TorchContext) -> None:
+        o: TruncateOptions = ctx.options
+        if o.blocks is None and o.after is None and not o.list_blocks:
+            o.fail("truncate needs {blocks} or {after} (or {list_blocks} to see the stage's blocks)",
+                   blocks=..., after=..., list_blocks=...)
 
     # -- matching ------------------------------------------------------------------------------
     def match(self, ctx: TorchContext) -> Iterable[Match | Skipped]:
-        o = TruncateOptions.parse(ctx.options)
+        o: TruncateOptions = ctx.options
         g: DataflowGraph = ctx.graph
         per_module, total_flops = module_flops(ctx.model, ctx.inputs, g)
         stages = find_stages(g, ctx.model, per_module, total_flops)
@@ -165,7 +146,7 @@ class Truncate(Pass):
                 "removed_params": sum(b.params for b in removed),
                 "removed_flops": sum(b.flops for b in removed),
             })
-        if o.list:
+        if o.list_blocks:
             ctx.stop = f"listed the {len(stage.blocks)} blocks of {stage.label}"
             return
         m = _plan(g, ctx.model, stage, keep, o.head)
@@ -205,7 +186,6 @@ class Truncate(Pass):
         if m.head == "drop":
             ctx.warnings.append(f"--head drop: the model now returns the features of {last.path} "
                                 "(head layers replaced by nn.Identity)")
-        self.state = _State(m, prefix_refs, info)
         removed = m.removed
         span = removed[0].path if len(removed) == 1 else f"{removed[0].path} … {removed[-1].path}"
         c0, c1 = m.stage.blocks[-1].out_channels, last.out_channels
@@ -217,20 +197,20 @@ class Truncate(Pass):
             if rows:
                 detail += f"; {verb}: " + ", ".join(
                     f"{r['path']} {r['before']}" + (f" → {r['after']}" if action != "kept" else "") for r in rows)
-        return Applied(m.stage.label, detail, {
+        return TruncateApplied(m.stage.label, detail, {
             "stage": m.stage.path, "removed": [b.path for b in removed], "kept_blocks": m.keep,
             "output_channels": {"before": c0, "after": c1}, "head": head_rows,
-        })
+        }, match=m, prefix_refs=prefix_refs, info=info)
 
     # -- verification --------------------------------------------------------------------------
-    def verify(self, ctx: TorchContext, tolerance: Any) -> Any:
+    def verify(self, ctx: TorchContext, applied: list[Applied], tolerance: Any) -> Any:
         """Kept prefix exact on every trial; the whole model runs; output shapes recorded."""
         from ...verify.compare import ParityReport, Tolerance, compare_outputs, summarise
         from ...verify.torch import ModelRunError
 
-        st = self.state
-        if st is None:  # nothing was truncated (dry run)
+        if not applied:  # nothing was truncated (dry run)
             return ParityReport(trials=0, atol=tolerance.atol, rtol=tolerance.rtol)
+        st: TruncateApplied = applied[-1]
         refs = ctx.references
         exact = Tolerance(0.0, 0.0)
         last = st.match.last_kept
@@ -280,11 +260,11 @@ def _choose(stages: list[Stage], o: TruncateOptions, model: Any, g: DataflowGrap
         try:
             get_module(model, path)
         except (AttributeError, KeyError, TypeError):
-            raise BadInput(f"--stage {o.stage}: the model has no module at that path")
+            o.fail("{stage}: the model has no module at that path", stage=o.stage)
         try:
             stage = stage_at(g, model, flops, total_flops, path)
         except StageError as e:
-            raise BadInput(f"--stage {o.stage if o.stage.strip() else repr(o.stage)}: {e} (stages found: {found})")
+            o.fail("{stage}: " + escape(f"{e} (stages found: {found})"), stage=o.stage)
         return stage, "chosen with --stage: " + stage.describe()
     if not stages:
         raise BadInput("no backbone stage found: no chain of two or more modules, each reading the previous "
@@ -308,21 +288,23 @@ def _keep(stage: Stage, o: TruncateOptions) -> int | None:
         k = int(o.blocks)
         if n == 1:
             head = f"; {', '.join(stage.trimmed)} is its head" if stage.trimmed else ""
-            raise BadInput(f"--blocks {k}: the stage {stage.label} has one block ({stage.blocks[0].path}{head}), "
-                           "so none can be removed; name the container inside it with --stage (see --list)")
+            o.fail("{blocks}: " + escape(f"the stage {stage.label} has one block ({stage.blocks[0].path}{head}), so "
+                   "none can be removed; name the container inside it with ") + "{stage} (see {list_blocks})",
+                   blocks=k, stage=..., list_blocks=...)
         if k >= n:
-            raise BadInput(f"--blocks {k}: the stage {stage.label} has {n} blocks, so at most {n - 1} can be "
-                           "removed (see --list)")
+            o.fail("{blocks}: " + escape(f"the stage {stage.label} has {n} blocks, so at most {n - 1} can be "
+                   "removed") + " (see {list_blocks})", blocks=k, list_blocks=...)
         return n - k
     if o.after is not None:
-        idx = _block_index(stage, o.after)
+        idx = _block_index(stage, o)
         if idx == n - 1:
-            raise BadInput(f"--after {o.after}: it is the last block of {stage.label}; nothing to remove")
+            o.fail("{after}: " + escape(f"it is the last block of {stage.label}; nothing to remove"), after=o.after)
         return idx + 1
     return None
 
 
-def _block_index(stage: Stage, name: str) -> int:
+def _block_index(stage: Stage, o: TruncateOptions) -> int:
+    name = o.after
     for b in stage.blocks:
         for p in b.paths:  # the block, or a parameter-free call attached to it
             if p == name or (stage.path and p == f"{stage.path}.{name}"):
@@ -334,7 +316,8 @@ def _block_index(stage: Stage, name: str) -> int:
     if i is not None and -len(stage.blocks) <= i < len(stage.blocks):
         return i % len(stage.blocks)
     paths = ", ".join(b.path for b in stage.blocks[:6]) + (" …" if len(stage.blocks) > 6 else "")
-    raise BadInput(f"--after {name}: not a block of the stage {stage.label} (its blocks: {paths}; see --list)")
+    o.fail("{after}: " + escape(f"not a block of the stage {stage.label} (its blocks: {paths}; ") + "see {list_blocks})",
+           after=name, list_blocks=...)
 
 
 # ------------------------------------------------------------------------------------------
