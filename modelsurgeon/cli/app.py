@@ -61,11 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     from ..errors import SurgeryError
 
-    from ..passes import registry
-
     debug = "--debug" in argv
     as_json = "--json" in argv
-    registry.report_problem = _warning  # a plugin that cannot be loaded: one line, and on we go
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="modelsurgeon", standalone_mode=False)
@@ -116,11 +113,6 @@ def _usage_hint(e: Exception) -> str:
 def _error(message: str) -> None:
     msg = " ".join(message.split())
     sys.stderr.write(f"modelsurgeon: error: {msg}\n")
-    sys.stderr.flush()
-
-
-def _warning(message: str) -> None:
-    sys.stderr.write(f"modelsurgeon: warning: {' '.join(message.split())}\n")
     sys.stderr.flush()
 
 

@@ -11,11 +11,6 @@ from typing import Any, Callable
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from ..options.run import RunOptions
-from . import params
-
-_P = inspect.Parameter
-
 
 class _ReadableHelp:
     """Typer writes a required argument as ``{input}`` in the usage line and a type label after
@@ -45,6 +40,9 @@ class Group(_ReadableHelp, TyperGroup):
         if getattr(self, "_populated", False):
             return
         self._populated = True
+        from ..passes import registry
+
+        registry.report_problem = _warning  # a plugin that cannot be loaded: one line, and on we go
         for name, cmd in commands():
             self.commands.setdefault(name, cmd)
 
@@ -65,6 +63,9 @@ def command(name: str, help: str, own: list[type], job: Job) -> Any:
     """A click command ``name`` with the run options, the options of ``own`` and the general
     ones; ``job`` turns the parsed values of ``own`` into what the pipeline runs."""
 
+    from ..options.run import RunOptions
+    from . import params
+
     def fn(**kwargs: Any) -> None:
         from .run import execute
 
@@ -83,6 +84,8 @@ def command(name: str, help: str, own: list[type], job: Job) -> Any:
 
 
 def pass_command(spec: Any) -> Any:
+    from . import params
+
     def job(parsed: dict) -> tuple[list[str], dict, dict]:
         return [spec.name], {spec.name: params.build(spec.options, parsed)}, {}
 
@@ -97,6 +100,7 @@ OPTIMIZE_HELP = ("Run every exact pass (focus-to-conv, fold-fusion, fold-bn; on 
 
 def optimize_command() -> Any:
     from ..options.optimize import OptimizeOptions, commandless
+    from . import params
 
     others = commandless()
 
@@ -123,3 +127,10 @@ def commands() -> list[tuple[str, Any]]:
             registry.report_problem(f"pass {spec.name!r}: no command ({type(e).__name__}: {e})")
     out.append(("optimize", optimize_command()))
     return out
+
+
+def _warning(message: str) -> None:
+    import sys
+
+    sys.stderr.write(f"modelsurgeon: warning: {' '.join(message.split())}\n")
+    sys.stderr.flush()

@@ -62,6 +62,8 @@ def load_plugins() -> list[str]:
     if _plugins_read:
         return list(_problems)
     _plugins_read = True
+    if not _may_declare_plugins():
+        return []
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
@@ -78,6 +80,32 @@ def load_plugins() -> list[str]:
             _problems.append(problem)
             report_problem(problem)
     return list(_problems)
+
+
+def _may_declare_plugins() -> bool:
+    """False only when no installed distribution on ``sys.path`` can declare the group: a quick
+    look at the ``entry_points.txt`` files (importlib.metadata alone costs more than the rest of
+    ``--help``'s start); a path entry that is not a plain directory means "maybe"."""
+    import os
+    import sys
+
+    marker = f"[{ENTRY_POINT_GROUP}]"
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except NotADirectoryError:
+            return True  # a zip archive on the path: let importlib.metadata look
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith((".dist-info", ".egg-info")):
+                try:
+                    with open(os.path.join(entry or ".", name, "entry_points.txt"), encoding="utf-8") as f:
+                        if marker in f.read():
+                            return True
+                except OSError:
+                    continue
+    return False
 
 
 def _with_origin(spec: PassSpec, ep: Any) -> PassSpec:
