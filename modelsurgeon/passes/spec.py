@@ -93,16 +93,20 @@ def ordered(specs: Sequence[PassSpec], names: Iterable[str] | None = None) -> li
             if indegree[m] == 0:
                 heapq.heappush(ready, (index.get(m, len(index)), m))
     if len(out) < len(chosen):
-        stuck = [n for n in chosen if n not in out]
-        raise OrderError(f"the declared order of {', '.join(stuck)} has a cycle "
-                         f"({_cycle(stuck, succ)})")
+        raise OrderError(f"the declared order has a cycle: {_cycle([n for n in chosen if n not in out], succ)}")
     return out
 
 
 def _cycle(stuck: list[str], succ: dict[str, set[str]]) -> str:
-    path, n = [], stuck[0]
+    """One cycle among the passes the sort could not place, as "a before b before a"."""
+    on = set(stuck)
+    while True:  # drop what is stuck only behind a cycle: a pass with nothing stuck after it
+        ends = {n for n in on if not (succ[n] & on)}
+        if not ends:
+            break
+        on -= ends
+    path, n = [], min(on)
     while n not in path:
         path.append(n)
-        n = min(m for m in succ[n] if m in stuck)
-    loop = path[path.index(n):] + [n]
-    return " before ".join(loop)
+        n = min(succ[n] & on)
+    return " before ".join(path[path.index(n):] + [n])
