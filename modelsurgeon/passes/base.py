@@ -49,9 +49,12 @@ class Skipped:
     reason: str
     pass_name: str = ""
     slot: str | None = None
+    code: str | None = None  # the stable key for machines (docs/json.md lists them)
 
     def to_json(self) -> dict:
         d = {"pass": self.pass_name, "target": self.target, "reason": self.reason}
+        if self.code:
+            d["code"] = self.code
         if self.slot:
             d["slot"] = self.slot
         return d
