@@ -100,3 +100,23 @@ def _seeded_global_rng():
 
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _skips_carry_registered_codes(monkeypatch):
+    """Every ``Skipped`` a pass emits in any test (every model of the suite) carries a stable
+    code listed in ``modelsurgeon/report/codes.py``: a test fails at its end otherwise."""
+    from modelsurgeon.passes.base import Skipped
+    from modelsurgeon.report.codes import CODES
+
+    made: list = []
+    real = Skipped.__post_init__
+
+    def record(self):
+        real(self)
+        made.append(self)
+
+    monkeypatch.setattr(Skipped, "__post_init__", record)
+    yield
+    bad = [(s.target, s.reason, s.code) for s in made if s.code not in CODES]
+    assert not bad, f"skips without a registered code: {bad[:5]}"

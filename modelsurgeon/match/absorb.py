@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..capture.graph import OUTPUT, DataflowGraph, OpEvent, Ref
+from ..report.codes import Refusal
 from .affine import BATCH_NORM, batch_norm_args
 from .conv import CONV_OPS, ConvUnit, conv_unit, unwritable
 
@@ -127,14 +128,14 @@ def describe_value(g: DataflowGraph, vid: int, inside: Any = None) -> str:
     return f"{ev.name} in {path or 'the model'}"
 
 
-def find_absorber(g: DataflowGraph, vid: int, scale: Any, allowed: set[int]) -> Absorber | str:
+def find_absorber(g: DataflowGraph, vid: int, scale: Any, allowed: set[int]) -> Absorber | Refusal:
     """The layer that can compute ``scale * v`` for value ``vid`` in place of a multiply, when
     ``vid`` is read only by the events in ``allowed``; else the reason there is none."""
     import torch
 
     others = [e for e in g.uses(vid) if e not in allowed]
     if others:
-        return f"it is also read by {describe_use(g, others[0])}"
+        return Refusal("other-readers", f"it is also read by {describe_use(g, others[0])}")
     nonneg = bool((scale >= 0).all())
     through: list[str] = []
     cur = vid
@@ -142,7 +143,7 @@ def find_absorber(g: DataflowGraph, vid: int, scale: Any, allowed: set[int]) -> 
         ev = g.producer(cur)
         if ev is None:
             v = g.value(cur)
-            return "it is an input of the model" if v.kind == "input" else "it has no recorded producer"
+            return Refusal("not-foldable", "it is an input of the model" if v.kind == "input" else "it has no recorded producer")
         where = g.call(ev.scope).path or "the model"
         if ev.name in CONV_OPS:
             return _conv_absorber(g, ev, cur, through)
@@ -150,21 +151,21 @@ def find_absorber(g: DataflowGraph, vid: int, scale: Any, allowed: set[int]) -> 
             return _bn_absorber(g, ev, cur, through)
         if ev.name in POSITIVE_PASS or ev.name in LINEAR_PASS or _zero_pad(ev):
             if ev.name in POSITIVE_PASS and not nonneg:
-                return f"a weight is negative, so it cannot be moved through the {ev.name} in {where}"
+                return Refusal("not-foldable", f"a weight is negative, so it cannot be moved through the {ev.name} in {where}")
             src = ev.args[0] if ev.args else None
             if not isinstance(src, Ref) or any(not g.value(i).const for i in ev.inputs if i != src.value):
-                return f"it comes from {ev.name} in {where}, which a weight cannot be moved through"
+                return Refusal("not-foldable", f"it comes from {ev.name} in {where}, which a weight cannot be moved through")
             a, b = g.value(src.value).shape, g.value(cur).shape
             if a is None or b is None or len(a) < 2 or len(b) < 2 or a[1] != b[1]:
-                return f"the {ev.name} in {where} changes the channel layout"
+                return Refusal("not-foldable", f"the {ev.name} in {where} changes the channel layout")
             readers = [e for e in g.uses(src.value) if e != ev.id]
             if readers:
-                return f"the input of the {ev.name} in {where} is also read by {describe_use(g, readers[0])}"
+                return Refusal("other-readers", f"the input of the {ev.name} in {where} is also read by {describe_use(g, readers[0])}")
             through.append(f"{ev.name} ({where})" if where != "the model" else ev.name)
             cur = src.value
             continue
-        return f"it comes from {ev.name} in {where}, which a weight cannot be moved through"
-    return "its producer chain is too long"  # pragma: no cover
+        return Refusal("not-foldable", f"it comes from {ev.name} in {where}, which a weight cannot be moved through")
+    return Refusal("not-foldable", "its producer chain is too long")  # pragma: no cover
 
 
 def _zero_pad(ev: OpEvent) -> bool:
@@ -172,45 +173,45 @@ def _zero_pad(ev: OpEvent) -> bool:
     return ev.name == "pad" and ev.arg(2, "mode", "constant") == "constant" and ev.arg(3, "value", None) in (None, 0)
 
 
-def _conv_absorber(g: DataflowGraph, ev: OpEvent, cur: int, through: list[str]) -> Absorber | str:
+def _conv_absorber(g: DataflowGraph, ev: OpEvent, cur: int, through: list[str]) -> Absorber | Refusal:
     unit = conv_unit(g, ev)
-    if isinstance(unit, str):
-        return f"the layer producing it cannot be rewritten: {unit}"
+    if isinstance(unit, Refusal):
+        return unit.reworded(f"the layer producing it cannot be rewritten: {unit}")
     shape = g.value(cur).shape
     if unit.kind == "linear" and (shape is None or len(shape) != 2):
-        return f"{unit.path} is a linear layer whose output channels are not on axis 1"
+        return Refusal("other-axis", f"{unit.path} is a linear layer whose output channels are not on axis 1")
     if shape is None or len(shape) < 2 or shape[1] != unit.out_channels:
-        return f"its channels do not match {unit.path}'s outputs"
+        return Refusal("other-axis", f"its channels do not match {unit.path}'s outputs")
     return Absorber("conv", unit.path, unit.out_channels, unit=unit, through=list(through), conv=unit.path)
 
 
-def _bn_absorber(g: DataflowGraph, ev: OpEvent, cur: int, through: list[str]) -> Absorber | str:
+def _bn_absorber(g: DataflowGraph, ev: OpEvent, cur: int, through: list[str]) -> Absorber | Refusal:
     a = batch_norm_args(ev)
     where = g.call(ev.scope).path or "the model"
     if not a or a.get("training"):
-        return f"the BatchNorm {where} producing it normalises with batch statistics"
+        return Refusal("training-mode", f"the BatchNorm {where} producing it normalises with batch statistics")
     w, b = a.get("weight"), a.get("bias")
     if not isinstance(w, Ref) or not isinstance(b, Ref):
-        return f"the BatchNorm {where} producing it has no affine weight and bias to scale"
+        return Refusal("layer-settings", f"the BatchNorm {where} producing it has no affine weight and bias to scale")
     wv, bv = g.value(w.value), g.value(b.value)
     if not (wv.is_param and bv.is_param):
-        return f"the BatchNorm {where} producing it computes its weight or bias"
+        return Refusal("computed-tensor", f"the BatchNorm {where} producing it computes its weight or bias")
     if len(g.param_uses(wv.tensor)) != 1 or len(g.param_uses(bv.tensor)) != 1:
-        return f"the BatchNorm {where} producing it shares its parameters with other layers"
+        return Refusal("shared-module", f"the BatchNorm {where} producing it shares its parameters with other layers")
     call = g.call(ev.scope)
     module = call.module if getattr(call.module, "weight", None) is wv.tensor else None
     for role, v in (("weight", wv), ("bias", bv)):
         why = unwritable(g, v.tensor, v.name or f"its {role}", module)
         if why is not None:
-            return f"the BatchNorm {where} producing it cannot be scaled: {why}"
+            return why.reworded(f"the BatchNorm {where} producing it cannot be scaled: {why}")
     shape = g.value(cur).shape
     if shape is None or len(shape) < 2 or shape[1] != wv.tensor.numel():
-        return f"its channels do not match the BatchNorm {where}"
+        return Refusal("other-axis", f"its channels do not match the BatchNorm {where}")
     src = ev.args[0] if ev.args else None
     before = g.producer(src.value) if isinstance(src, Ref) else None
     conv = None
     if before is not None and before.name in CONV_OPS:
         unit = conv_unit(g, before)
-        conv = unit.path if not isinstance(unit, str) else None
+        conv = unit.path if not isinstance(unit, Refusal) else None
     return Absorber("bn", where, int(wv.tensor.numel()), bn_weight=wv.tensor, bn_bias=bv.tensor,
                     bn_module=module, through=list(through), conv=conv)

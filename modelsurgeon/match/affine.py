@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..capture.graph import DataflowGraph, OpEvent, Ref
+from ..report.codes import Refusal
 
 MUL = {"mul", "multiply", "Tensor.mul", "Tensor.__mul__", "Tensor.__rmul__", "Tensor.mul_",
        "Tensor.__imul__", "Tensor.multiply"}
@@ -87,15 +88,15 @@ def batch_norm_args(ev: OpEvent) -> dict:
     return out
 
 
-def batch_norm_affine(graph: DataflowGraph, ev: OpEvent) -> ChannelAffine | str:
+def batch_norm_affine(graph: DataflowGraph, ev: OpEvent) -> ChannelAffine | Refusal:
     """Exact affine of an inference-mode batch_norm op, or why it has none."""
     import torch
 
     a = batch_norm_args(ev)
     if not a:
-        return "unrecognised batch_norm signature"
+        return Refusal("layer-settings", "unrecognised batch_norm signature")
     if a.get("training"):
-        return "it normalises with batch statistics (training mode or no running statistics)"
+        return Refusal("training-mode", "it normalises with batch statistics (training mode or no running statistics)")
 
     def tensor(key: str):
         r = a.get(key)
@@ -110,11 +111,11 @@ def batch_norm_affine(graph: DataflowGraph, ev: OpEvent) -> ChannelAffine | str:
 
     mean, var, w, b = (tensor(k) for k in ("running_mean", "running_var", "weight", "bias"))
     if mean is None or var is None or "bad" in (mean, var, w, b):  # noqa: PLR1714
-        return "its statistics are not constant tensors"
+        return Refusal("computed-tensor", "its statistics are not constant tensors")
     eps = float(a.get("eps", 1e-5))
     denom = var + eps
     if bool((denom <= 0).any()):
-        return "running_var + eps is not positive"
+        return Refusal("not-affine", "running_var + eps is not positive")
     scale = torch.rsqrt(denom)
     if w is not None:
         scale = scale * w
@@ -202,7 +203,7 @@ def elementwise_affine(graph: DataflowGraph, ev: OpEvent, x_vid: int, axis: int)
 # numeric probing of arbitrary modules
 
 
-def probe_module(module: Any, shape: tuple[int, ...], axis: int, seed: int = 0) -> ChannelAffine | str:
+def probe_module(module: Any, shape: tuple[int, ...], axis: int, seed: int = 0) -> ChannelAffine | Refusal:
     """Is ``module`` a per-channel affine map along ``axis`` for inputs of ``shape``?
 
     Probed on a batch of at least 2 (axis 0 is the batch unless it is the channel axis), and
@@ -228,7 +229,7 @@ def probe_module(module: Any, shape: tuple[int, ...], axis: int, seed: int = 0) 
         except _NotAffine as e:
             return _norm_like(e)
         except Exception as e:
-            return f"probing it failed ({type(e).__name__})"
+            return Refusal("not-affine", f"probing it failed ({type(e).__name__})")
     if bool((aff.scale == 0).any()):
         return _confirm_zero_scale(module, shape, axis, aff, dtype, seed)
     return aff
@@ -240,10 +241,10 @@ def _confirm_zero_scale(module: Any, shape: tuple, axis: int, aff: ChannelAffine
     input); otherwise why the probe cannot tell."""
     import torch
 
-    why = NormLike("its scale is exactly 0 in some channels, which probing cannot tell from a normalisation "
-                   "over an axis of size 1 (e.g. batch statistics)")
+    why = Refusal(NORM_LIKE, "its scale is exactly 0 in some channels, which probing cannot tell from a "
+                  "normalisation over an axis of size 1 (e.g. batch statistics)")
     if axis == 0:
-        return NormLike(why + " of an unbatched input")
+        return why.reworded(f"{why} of an unbatched input")
     wide = tuple(n if i == axis or n >= 2 else 2 for i, n in enumerate(shape))
     if wide == shape:
         return aff  # the random inputs at ``shape`` already showed those channels constant
@@ -262,14 +263,14 @@ class _NotAffine(Exception):
     pass
 
 
-class NormLike(str):
-    """Why a module that looks like a per-channel map on constant inputs is not one exactly:
-    it uses batch statistics, or scales by exactly 0 where that cannot be confirmed. Worth
-    reporting (a custom norm), unlike "not an affine map" (an activation)."""
+NORM_LIKE = "norm-like"
+"""The code of a module that looks like a per-channel map on constant inputs but is not one
+exactly: it uses batch statistics, or scales by exactly 0 where that cannot be confirmed. Worth
+reporting (a custom norm), unlike ``not-affine`` (an activation)."""
 
 
-def _norm_like(e: _NotAffine) -> str:
-    return NormLike(e) if getattr(e, "norm_like", False) else str(e)
+def _norm_like(e: _NotAffine) -> Refusal:
+    return Refusal(NORM_LIKE if getattr(e, "norm_like", False) else "not-affine", str(e))
 
 
 def _batch_statistics() -> _NotAffine:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from ..capture.graph import DataflowGraph, ModuleCall
+from ..report.codes import Refusal
 
 
 def hook_kind(module: Any) -> str | None:
@@ -23,7 +24,7 @@ def hook_kind(module: Any) -> str | None:
     return None
 
 
-def call_obstacle(call: ModuleCall, kept: list) -> str | None:
+def call_obstacle(call: ModuleCall, kept: list) -> Refusal | None:
     """Why a module that would be removed (replaced by ``nn.Identity`` or its ``kept`` children)
     cannot be: a hook on it or on a removed sub-module would be dropped; arguments besides the
     one tensor were neither probed nor can the replacement take them."""
@@ -34,13 +35,13 @@ def call_obstacle(call: ModuleCall, kept: list) -> str | None:
         kind = hook_kind(sub)
         if kind is not None:
             where = call.path if not name else f"{call.path}.{name}" if call.path else name
-            return f"{where} has a {kind}, which would be dropped with the module"
+            return Refusal("hook", f"{where} has a {kind}, which would be dropped with the module")
     if call.kwarg_names:
-        return (f"{call.path} is called with keyword arguments ({', '.join(call.kwarg_names)}): its map "
-                "was found without them, and its replacement could not take them")
+        return Refusal("call-arguments", f"{call.path} is called with keyword arguments ({', '.join(call.kwarg_names)}): "
+                       "its map was found without them, and its replacement could not take them")
     if call.arg_count != 1:
-        return (f"{call.path} is called with {call.arg_count} positional arguments: its map was found "
-                "from the tensor alone, and its replacement could not take the others")
+        return Refusal("call-arguments", f"{call.path} is called with {call.arg_count} positional arguments: its map "
+                       "was found from the tensor alone, and its replacement could not take the others")
     return None
 
 

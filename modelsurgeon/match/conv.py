@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..capture.graph import DataflowGraph, OpEvent, Ref
+from ..report.codes import Refusal
 
 CONV_OPS = {
     "conv1d": ("conv", 1), "conv2d": ("conv", 2), "conv3d": ("conv", 3),
@@ -35,9 +36,12 @@ class ConvUnit:
         return self._bias_check is not None and self._bias_check()[0]
 
     @property
-    def no_bias_reason(self) -> str:
+    def no_bias_reason(self) -> Refusal | None:
         """Why no bias can be added, when :attr:`can_add_bias` is false."""
-        return "" if self._bias_check is None else self._bias_check()[1]
+        if self._bias_check is None:
+            return None
+        can, why = self._bias_check()
+        return None if can else Refusal("no-bias", why)
 
     def channel_axis(self, ndim: int) -> int:
         """Axis of the output channels in an output of ``ndim`` dimensions."""
@@ -76,18 +80,18 @@ def non_persistent(graph: DataflowGraph, tensor: Any) -> str | None:
     return None
 
 
-def unwritable(graph: DataflowGraph, tensor: Any, name: str | None, owner: Any = None) -> str | None:
+def unwritable(graph: DataflowGraph, tensor: Any, name: str | None, owner: Any = None) -> Refusal | None:
     """Why a rewrite cannot write a new value into ``tensor`` (called ``name`` in the reason):
     another module than ``owner`` registers it too (a tied tensor, whether or not that module
     runs), or it is a non-persistent buffer (a state_dict would not carry the new value, so a
     model rebuilt from it gets the old one back); ``None`` when it can be written."""
     other = shared_with(graph, tensor, owner)
     if other is not None:
-        return f"{name} is shared with {other} (tied)"
+        return Refusal("tied-tensor", f"{name} is shared with {other} (tied)")
     np_name = non_persistent(graph, tensor)
     if np_name is not None:
         where = "" if np_name == name else f" ({np_name})"
-        return f"{name} is a non-persistent buffer{where}: a state_dict cannot carry its new value"
+        return Refusal("non-persistent-buffer", f"{name} is a non-persistent buffer{where}: a state_dict cannot carry its new value")
     return None
 
 
@@ -148,16 +152,16 @@ def _arg(ev: OpEvent, index: int, name: str, default: Any = None) -> Any:
     return ev.arg(index, name, default)
 
 
-def conv_unit(graph: DataflowGraph, ev: OpEvent) -> ConvUnit | str:
+def conv_unit(graph: DataflowGraph, ev: OpEvent) -> ConvUnit | Refusal:
     """The rewritable conv unit behind ``ev``, or the reason it cannot be rewritten."""
     kind, _ = CONV_OPS[ev.name]
     w_ref = _arg(ev, 1, "weight")
     b_ref = _arg(ev, 2, "bias")
     if not isinstance(w_ref, Ref):
-        return "its weight is not a tensor argument"
+        return Refusal("computed-tensor", "its weight is not a tensor argument")
     wv = graph.value(w_ref.value)
     if not wv.is_param:
-        return "its forward computes the weight it convolves with (e.g. weight standardisation), so the stored weight is not the one applied"
+        return Refusal("computed-tensor", "its forward computes the weight it convolves with (e.g. weight standardisation), so the stored weight is not the one applied")
     weight = wv.tensor
     owner = None
     path = wv.name or "?"
@@ -167,10 +171,10 @@ def conv_unit(graph: DataflowGraph, ev: OpEvent) -> ConvUnit | str:
             path = call.path
             break
     if owner is not None and graph.call_count(owner) > 1:
-        return f"{path} is called {graph.call_count(owner)} times (a shared module)"
+        return Refusal("shared-module", f"{path} is called {graph.call_count(owner)} times (a shared module)")
     n_uses = len(graph.param_uses(weight))
     if n_uses != 1:
-        return f"its weight {wv.name} is read {n_uses} times (shared with other layers)"
+        return Refusal("shared-module", f"its weight {wv.name} is read {n_uses} times (shared with other layers)")
     why = unwritable(graph, weight, "its weight", owner)
     if why is not None:
         return why
@@ -178,15 +182,15 @@ def conv_unit(graph: DataflowGraph, ev: OpEvent) -> ConvUnit | str:
     if isinstance(b_ref, Ref):
         bv = graph.value(b_ref.value)
         if not bv.is_param:
-            return "its forward computes the bias it adds"
+            return Refusal("computed-tensor", "its forward computes the bias it adds")
         bias = bv.tensor
         if len(graph.param_uses(bias)) != 1:
-            return f"its bias {bv.name} is read by other ops too"
+            return Refusal("other-readers", f"its bias {bv.name} is read by other ops too")
         why = unwritable(graph, bias, "its bias", owner)
         if why is not None:
             return why
     elif b_ref is not None:
-        return "its bias is not a tensor"
+        return Refusal("computed-tensor", "its bias is not a tensor")
     groups = 1
     if kind == "conv":
         groups = int(_arg(ev, 6, "groups", 1) or 1)

@@ -16,7 +16,7 @@ fewer channels than the output is added into the first channels -- zero padding 
 more is cut: Darknet's weighted ``[shortcut]``), one after another for a weighted concatenation.
 The ``k_i`` are the normalised weights, evaluated once. The random inputs are tried at the
 recorded size and at other spatial sizes (one pixel larger, one pixel smaller, half the size):
-a module that is this weighted sum at the recorded size only is refused (:class:`SizeDependent`).
+a module that is this weighted sum at the recorded size only is refused (code ``size-dependent``).
 
 The module's call arguments are recorded by one plain forward pass with a pre-hook on each
 candidate (their structure -- ``(x, outputs)``, a list, varargs -- is what the replacement must
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..capture.graph import VIEW_OPS, DataflowGraph, ModuleCall, Ref
+from ..report.codes import Refusal
 from . import dims
 from .affine import ADD, DIV, MUL, RSUB, SUB, _cast_module
 
@@ -60,17 +61,16 @@ class Probe:
     offsets: list[int] = field(default_factory=list)  # per read value: the output channel its channel 0 lands on
 
 
-class SizeDependent(str):
-    """The reason :func:`probe` gives when the module is a weighted sum at the recorded input
-    size only: its weights must then not move, not even as inline ones (tested by type, so
-    the wording is free)."""
+SIZE_DEPENDENT = "size-dependent"
+"""The code :func:`probe` gives when the module is a weighted sum at the recorded input size
+only: its weights must then not move, not even as inline ones."""
 
 
 class NotFusion(Exception):
     """Probing showed the module is not a per-channel weighted sum."""
 
 
-def candidate(g: DataflowGraph, call: ModuleCall, home: str | None = None) -> Candidate | str | None:
+def candidate(g: DataflowGraph, call: ModuleCall, home: str | None = None) -> Candidate | Refusal | None:
     """A fusion candidate; a reason when it is a weighted sum that cannot be replaced; ``None``
     when it is no weighted sum at all. ``home``: the path its trailing children must be under
     (its own by default; the served module's for a generated forward)."""
@@ -89,9 +89,9 @@ def candidate(g: DataflowGraph, call: ModuleCall, home: str | None = None) -> Ca
     path = call.path if home is None else home
     n = g.call_count(call.module)
     if n > 1:
-        return f"it is called {n} times (a shared module)"
+        return Refusal("shared-module", f"it is called {n} times (a shared module)")
     if len(call.outputs) != 1:
-        return f"it returns {len(call.outputs)} tensors"
+        return Refusal("layer-settings", f"it returns {len(call.outputs)} tensors")
     chain, const_children = [], []
     for cid in call.children:
         child = g.call(cid)
@@ -105,37 +105,37 @@ def candidate(g: DataflowGraph, call: ModuleCall, home: str | None = None) -> Ca
         out_value = cur
         for child in chain:
             if child.inputs != (cur,) or len(child.outputs) != 1 or child.start <= last:
-                return "its forward mixes child modules into its weighted sum"
+                return Refusal("not-a-pattern", "its forward mixes child modules into its weighted sum")
             if not child.path.startswith(path + ".") or g.call_count(child.module) != 1:
-                return f"it calls a module that is not its own child or is shared ({child.path})"
+                return Refusal("outside", f"it calls a module that is not its own child or is shared ({child.path})")
             cur = child.outputs[0]
         if call.outputs != (cur,) or len({id(c.module) for c in chain}) != len(chain):
-            return "its forward mixes child modules into its weighted sum"
+            return Refusal("not-a-pattern", "its forward mixes child modules into its weighted sum")
     else:
         out_value = call.outputs[0]
     if out_value is None or g.producer(out_value) is None or g.producer(out_value).id not in {e.id for e in active}:
-        return "it does not compute its output from its inputs"
+        return Refusal("not-a-pattern", "it does not compute its output from its inputs")
     produced = {o for e in active for o in e.outputs}
     for e in active:
         for i in e.inputs:
             if not g.value(i).const and i not in inputs and i not in produced:
-                return "it reads a tensor that is not among its arguments"
+                return Refusal("outside", "it reads a tensor that is not among its arguments")
     # no in-place update of an input (or of a view of one): the caller would see it
     views = set(inputs)
     for e in direct:
         if e.name in VIEW_OPS and e.inputs and e.inputs[0] in views:
             views.update(e.outputs)
         if e.inplace and any(g.value(o).version_of in views for o in e.outputs):
-            return "it modifies one of its inputs in place"
+            return Refusal("not-a-pattern", "it modifies one of its inputs in place")
     out = g.value(out_value).shape
     if out is None or len(out) < 2:
-        return "its output has no channel axis"
+        return Refusal("other-axis", "its output has no channel axis")
     for v in read:
         s = g.value(v).shape
         if s is None or len(s) != len(out) or s[0] != out[0] or s[2:] != out[2:]:
-            return "its inputs differ from its output in more than the channel count"
+            return Refusal("not-a-pattern", "its inputs differ from its output in more than the channel count")
         if not (g.value(v).dtype is not None and g.value(v).dtype.is_floating_point):
-            return "it sums non-floating tensors"
+            return Refusal("not-a-pattern", "it sums non-floating tensors")
     slots: dict[int, list[int]] = {}
     for k, v in enumerate(call.inputs):
         slots.setdefault(v, []).append(k)
@@ -212,21 +212,21 @@ class _Stop(Exception):
 
 
 def probe(module: Any, call_args: CallArgs, slot_shapes: list, groups: list[list[int]], out_shape: tuple,
-          stop_at: Any = None, seed: int = 0) -> Probe | str:
+          stop_at: Any = None, seed: int = 0) -> Probe | Refusal:
     """What the weighted sum computes; ``groups`` are the slots of each read value (aliases get
     the same tensor); ``stop_at`` is the first module of a chain after the sum (its input is
     the sum)."""
     import torch
 
-    last = "probing it failed"
+    last = Refusal("not-affine", "probing it failed")
     for dtype in (torch.float64, torch.float32):
         try:
             return _probe(module, call_args, slot_shapes, groups, out_shape, stop_at, dtype, seed)
         except NotFusion as e:
             why = e.args[0] if e.args else ""
-            return why if isinstance(why, SizeDependent) else str(e)
+            return why if isinstance(why, Refusal) else Refusal("not-a-pattern", str(e))
         except Exception as e:  # e.g. a forward that creates float32 tensors: retry in float32
-            last = f"probing it failed ({type(e).__name__})"
+            last = Refusal("not-affine", f"probing it failed ({type(e).__name__})")
     return last
 
 
@@ -354,8 +354,8 @@ def _resized(shape: tuple, spatial: list[int] | None) -> tuple:
     return tuple(shape) if spatial is None else tuple(shape[:2]) + tuple(spatial)
 
 
-def _size_dependent(spatial: list[int]) -> SizeDependent:
-    return SizeDependent(f"it behaves differently at other input sizes (at {dims(spatial)})")
+def _size_dependent(spatial: list[int]) -> Refusal:
+    return Refusal(SIZE_DEPENDENT, f"it behaves differently at other input sizes (at {dims(spatial)})")
 
 
 def _grown(b_full: Any, shape: tuple) -> Any:

@@ -25,6 +25,7 @@ class InlineTerm:
     param: Any = None  # Value of the parameter the weight is a view of
     absorber: Absorber | None = None
     reason: str | None = None
+    code: str | None = None  # the stable code of ``reason`` (report/codes.py)
 
     @property
     def one(self) -> bool:

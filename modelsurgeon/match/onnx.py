@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..capture.onnx import EvaluationError, OnnxGraph, node_label, shape_of
+from ..report.codes import Refusal
 from .affine import ChannelAffine, _per_channel
 
 LINEAR = {"Conv": "conv", "ConvTranspose": "conv_transpose", "Gemm": "gemm", "MatMul": "matmul"}
@@ -81,29 +82,29 @@ def _attr(node: Any, name: str, default: Any = None) -> Any:
 
 
 def _const(g: OnnxGraph, value: Any, what: str):
-    """(array, None) or (None, reason)."""
+    """(array, None) or (None, refusal)."""
     if value is None:
         return None, None
     if not g.is_const(value):
         if value.is_graph_input():
-            return None, f"its {what} is a graph input (overridable at run time)"
-        return None, f"its {what} is computed at run time"
+            return None, Refusal("computed-tensor", f"its {what} is a graph input (overridable at run time)")
+        return None, Refusal("computed-tensor", f"its {what} is computed at run time")
     try:
         arr = g.const_array(value)
     except EvaluationError as e:
-        return None, f"its {what} cannot be evaluated ({e})"
+        return None, Refusal("unevaluable", f"its {what} cannot be evaluated ({e})")
     if not _float(arr):
-        return None, f"its {what} is not floating point ({arr.dtype})"
+        return None, Refusal("layer-settings", f"its {what} is not floating point ({arr.dtype})")
     return arr, None
 
 
-def linear_unit(g: OnnxGraph, node: Any) -> LinearUnit | str:
+def linear_unit(g: OnnxGraph, node: Any) -> LinearUnit | Refusal:
     """The rewritable layer at ``node``, or why it cannot be rewritten."""
     kind = LINEAR.get(node.op_type)
     if kind is None or not g.is_default_domain(node):
-        return "not a Conv, ConvTranspose, Gemm or MatMul"
+        return Refusal("layer-settings", "not a Conv, ConvTranspose, Gemm or MatMul")
     if len(node.inputs) < 2 or node.inputs[1] is None:
-        return "it has no weight input"
+        return Refusal("layer-settings", "it has no weight input")
     w, why = _const(g, node.inputs[1], "weight")
     if w is None:
         return why
@@ -116,29 +117,29 @@ def linear_unit(g: OnnxGraph, node: Any) -> LinearUnit | str:
     unit = LinearUnit(node, kind, node.inputs[1], w, b_val, b)
     if kind in ("conv", "conv_transpose"):
         if w.ndim < 3:
-            return f"its weight has {w.ndim} dimensions"
+            return Refusal("layer-settings", f"its weight has {w.ndim} dimensions")
         unit.groups = int(_attr(node, "group", 1))
         unit.out_channels = int(w.shape[0] if kind == "conv" else w.shape[1] * unit.groups)
         unit.axis, unit.rank = 1, w.ndim
         if b is not None and b.size != unit.out_channels:
-            return f"its bias has {b.size} values for {unit.out_channels} outputs"
+            return Refusal("layer-settings", f"its bias has {b.size} values for {unit.out_channels} outputs")
     elif kind == "gemm":
         if w.ndim != 2:
-            return "its B input is not a matrix"
+            return Refusal("layer-settings", "its B input is not a matrix")
         unit.trans_b = bool(_attr(node, "transB", 0))
         unit.beta = float(_attr(node, "beta", 1.0))
         unit.out_channels = int(w.shape[0] if unit.trans_b else w.shape[1])
         unit.axis, unit.rank = 1, 2
     else:  # matmul
         if w.ndim != 2:
-            return "its weight operand is not a matrix"
+            return Refusal("layer-settings", "its weight operand is not a matrix")
         a_shape = shape_of(node.inputs[0])
         out_shape = shape_of(node.outputs[0])
         rank = len(out_shape) if out_shape is not None else (len(a_shape) if a_shape is not None else None)
         if rank is None:
-            return "the rank of its output is unknown"
+            return Refusal("layer-settings", "the rank of its output is unknown")
         if g.is_const(node.inputs[0]):
-            return "both of its operands are constant"
+            return Refusal("layer-settings", "both of its operands are constant")
         unit.out_channels = int(w.shape[1])
         unit.rank = max(rank, 1)
         unit.axis = unit.rank - 1
@@ -152,37 +153,37 @@ def _bn_training(g: OnnxGraph, node: Any) -> bool:
     return g.opset < 7 and int(_attr(node, "is_test", 0)) == 0 and len(node.outputs) > 1
 
 
-def batch_norm_affine(g: OnnxGraph, node: Any, channels: int) -> ChannelAffine | str:
+def batch_norm_affine(g: OnnxGraph, node: Any, channels: int) -> ChannelAffine | Refusal:
     """The exact affine map of an inference-mode BatchNormalization, or why it has none."""
     import torch
 
     if _bn_training(g, node):
-        return "it normalises with batch statistics (training_mode=1)"
+        return Refusal("training-mode", "it normalises with batch statistics (training_mode=1)")
     if g.opset < 9 and int(_attr(node, "spatial", 1)) == 0:
-        return "spatial=0: its statistics are per activation, not per channel"
+        return Refusal("other-axis", "spatial=0: its statistics are per activation, not per channel")
     for extra in node.outputs[1:]:
         if extra.name and (extra.uses() or extra.is_graph_output()):
-            return f"its running-statistics output {extra.name} is read (a training graph)"
+            return Refusal("training-mode", f"its running-statistics output {extra.name} is read (a training graph)")
     arrays = []
     for i, what in ((1, "scale"), (2, "bias"), (3, "mean"), (4, "variance")):
         if len(node.inputs) <= i or node.inputs[i] is None:
-            return f"it has no {what} input"
+            return Refusal("layer-settings", f"it has no {what} input")
         arr, why = _const(g, node.inputs[i], what)
         if arr is None:
             return why
         if arr.size != channels:
-            return f"its {what} has {arr.size} values for {channels} channels"
+            return Refusal("other-axis", f"its {what} has {arr.size} values for {channels} channels")
         arrays.append(to_f64(arr).reshape(-1))
     gamma, beta, mean, var = arrays
     eps = float(_attr(node, "epsilon", 1e-5))
     denom = var + eps
     if bool((denom <= 0).any()):
-        return "variance + epsilon is not positive"
+        return Refusal("not-affine", "variance + epsilon is not positive")
     scale = gamma * torch.rsqrt(denom)
     return ChannelAffine(scale, beta - mean * scale)
 
 
-def affine_step(g: OnnxGraph, node: Any, cur: Any, unit: LinearUnit, allow_bn: bool = True) -> Step | str | None:
+def affine_step(g: OnnxGraph, node: Any, cur: Any, unit: LinearUnit, allow_bn: bool = True) -> Step | Refusal | None:
     """The per-channel affine step at ``node`` reading ``cur``: a :class:`Step`, a reason why
     this candidate cannot be folded, or ``None`` when ``node`` is no affine step at all."""
     import torch
@@ -194,9 +195,9 @@ def affine_step(g: OnnxGraph, node: Any, cur: Any, unit: LinearUnit, allow_bn: b
         if not allow_bn or not node.inputs or node.inputs[0] is not cur:
             return None
         if unit.axis != 1:
-            return "it normalises axis 1, not the layer's output-channel axis"
+            return Refusal("other-axis", "it normalises axis 1, not the layer's output-channel axis")
         aff = batch_norm_affine(g, node, unit.out_channels)
-        if isinstance(aff, str):
+        if isinstance(aff, Refusal):
             return aff
         return Step(node, aff, f"BatchNormalization {node_label(node)}", "batch_norm", node.outputs[0])
     if op not in ELEMENTWISE or len(node.inputs) != 2:
@@ -249,14 +250,14 @@ def walk(g: OnnxGraph, unit: LinearUnit, allow_bn: bool = True) -> Walk:
             if not result.steps and g.reader_count(cur) > 1:
                 for r in g.readers(cur):
                     if r.op_type == "BatchNormalization" and allow_bn:
-                        result.stop = (r, f"the {unit.node.op_type} output it normalises has "
-                                          f"{g.reader_count(cur)} readers ({g.describe_readers(cur)}), so the layer cannot be changed")
+                        result.stop = (r, Refusal("other-readers", f"the {unit.node.op_type} output it normalises has "
+                                          f"{g.reader_count(cur)} readers ({g.describe_readers(cur)}), so the layer cannot be changed"))
                         break
             break
         step = affine_step(g, reader, cur, unit, allow_bn)
         if step is None:
             break
-        if isinstance(step, str):
+        if isinstance(step, Refusal):
             result.stop = (reader, step)
             break
         result.steps.append(step)

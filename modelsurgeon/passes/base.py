@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable
 
+from ..report.codes import Refusal
+
 
 @dataclass
 class Applied:
@@ -43,13 +45,20 @@ class Applied:
 
 @dataclass
 class Skipped:
-    """A candidate the pass found and cannot rewrite exactly, with the reason."""
+    """A candidate the pass found and cannot rewrite exactly, with the reason and its stable
+    ``code`` (``report/codes.py``; docs/json.md lists them). ``reason`` may be a
+    :class:`~modelsurgeon.report.codes.Refusal`, which brings its code."""
 
     target: str
     reason: str
     pass_name: str = ""
     slot: str | None = None
-    code: str | None = None  # the stable key for machines (docs/json.md lists them)
+    code: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reason, Refusal):
+            self.code = self.code or self.reason.code
+            self.reason = self.reason.reason
 
     def to_json(self) -> dict:
         d = {"pass": self.pass_name, "target": self.target, "reason": self.reason}

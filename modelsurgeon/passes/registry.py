@@ -158,7 +158,7 @@ def get(name: str, backend: str) -> Any:
     s = spec(name)
     target = s.implementation(backend)
     if target is None:
-        raise BadInput(f"{name} is not available for {backend} models yet")
+        raise BadInput(f"{name} is not available for {backend} models yet", code="unsupported-backend")
     mod_name, _, cls_name = target.partition(":")
     cls = getattr(importlib.import_module(mod_name), cls_name)
     if not (isinstance(cls, type) and issubclass(cls, Pass)) or cls.name != name or cls.backend != backend:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..report.codes import Refusal
 from .recipe import build, register_kind
 
 KIND = "weighted-sum"
@@ -92,7 +93,7 @@ def free_name(module: Any, removed: Any = ()) -> str:
         name = f"{FORWARD_NAME}_{i}"
     return name
 
-def signature_spec(module: Any, n_args: int, keywords: tuple = ()) -> tuple[list[dict], str | None] | str:
+def signature_spec(module: Any, n_args: int, keywords: tuple = ()) -> tuple[list[dict], str | None] | Refusal:
     """The forward's positional parameters for a call (:func:`modelsurgeon.rewrite.forward.replay.signature_spec`)."""
     from .forward.replay import signature_spec as spec
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from ...capture.onnx import node_label
+from ...report.codes import Refusal
 from ..base import Applied, OnnxContext, Skipped
 from .base import CleanupPass, NodeMatch, bypass, can_bypass, const, default_domain, extra_outputs_unused
 
@@ -44,17 +45,17 @@ class RemoveIdentity(CleanupPass):
         return bypass(ctx, m.node, m.node.inputs[0], f"{m.node.op_type} removed")
 
 
-def _dropout_training(ctx: OnnxContext, node) -> str | None:
+def _dropout_training(ctx: OnnxContext, node) -> Refusal | None:
     """Why this Dropout is not an identity, or None."""
     if not extra_outputs_unused(node):
-        return "its mask output is read"
+        return Refusal("other-readers", "its mask output is read")
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         flag = const(ctx, node.inputs[2])
         if flag is None:
-            return "its training_mode input is not a constant"
+            return Refusal("computed-tensor", "its training_mode input is not a constant")
         if bool(flag.reshape(-1)[0]):
-            return "it is in training mode (training_mode = true)"
+            return Refusal("training-mode", "it is in training mode (training_mode = true)")
     a = node.attributes.get("is_test")  # opset < 7
     if a is not None and not a.is_ref() and int(a.value) == 0 and ctx.graph.opset < 7:
-        return "it is in training mode (is_test = 0)"
+        return Refusal("training-mode", "it is in training mode (is_test = 0)")
     return None

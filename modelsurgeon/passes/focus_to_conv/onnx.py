@@ -38,6 +38,7 @@ from typing import Any, Iterable
 
 from ...capture.onnx import EvaluationError, OnnxGraph, node_label, shape_of
 from ...match.onnx import _attr, to_f64
+from ...report.codes import Refusal
 from ..base import Applied, Match, OnnxContext, Pass, Skipped
 
 SHUFFLE = {"Gather", "Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze"}
@@ -55,13 +56,13 @@ class FocusMatch(Match):
     r: int = 2
 
 
-NOT_S2D = "not a space-to-depth"
+NOT_S2D = Refusal("not-a-pattern", "not a space-to-depth")
 """Marker of a measurement showing no sub-sampling at all (a reshuffle of channels)."""
 
 
-class Unevaluable(str):
-    """Why :func:`probe` got no measurement: the reference evaluator cannot run the subgraph
-    at that shape (tested by type, so the wording is free)."""
+UNEVALUABLE = "unevaluable"
+"""The code of :func:`probe` getting no measurement: the reference evaluator cannot run the
+subgraph at that shape."""
 
 
 def _data_inputs(node: Any) -> list:
@@ -70,7 +71,7 @@ def _data_inputs(node: Any) -> list:
     return [node.inputs[0]] if node.inputs else []
 
 
-def region(g: OnnxGraph, s: Any) -> tuple[list, Any, bool] | str | None:
+def region(g: OnnxGraph, s: Any) -> tuple[list, Any, bool] | Refusal | None:
     """The space-to-depth subgraph ending at ``s``, its one source tensor and whether it is
     a Reshape/Transpose reshuffle only (a space-to-depth only if measured so); ``None`` when
     there is no such subgraph, a reason when there is one that cannot be used."""
@@ -104,7 +105,7 @@ def region(g: OnnxGraph, s: Any) -> tuple[list, Any, bool] | str | None:
     if len(sources) != 1:
         if reshuffle:
             return None
-        return "the space-to-depth subgraph reads more than one tensor"
+        return Refusal("not-a-pattern", "the space-to-depth subgraph reads more than one tensor")
     order = {id(n): i for i, n in enumerate(g.graph)}
     members = sorted(nodes.values(), key=lambda n: order[id(n)])
     inside = {id(n) for n in members}
@@ -113,7 +114,7 @@ def region(g: OnnxGraph, s: Any) -> tuple[list, Any, bool] | str | None:
             if o is s:
                 continue
             if o.is_graph_output() or any(id(c) not in inside for c in o.consumers()):
-                return f"{node_label(n)}'s output is also read outside the space-to-depth"
+                return Refusal("other-readers", f"{node_label(n)}'s output is also read outside the space-to-depth")
     return members, next(iter(sources.values())), reshuffle
 
 
@@ -146,19 +147,19 @@ def _strided(g: OnnxGraph, node: Any) -> bool:
     return params is not None and any(step >= 2 for step in params[3])
 
 
-def _size_independent(g: OnnxGraph, members: list, x: Any) -> str | None:
+def _size_independent(g: OnnxGraph, members: list, x: Any) -> Refusal | None:
     """Why the subgraph might act differently at other spatial sizes, or None."""
     for n in members:
         if n.op_type != "Slice":
             continue
         params = _slice_params(g, n)
         if params is None:
-            return f"{node_label(n)} has computed parameters"
+            return Refusal("computed-tensor", f"{node_label(n)} has computed parameters")
         for start, end, axis, step in zip(*params):
             axis = axis + 4 if axis < 0 else axis
             if axis in (2, 3) and not (0 <= start < step and end >= TO_END):
-                return (f"{node_label(n)} slices [{start}:{end}:{step}] on a symbolic spatial axis, which "
-                        "is not a space-to-depth at every input size")
+                return Refusal("size-dependent", f"{node_label(n)} slices [{start}:{end}:{step}] on a symbolic "
+                               "spatial axis, which is not a space-to-depth at every input size")
     return None
 
 
@@ -171,27 +172,27 @@ def probe(g: OnnxGraph, members: list, x: Any, s: Any, shape: tuple[int, int, in
     try:
         (out,) = g.run_nodes(members, {x: labels}, [s])
     except EvaluationError as e:
-        return Unevaluable(f"the subgraph cannot be evaluated at size {h}x{w} ({e})")
+        return Refusal(UNEVALUABLE, f"the subgraph cannot be evaluated at size {h}x{w} ({e})")
     if out.ndim != 4 or out.shape[0] != n:
-        return f"its output has shape {list(out.shape)}, not a space-to-depth of {list(shape)}"
+        return Refusal("not-a-pattern", f"its output has shape {list(out.shape)}, not a space-to-depth of {list(shape)}")
     _, c2, h2, w2 = out.shape
     if (h2, w2) == (h, w):
         return NOT_S2D
     if h2 == 0 or w2 == 0 or h % h2 or w % w2 or h // h2 != w // w2 or h // h2 < 2 or c2 != c * (h // h2) ** 2:
-        return f"its output has shape {list(out.shape)}, not a space-to-depth of {list(shape)}"
+        return Refusal("not-a-pattern", f"its output has shape {list(out.shape)}, not a space-to-depth of {list(shape)}")
     r = h // h2
     first = out[0, :, 0, 0].astype(np.int64)
     ch, rem = first // (h * w), first % (h * w)
     dy, dx = rem // w, rem % w
     if (ch >= c).any() or (ch < 0).any():  # labels of another batch element
-        return "its output mixes batch elements"
+        return Refusal("not-a-pattern", "its output mixes batch elements")
     if (dy >= r).any() or (dx >= r).any() or len(set(zip(ch.tolist(), dy.tolist(), dx.tolist()))) != c2:
-        return "its channels are not the r x r phases of the input"
+        return Refusal("not-a-pattern", "its channels are not the r x r phases of the input")
     rows = r * np.arange(h2)[None, :] + dy[:, None]
     cols = r * np.arange(w2)[None, :] + dx[:, None]
     expected = labels[:, ch[:, None, None], rows[:, :, None], cols[:, None, :]]
     if not np.array_equal(out, expected):
-        return "its output is not a space-to-depth of the input (measured)"
+        return Refusal("not-a-pattern", "its output is not a space-to-depth of the input (measured)")
     return r, list(zip(ch.tolist(), dy.tolist(), dx.tolist()))
 
 
@@ -200,23 +201,23 @@ def _ints(node: Any, name: str, default: list) -> list:
     return list(v) if v is not None else list(default)
 
 
-def conv_reason(g: OnnxGraph, conv: Any, channels: int) -> str | None:
+def conv_reason(g: OnnxGraph, conv: Any, channels: int) -> Refusal | None:
     w = conv.inputs[1] if len(conv.inputs) > 1 else None
     if w is None or not g.is_const(w):
-        return "its weight is computed at run time"
+        return Refusal("computed-tensor", "its weight is computed at run time")
     arr = g.const_array(w)
     if arr.ndim != 4:
-        return "it is not a 2-D convolution"
+        return Refusal("layer-settings", "it is not a 2-D convolution")
     if int(_attr(conv, "group", 1)) != 1:
-        return f"the conv is grouped (group={_attr(conv, 'group', 1)}): no single conv equals it"
+        return Refusal("layer-settings", f"the conv is grouped (group={_attr(conv, 'group', 1)}): no single conv equals it")
     if any(d != 1 for d in _ints(conv, "dilations", [1, 1])):
-        return "the conv is dilated: no single conv equals it"
+        return Refusal("layer-settings", "the conv is dilated: no single conv equals it")
     pad = _attr(conv, "auto_pad", "NOTSET")
     pad = pad.decode() if isinstance(pad, bytes) else pad
     if pad not in ("NOTSET", "VALID"):
-        return f"auto_pad={pad}: its padding depends on the input size"
+        return Refusal("layer-settings", f"auto_pad={pad}: its padding depends on the input size")
     if arr.shape[1] != channels:
-        return f"the conv reads {arr.shape[1]} channels, the space-to-depth gives {channels}"
+        return Refusal("other-axis", f"the conv reads {arr.shape[1]} channels, the space-to-depth gives {channels}")
     return None
 
 
@@ -234,7 +235,7 @@ class FocusToConv(Pass):
             if found is None:
                 continue
             label = node_label(conv)
-            if isinstance(found, str):
+            if isinstance(found, Refusal):
                 yield Skipped(label, found)
                 continue
             members, x, reshuffle = found
@@ -244,11 +245,12 @@ class FocusToConv(Pass):
                 if result is None:
                     continue
             if s.is_graph_output() or any(c is not conv for c in s.consumers()):
-                yield Skipped(label, f"the space-to-depth output is also read by {g.describe_readers(s)}")
+                yield Skipped(label, f"the space-to-depth output is also read by {g.describe_readers(s)}",
+                              code="other-readers")
                 continue
             if result is None:  # the measurement runs the subgraph: only once the cheap check passed
                 result = self._measure(ctx, members, x, s)
-            if isinstance(result, str):
+            if isinstance(result, Refusal):
                 yield Skipped(label, result)
                 continue
             r, phases = result
@@ -266,11 +268,12 @@ class FocusToConv(Pass):
         if decl is None or len(decl) != 4:
             if quiet:
                 return None
-            return "the rank of the tensor it splits is unknown" if decl is None else "the tensor it splits is not 4-D"
+            return Refusal("input-size", "the rank of the tensor it splits is unknown" if decl is None
+                           else "the tensor it splits is not 4-D")
         if not isinstance(decl[1], int):
             if quiet:
                 return None
-            return "the channel count of the tensor it splits is symbolic"
+            return Refusal("input-size", "the channel count of the tensor it splits is symbolic")
         example = ctx.input_shapes.get(x.name) if x.is_graph_input() else None
         n = decl[0] if isinstance(decl[0], int) else (example[0] if example else 1)
         if isinstance(decl[2], int) and isinstance(decl[3], int):
@@ -285,20 +288,20 @@ class FocusToConv(Pass):
         first = None
         for h, w in sizes:
             result = probe(g, members, x, s, (n, decl[1], h, w))
-            if quiet and first is None and isinstance(result, str):
+            if quiet and first is None and isinstance(result, Refusal):
                 return None  # no sub-sampling (a channel shuffle), or not measurable: not recognised
             if result == NOT_S2D:
-                result = "its output is not sub-sampled: not a space-to-depth"
-            if isinstance(result, str):
+                result = Refusal("not-a-pattern", "its output is not sub-sampled: not a space-to-depth")
+            if isinstance(result, Refusal):
                 return result
             if first is not None and result != first:
-                return "its channel order depends on the input size"
+                return Refusal("size-dependent", "its channel order depends on the input size")
             first = result
         if not isinstance(decl[0], int) and n < 2:  # a symbolic batch: no data may cross batch elements
             h, w = sizes[0]
             result = probe(g, members, x, s, (2, decl[1], h, w))
-            if result != first and not isinstance(result, Unevaluable):
-                return "it moves data between batch elements (measured at batch 2)"
+            if result != first and not (isinstance(result, Refusal) and result.code == UNEVALUABLE):
+                return Refusal("not-a-pattern", "it moves data between batch elements (measured at batch 2)")
         return first
 
     @staticmethod

@@ -56,6 +56,7 @@ from ...match.calls import call_obstacle, hook_kind
 from ...match.conv import conv_unit
 from ...rewrite.modules import carried_attributes
 from ...rewrite.space_to_depth import Phase, merge_weight, pixel_unshuffle_phases
+from ...report.codes import Refusal
 from ..base import Applied, Match, Pass, Skipped, TorchContext
 
 GETITEM = "Tensor.__getitem__"
@@ -146,34 +147,34 @@ class FocusToConv(Pass):
         where = s.host or "<model>"
         uses = g.uses(s.result)
         if OUTPUT in uses:
-            return Skipped(where, "the space-to-depth output is a model output")
+            return Skipped(where, "the space-to-depth output is a model output", code="model-output")
         if len(uses) != 1:
-            return Skipped(where, f"the space-to-depth output has {len(uses)} readers, not just a conv")
+            return Skipped(where, f"the space-to-depth output has {len(uses)} readers, not just a conv", code="other-readers")
         conv_ev = g.event(uses[0])
         if conv_ev.name != "conv2d" or conv_ev.arg(0, "input") != Ref(s.result):
             return Skipped(where, _not_a_conv(g, conv_ev))
         unit = conv_unit(g, conv_ev)
-        if isinstance(unit, str):
-            return Skipped(where, f"the conv after it cannot be rewritten: {unit}")
+        if isinstance(unit, Refusal):
+            return Skipped(where, unit.reworded(f"the conv after it cannot be rewritten: {unit}"))
         conv = unit.module
         if not isinstance(conv, torch.nn.Conv2d) or type(conv).forward is not torch.nn.Conv2d.forward:
-            return Skipped(where, f"the conv after it ({unit.path}) is not a plain torch nn.Conv2d module")
+            return Skipped(where, f"the conv after it ({unit.path}) is not a plain torch nn.Conv2d module", code="layer-settings")
         groups = int(conv_ev.arg(6, "groups", 1) or 1)
         if groups != 1:
-            return Skipped(where, f"{unit.path} has groups={groups} (only groups=1 maps to one strided conv)")
+            return Skipped(where, f"{unit.path} has groups={groups} (only groups=1 maps to one strided conv)", code="layer-settings")
         dilation = _pair(conv_ev.arg(5, "dilation", 1))
         if dilation != (1, 1):
-            return Skipped(where, f"{unit.path} has dilation {_fmt(dilation)} (only dilation 1 maps to one strided conv)")
+            return Skipped(where, f"{unit.path} has dilation {_fmt(dilation)} (only dilation 1 maps to one strided conv)", code="layer-settings")
         if conv.padding_mode != "zeros":
-            return Skipped(where, f"{unit.path} pads with '{conv.padding_mode}', not zeros")
+            return Skipped(where, f"{unit.path} pads with '{conv.padding_mode}', not zeros", code="layer-settings")
         kernel = tuple(conv.weight.shape[2:])
         stride = _pair(conv_ev.arg(3, "stride", 1))
         padding = _padding(conv_ev.arg(4, "padding", 0), kernel, stride)
-        if isinstance(padding, str):
-            return Skipped(where, f"{unit.path}: {padding}")
+        if isinstance(padding, Refusal):
+            return Skipped(where, padding.reworded(f"{unit.path}: {padding}"))
         x = g.value(s.source).shape
         if x[2] % s.r or x[3] % s.r:
-            return Skipped(where, f"the input height/width {x[2]}x{x[3]} is not divisible by {s.r}")
+            return Skipped(where, f"the input height/width {x[2]}x{x[3]} is not divisible by {s.r}", code="input-size")
         stem = None
         for call in g.enclosing_calls(g.event(s.events[-1])):
             chain = _stem_chain(g, call, s, conv_ev)
@@ -188,15 +189,15 @@ class FocusToConv(Pass):
                 return self._layer(g, s, layer, conv, unit.path, kernel, stride, padding)
         if stem is None:
             return Skipped(where, f"the space-to-depth is written inline in {_forward_of(s.host)}, which does "
-                                  "other work too: it cannot be removed without editing the model's source")
+                                  "other work too: it cannot be removed without editing the model's source", code="inline")
         if stem.parent is None:
             return Skipped("<model>", "the space-to-depth stem is the model's whole forward, and the root module "
-                                      "cannot be replaced in place")
+                                      "cannot be replaced in place", code="inline")
         if g.call_count(stem.module) != 1:
-            return Skipped(stem.path, f"{stem.path} is called {g.call_count(stem.module)} times (a shared module)")
+            return Skipped(stem.path, f"{stem.path} is called {g.call_count(stem.module)} times (a shared module)", code="shared-module")
         first = chain[0]
         if g.call_count(first) != 1:
-            return Skipped(stem.path, f"{g.paths_of(first)[0]} is called {g.call_count(first)} times (a shared module)")
+            return Skipped(stem.path, f"{g.paths_of(first)[0]} is called {g.call_count(first)} times (a shared module)", code="shared-module")
         why = call_obstacle(stem, chain) or _hook_obstacle(g, s, conv, unit.path)
         if why is not None:
             return Skipped(stem.path, why)
@@ -210,7 +211,7 @@ class FocusToConv(Pass):
         becomes ``nn.Identity`` and the conv the merged strided conv."""
         n = g.call_count(layer.module)
         if n != 1:
-            return Skipped(layer.path, f"{layer.path} is called {n} times (a shared module)")
+            return Skipped(layer.path, f"{layer.path} is called {n} times (a shared module)", code="shared-module")
         why = call_obstacle(layer, []) or _hook_obstacle(g, s, conv, conv_path)
         if why is not None:
             return Skipped(layer.path, why)
@@ -306,18 +307,18 @@ def _slices(g: DataflowGraph, cat: OpEvent) -> SpaceToDepth | Skipped | None:
     # the source: the value nearest the cat that every slice chain starts from
     common = [v for v in chains[0][0] if all(v in ch[0] for ch in chains[1:])]
     if not common:
-        return Skipped(where, "not every concatenated tensor is a strided slice of the same input")
+        return Skipped(where, "not every concatenated tensor is a strided slice of the same input", code="not-a-pattern")
     source = common[0]
     x = g.value(source).shape
     if x is None or len(x) != 4:
-        return Skipped(where, "the sliced tensor is not 4-dimensional (N, C, H, W)")
+        return Skipped(where, "the sliced tensor is not 4-dimensional (N, C, H, W)", code="not-a-pattern")
     offsets, steps, events = [], set(), set()
     for values, evs in chains:
         k = values.index(source)
         (y0, ys), (x0, xs) = (0, 1), (0, 1)
         for ev in reversed(evs[:k]):  # from the source towards the cat
             index = _spatial_index(g, ev)
-            if isinstance(index, str):
+            if isinstance(index, Refusal):
                 return Skipped(where, index)
             (a, b), (c, d) = index
             y0, ys, x0, xs = y0 + ys * a, ys * b, x0 + xs * c, xs * d
@@ -325,15 +326,15 @@ def _slices(g: DataflowGraph, cat: OpEvent) -> SpaceToDepth | Skipped | None:
         offsets.append((y0, x0))
         steps.add((ys, xs))
     if len(steps) != 1 or len({*next(iter(steps))}) != 1 or next(iter(steps))[0] < 2:
-        return Skipped(where, f"slices with steps {', '.join(_fmt(st) for st in sorted(steps))}: not an r×r space-to-depth")
+        return Skipped(where, f"slices with steps {', '.join(_fmt(st) for st in sorted(steps))}: not an r×r space-to-depth", code="not-a-pattern")
     r = next(iter(steps))[0]
     every = [(dy, dx) for dy in range(r) for dx in range(r)]
     if sorted(offsets) != every:
-        return Skipped(where, f"the {len(offsets)} slices take phases {offsets}, not each of the {r}×{r} phases once")
+        return Skipped(where, f"the {len(offsets)} slices take phases {offsets}, not each of the {r}×{r} phases once", code="not-a-pattern")
     for eid in events:  # the slices (and intermediate slices) are read by the pattern only
         for o in g.event(eid).outputs:
             if any(u == OUTPUT or (u not in events and u != cat.id) for u in g.uses(o)):
-                return Skipped(where, "a slice of the input is also read elsewhere")
+                return Skipped(where, "a slice of the input is also read elsewhere", code="other-readers")
     phases = [(c, dy, dx) for dy, dx in offsets for c in range(x[1])]
     return SpaceToDepth("slices", source, cat.outputs[0], r, phases, sorted(events) + [cat.id], host)
 
@@ -356,7 +357,7 @@ def _step(ev: OpEvent) -> bool:
     return any(isinstance(i, slice) and isinstance(i.step, int) and i.step > 1 for i in items)
 
 
-def _spatial_index(g: DataflowGraph, ev: OpEvent) -> tuple[tuple[int, int], tuple[int, int]] | str | None:
+def _spatial_index(g: DataflowGraph, ev: OpEvent) -> tuple[tuple[int, int], tuple[int, int]] | Refusal | None:
     """``((start, step), (start, step))`` on the last two axes of a 4-d tensor if ``ev`` is
     ``x[..., a::b, c::d]`` (whole extent, full slices on the other axes); why not, when it is
     such a slice but with an explicit stop (``x[..., 0:64:2]``: the whole extent at this input
@@ -400,10 +401,11 @@ def _spatial_index(g: DataflowGraph, ev: OpEvent) -> tuple[tuple[int, int], tupl
     if bounded is not None:
         stop, n = bounded
         if 0 <= stop < n:
-            return f"the slice stops at {stop}, before the end of the axis ({n}): not a space-to-depth of the whole input"
-        return f"the slice stops at {stop}: exact only at this input size"
+            return Refusal("not-a-pattern", f"the slice stops at {stop}, before the end of the axis ({n}): not a "
+                           "space-to-depth of the whole input")
+        return Refusal("size-dependent", f"the slice stops at {stop}: exact only at this input size")
     if from_end is not None:
-        return f"the slice starts at {from_end}, counted from the end: exact only at this input size"
+        return Refusal("size-dependent", f"the slice starts at {from_end}, counted from the end: exact only at this input size")
     return out[0], out[1]
 
 
@@ -415,7 +417,7 @@ def _pixel_unshuffle(g: DataflowGraph, ev: OpEvent) -> SpaceToDepth | Skipped | 
     host = g.call(ev.scope).path
     x = g.value(src.value).shape
     if x is None or len(x) != 4:
-        return Skipped(host or "<model>", "pixel_unshuffle of a tensor that is not 4-dimensional (N, C, H, W)")
+        return Skipped(host or "<model>", "pixel_unshuffle of a tensor that is not 4-dimensional (N, C, H, W)", code="not-a-pattern")
     if r < 2:
         return None
     return SpaceToDepth("pixel_unshuffle", src.value, ev.outputs[0], r, pixel_unshuffle_phases(x[1], r),
@@ -466,7 +468,7 @@ def _probed(g: DataflowGraph, call: ModuleCall, claimed: set[int]) -> SpaceToDep
         why = _rearranges_as(call.module, shape, phases, r)
         if why is not None:
             return Skipped(call.path, f"its rearrangement depends on the input size: at {dims(shape)} it {why}, "
-                                      f"not the space-to-depth it is at {dims(x)}")
+                                      f"not the space-to-depth it is at {dims(x)}", code="size-dependent")
     return SpaceToDepth("probe", call.inputs[0], call.outputs[0], r, phases, list(range(call.start, call.end)),
                         call.path)
 
@@ -565,30 +567,30 @@ def _s2d_layer(g: DataflowGraph, s: SpaceToDepth) -> ModuleCall | None:
     return found
 
 
-def _not_a_conv(g: DataflowGraph, ev: OpEvent) -> str:
+def _not_a_conv(g: DataflowGraph, ev: OpEvent) -> Refusal:
     import torch
 
     for call in g.enclosing_calls(ev):
         m = call.module
         if isinstance(m, torch.nn.Conv2d) and m.padding_mode != "zeros":
-            return f"{call.path} pads with '{m.padding_mode}', not zeros"
+            return Refusal("layer-settings", f"{call.path} pads with '{m.padding_mode}', not zeros")
     where = g.call(ev.scope).path
-    return f"its output feeds {ev.name}{f' in {where}' if where else ''}, not a convolution"
+    return Refusal("not-a-pattern", f"its output feeds {ev.name}{f' in {where}' if where else ''}, not a convolution")
 
 
-def _hook_obstacle(g: DataflowGraph, s: SpaceToDepth, conv: Any, conv_path: str) -> str | None:
+def _hook_obstacle(g: DataflowGraph, s: SpaceToDepth, conv: Any, conv_path: str) -> Refusal | None:
     """Why a hook forbids the rewrite besides those on removed modules
     (:func:`~modelsurgeon.match.calls.call_obstacle`): one on the conv, which the merged conv
     replaces, would be dropped; one on a module reading the space-to-depth output (the block
     holding the conv) would see the space-to-depth's input in its place."""
     kind = hook_kind(conv)
     if kind is not None:
-        return f"{conv_path} has a {kind}, which would be dropped with the module"
+        return Refusal("hook", f"{conv_path} has a {kind}, which would be dropped with the module")
     for c in g.calls:
         kind = hook_kind(c.module) if s.result in c.inputs else None
         if kind is not None:
-            return (f"{c.path or 'the model'} has a {kind}, which would see the input of the space-to-depth "
-                    "in place of its output")
+            return Refusal("hook", f"{c.path or 'the model'} has a {kind}, which would see the input of the "
+                           "space-to-depth in place of its output")
     return None
 
 
@@ -607,15 +609,15 @@ def _pair(v: Any) -> tuple[int, int]:
     return v if len(v) == 2 else (v[0], v[0])
 
 
-def _padding(p: Any, kernel: tuple, stride: tuple) -> tuple[int, int] | str:
+def _padding(p: Any, kernel: tuple, stride: tuple) -> tuple[int, int] | Refusal:
     if p == "valid":
         return (0, 0)
     if p == "same":
         if any(k % 2 == 0 for k in kernel):
-            return "padding='same' with an even kernel pads asymmetrically"
+            return Refusal("layer-settings", "padding='same' with an even kernel pads asymmetrically")
         return (kernel[0] // 2, kernel[1] // 2)
     if isinstance(p, str):
-        return f"padding={p!r} is not understood"
+        return Refusal("layer-settings", f"padding={p!r} is not understood")
     return _pair(p)
 
 

@@ -26,6 +26,7 @@ from typing import Iterable
 from ...capture.onnx import node_label, subgraph_nodes
 from ...match.onnx import LINEAR, LinearUnit, Step, walk, linear_unit, _bn_training
 from ...rewrite.onnx import fold_affine
+from ...report.codes import Refusal
 from ..base import Applied, Match, OnnxContext, Pass, Skipped
 
 
@@ -48,11 +49,12 @@ def find_folds(ctx: OnnxContext, allow_bn: bool, reasons: dict | None = None) ->
         if node.op_type not in LINEAR or not g.is_default_domain(node):
             continue
         unit = linear_unit(g, node)
-        if isinstance(unit, str):
+        if isinstance(unit, Refusal):
             if reasons is not None:
                 r = g.sole_reader(node.outputs[0])
                 if r is not None and r.op_type == "BatchNormalization":
-                    reasons[id(r)] = (r, f"the {node.op_type} {node_label(node)} before it cannot be rewritten: {unit}")
+                    reasons[id(r)] = (r, unit.reworded(
+                        f"the {node.op_type} {node_label(node)} before it cannot be rewritten: {unit}"))
             continue
         w = walk(g, unit, allow_bn)
         if w.stop is not None and reasons is not None:
@@ -93,20 +95,20 @@ class FoldBN(Pass):
         for owner, node in subgraph_nodes(g.graph):
             if node.op_type == "BatchNormalization" and g.is_default_domain(node):
                 where = f"{owner.op_type} {owner.name}" if owner.name else node_label(owner)
-                yield Skipped(node_label(node), f"inside a subgraph ({where}): not rewritten")
+                yield Skipped(node_label(node), f"inside a subgraph ({where}): not rewritten", code="subgraph")
 
     def rewrite(self, ctx: OnnxContext, m: FoldMatch) -> Applied:
         return apply_fold(ctx, m)
 
 
-def _unfolded_reason(ctx: OnnxContext, node) -> str:
+def _unfolded_reason(ctx: OnnxContext, node) -> Refusal:
     g = ctx.graph
     if _bn_training(g, node):
-        return "it normalises with batch statistics (training_mode=1)"
+        return Refusal("training-mode", "it normalises with batch statistics (training_mode=1)")
     src = node.inputs[0] if node.inputs else None
     if src is None:
-        return "it has no input"
+        return Refusal("not-foldable", "it has no input")
     p = src.producer()
     if p is None:
-        return "its input is a graph input, not a layer output"
-    return f"its input comes from {p.op_type} {node_label(p)}, not from a Conv, ConvTranspose, Gemm or MatMul"
+        return Refusal("not-foldable", "its input is a graph input, not a layer output")
+    return Refusal("not-foldable", f"its input comes from {p.op_type} {node_label(p)}, not from a Conv, ConvTranspose, Gemm or MatMul")

@@ -26,13 +26,14 @@ from typing import Any, Iterable
 from ...capture.graph import OUTPUT, DataflowGraph, ModuleCall, OpEvent, Ref
 from ...match.affine import (
     ADD, BATCH_NORM, ELEMENTWISE, MUL, DIV, RSUB, SUB, ChannelAffine, batch_norm_affine, batch_norm_args,
-    elementwise_affine, is_bn_like, probe_module, NormLike, PROBE_MAX_EVENTS,
+    elementwise_affine, is_bn_like, probe_module, NORM_LIKE, PROBE_MAX_EVENTS,
 )
 from ...match.calls import call_obstacle, read_outside
 from ...match.conv import CONV_OPS, ConvUnit, conv_unit, output_channel_axis, unwritable
 from ...match.host import statistics_reader
 from ...match.reshape import channel_axis_after, shape_only_use
 from ...rewrite.affine import fold_bias
+from ...report.codes import Refusal
 from ..base import Applied, Match, Pass, Skipped, TorchContext
 
 
@@ -62,12 +63,8 @@ class FoldMatch(Match):
     steps: list[Step] = field(default_factory=list)
 
 
-class _Reason(str):
-    """Why a BN-like candidate cannot be folded (ends the chain, reported as skipped)."""
-
-
-class _HostReads(_Reason):
-    """The host's own re-parameterisation reads the norm: not folded in any form."""
+HOST_READS = "host-reads"
+"""The host's own re-parameterisation reads the norm: not folded in any form."""
 
 
 class FoldBN(Pass):
@@ -89,7 +86,7 @@ class FoldBN(Pass):
         handled: set[int] = set()
         # why a candidate met after foldable steps was not folded too: reported only if nothing
         # folds it from its own layer (a block met after a fold usually starts with that layer)
-        self._pending: dict[int, str] = {}  # batch_norm event id or id(module) -> reason
+        self._pending: dict[int, Refusal] = {}  # batch_norm event id or id(module) -> reason
         hooked = _hooked_outputs(g)
         for ev in g.events:
             if ev.name not in CONV_OPS or not ev.outputs:
@@ -120,7 +117,7 @@ class FoldBN(Pass):
             observer = None
             if cut is not None:
                 seen_by = next(v for v in entering[cut] if v in hooked)
-                observer = f"{hooked[seen_by]}, which would see folded values"
+                observer = Refusal("hook", f"{hooked[seen_by]}, which would see folded values")
                 if cut > 0:
                     for s in steps[cut:]:
                         keys = s.bn_events + ([id(s.removal.module)] if s.removal.module is not None else [])
@@ -131,14 +128,15 @@ class FoldBN(Pass):
                 handled.update(s.bn_events)
             unit = conv_unit(g, ev)
             target = " → ".join(s.path for s in steps)
-            if isinstance(unit, str):
-                yield _SkippedSteps(target, f"the layer before it cannot be rewritten: {unit}", steps=steps)
+            if isinstance(unit, Refusal):
+                yield _SkippedSteps(target, unit.reworded(f"the layer before it cannot be rewritten: {unit}"), steps=steps)
             elif observer is not None:
                 yield _SkippedSteps(target, observer, steps=steps)
             elif unit.bias is None and not unit.can_add_bias:
                 yield _SkippedSteps(target, unit.no_bias_reason, steps=steps)
             elif steps[0].affine.channels != unit.out_channels:
-                yield _SkippedSteps(target, f"channel count {steps[0].affine.channels} differs from {unit.path}'s {unit.out_channels} outputs", steps=steps)
+                yield _SkippedSteps(target, f"channel count {steps[0].affine.channels} differs from {unit.path}'s "
+                                    f"{unit.out_channels} outputs", steps=steps, code="other-axis")
             else:
                 yield FoldMatch(target=unit.path, unit=unit, steps=steps)
         for ev in g.events:
@@ -177,9 +175,9 @@ class FoldBN(Pass):
             if id(mod) in self._pending:
                 yield Skipped(path, self._pending[id(mod)])
             elif not calls:
-                yield Skipped(path, "not executed on the example input")
+                yield Skipped(path, "not executed on the example input", code="not-executed")
             elif len(calls[0].inputs) != 1:
-                yield Skipped(path, f"it is called with {len(calls[0].inputs)} tensor inputs")
+                yield Skipped(path, f"it is called with {len(calls[0].inputs)} tensor inputs", code="call-arguments")
             else:
                 yield Skipped(path, _input_reason(g, calls[0].inputs[0]))
 
@@ -193,7 +191,8 @@ class FoldBN(Pass):
                 if not steps and len(uses) > 1:
                     bn = next((g.event(e) for e in uses if e != OUTPUT and g.event(e).name in BATCH_NORM), None)
                     if bn is not None:
-                        return [], (bn, f"the layer output it normalises has {len(uses)} readers, so the layer cannot be changed")
+                        return [], (bn, Refusal("other-readers", f"the layer output it normalises has {len(uses)} "
+                                                "readers, so the layer cannot be changed"))
                 break
             ev = g.event(uses[0])
             step = self._step(g, ev, cur, axis)
@@ -223,31 +222,31 @@ class FoldBN(Pass):
             r = self._module_step(g, call, ev, cur, axis)
             if isinstance(r, Step):
                 return r
-            if isinstance(r, _HostReads):  # not even neutralised in place: the host's code reads it
-                return (ev, str(r))
-            if isinstance(r, _Reason) and reason is None:
+            if isinstance(r, Refusal) and r.code == HOST_READS:  # not even neutralised in place: the host's code reads it
+                return (ev, r)
+            if isinstance(r, Refusal) and reason is None:
                 reason = r
         r = self._op_step(g, ev, cur, axis)
         if isinstance(r, Step):
             return r
         if reason is not None:
-            return (ev, str(reason))
-        if isinstance(r, _Reason):
-            return (ev, str(r))
+            return (ev, reason)
+        if isinstance(r, Refusal):
+            return (ev, r)
         return None
 
     def _module_step(self, g: DataflowGraph, call: ModuleCall, ev: OpEvent, cur: int, axis: int):
         r = self._module_affine(g, call, ev, cur, axis)
-        if isinstance(r, (Step, _Reason)):
+        if isinstance(r, (Step, Refusal)):
             kept = r.removal.children if isinstance(r, Step) and r.removal.kind == "children" else []
             why = call_obstacle(call, kept)
             if why is not None:
-                return _Reason(why)
+                return why
         if isinstance(r, Step) and call.path:
             reader = statistics_reader(g.root.module, call.path)
             if reader is not None:  # Ultralytics RepConv: its own fuse reads branch.bn's statistics
-                return _HostReads(f"the host's {reader} reads its running statistics and its layer's "
-                                  "weights (its own re-parameterisation would break): left to it")
+                return Refusal(HOST_READS, f"the host's {reader} reads its running statistics and its layer's "
+                               "weights (its own re-parameterisation would break): left to it")
         return r
 
     def _module_affine(self, g: DataflowGraph, call: ModuleCall, ev: OpEvent, cur: int, axis: int):
@@ -258,22 +257,22 @@ class FoldBN(Pass):
         has_bn = ev.name not in CONV_OPS and (any(e.name in BATCH_NORM for e in evs) or _bn_like(mod))
         n_calls = g.call_count(mod)
         if n_calls > 1:
-            return _Reason(f"{call.path} is called {n_calls} times (a shared module)") if has_bn else None
+            return Refusal("shared-module", f"{call.path} is called {n_calls} times (a shared module)") if has_bn else None
         if len(call.outputs) != 1:
             return None
         outside = _params_read_outside(g, mod, call)
         if outside:
-            return _Reason(f"{outside} is also read outside {call.path}") if has_bn else None
+            return Refusal("read-outside", f"{outside} is also read outside {call.path}") if has_bn else None
         label = f"{type(mod).__name__} {call.path}"
         bn_ids = [e.id for e in evs if e.name in BATCH_NORM]
         active = g.active_events(call)
         # A: the whole data path is one batch_norm
         if active == [ev] and ev.name in BATCH_NORM and call.outputs[0] == ev.outputs[0]:
             aff = batch_norm_affine(g, ev)
-            if isinstance(aff, str):
-                return _Reason(aff)
+            if isinstance(aff, Refusal):
+                return aff
             if axis != 1:
-                return _Reason("it normalises another axis than the layer's output channels")
+                return Refusal("other-axis", "it normalises another axis than the layer's output channels")
             return Step(aff, label, call.path, "batch_norm", Removal("identity", mod), call.outputs[0], bn_ids)
         # B: a custom module that probes as a per-channel affine map
         in_shape = g.value(cur).shape
@@ -297,23 +296,23 @@ class FoldBN(Pass):
                     return Step(aff, label, call.path, "batch_norm" if ev.name in BATCH_NORM else "inline",
                                 Removal("children", mod, children=chain), ev.outputs[0],
                                 [ev.id] if ev.name in BATCH_NORM else [])
-            elif isinstance(aff, _Reason):
+            elif isinstance(aff, Refusal):
                 return aff
-        if probed is not None and (has_bn or isinstance(probed, NormLike)):
-            return _Reason(f"{label} is not a per-channel affine map: {probed}")
+        if probed is not None and (has_bn or probed.code == NORM_LIKE):
+            return probed.reworded(f"{label} is not a per-channel affine map: {probed}")
         if not has_bn:
             return None
-        return _Reason(f"{label}'s forward is not a foldable per-channel map")
+        return Refusal("not-affine", f"{label}'s forward is not a foldable per-channel map")
 
     def _op_affine(self, g: DataflowGraph, ev: OpEvent, cur: int, axis: int):
         if ev.name in BATCH_NORM:
             if not ev.args or ev.args[0] != Ref(cur):
                 return None
             aff = batch_norm_affine(g, ev)
-            if isinstance(aff, str):
-                return _Reason(aff)
+            if isinstance(aff, Refusal):
+                return aff
             if axis != 1:
-                return _Reason("it normalises another axis than the layer's output channels")
+                return Refusal("other-axis", "it normalises another axis than the layer's output channels")
             return aff
         r = elementwise_affine(g, ev, cur, axis)
         return None if r is None else r[0]
@@ -341,10 +340,11 @@ class FoldBN(Pass):
                     continue
                 v = g.value(r.value)
                 if not v.is_param or len(g.param_uses(v.tensor)) != 1:
-                    return _Reason(f"the batch_norm inline in {where} reads computed or shared statistics, so it cannot be made the identity")
+                    return Refusal("computed-tensor", f"the batch_norm inline in {where} reads computed or shared "
+                                   "statistics, so it cannot be made the identity")
                 why = unwritable(g, v.tensor, v.name)
                 if why is not None:
-                    return _Reason(f"the batch_norm inline in {where} cannot be made the identity: {why}")
+                    return why.reworded(f"the batch_norm inline in {where} cannot be made the identity: {why}")
                 params.append((v.tensor, f"var:{float(a.get('eps', 1e-5))}" if fill == "var" else fill))
             return Step(aff, label, host or "<model>", "inline", Removal("neutralise", params=params), ev.outputs[0], [ev.id])
         x_first = ev.args[0] == Ref(cur)
@@ -357,29 +357,29 @@ class FoldBN(Pass):
         shape = g.value(operand.value).shape
         if shape is None or math.prod(shape) != root.tensor.numel():
             # ``pos[:, :, :H, :W]``: the part read was per-channel at the captured size only
-            return _Reason(f"{ev.name} reads part of {root.name} {tuple(root.tensor.shape)} (a slice that may "
-                           "depend on the input size), not the whole parameter per channel")
+            return Refusal("size-dependent", f"{ev.name} reads part of {root.name} {tuple(root.tensor.shape)} (a slice "
+                           "that may depend on the input size), not the whole parameter per channel")
         if len(g.param_uses(root.tensor)) != 1:
-            return _Reason(f"the per-channel parameter {root.name} is read by other ops too")
+            return Refusal("other-readers", f"the per-channel parameter {root.name} is read by other ops too")
         why = unwritable(g, root.tensor, root.name)
         if why is not None:
-            return _Reason(f"the per-channel parameter cannot be made the identity: {why}")
+            return why.reworded(f"the per-channel parameter cannot be made the identity: {why}")
         fill = _identity_fill(ev, x_first)
-        if isinstance(fill, str):
-            return _Reason(fill)
+        if isinstance(fill, Refusal):
+            return fill
         return Step(aff, f"{ev.name} by {root.name} in {where}", host or "<model>", "inline",
                     Removal("neutralise", params=[(root.tensor, fill)]), ev.outputs[0], [])
 
     def _neutral(self, g: DataflowGraph, ev: OpEvent) -> bool:
         return _neutral_bn(g, ev, getattr(self, "_neutralised", ()))
 
-    def _unfolded_reason(self, g: DataflowGraph, ev: OpEvent) -> str:
+    def _unfolded_reason(self, g: DataflowGraph, ev: OpEvent) -> Refusal:
         a = batch_norm_args(ev)
         if a.get("training"):
-            return "it normalises with batch statistics (training mode or no running statistics)"
+            return Refusal("training-mode", "it normalises with batch statistics (training mode or no running statistics)")
         src = ev.args[0] if ev.args else None
         if not isinstance(src, Ref):
-            return "its input is not a tensor"
+            return Refusal("not-foldable", "its input is not a tensor")
         return _input_reason(g, src.value)
 
     # -- rewriting -----------------------------------------------------------------------------
@@ -460,45 +460,45 @@ def _hooked_outputs(g: DataflowGraph) -> dict[int, str]:
     return out
 
 
-def _identity_fill(ev: OpEvent, x_first: bool) -> float | str:
+def _identity_fill(ev: OpEvent, x_first: bool) -> float | Refusal:
     """The value making ``ev`` the identity when written into its parameter operand ``p``, or why
     none does: only ``x * p``, ``p * x``, ``x / p`` (1) and ``x + a*p``, ``p + x``, ``x - a*p``,
     ``rsub(p, x)`` (0) become ``x``; ``add(p, x, alpha=a)`` and ``p - x`` would keep a factor."""
     name = ev.name
     if "out" in ev.kwargs:
-        return f"{name} writes into an out= tensor"
+        return Refusal("not-foldable", f"{name} writes into an out= tensor")
     if ev.inplace and not x_first:
-        return f"{name} updates the parameter in place"
+        return Refusal("not-foldable", f"{name} updates the parameter in place")
     alpha = ev.kwargs.get("alpha", ev.args[2] if len(ev.args) > 2 else 1)
     if name in MUL or name in DIV:
         return 1.0
     if name in ADD:
         if x_first or alpha == 1:
             return 0.0
-        return f"{name} with alpha={alpha} scales the layer output, so it cannot be made the identity"
+        return Refusal("not-foldable", f"{name} with alpha={alpha} scales the layer output, so it cannot be made the identity")
     if name in SUB:
         if x_first:
             return 0.0
-        return f"{name} subtracts the layer output from the parameter, so it cannot be made the identity"
+        return Refusal("not-foldable", f"{name} subtracts the layer output from the parameter, so it cannot be made the identity")
     if name in RSUB:
         if not x_first:
             return 0.0
-        return f"{name} subtracts the layer output from the parameter, so it cannot be made the identity"
-    return f"{name} cannot be made the identity"
+        return Refusal("not-foldable", f"{name} subtracts the layer output from the parameter, so it cannot be made the identity")
+    return Refusal("not-foldable", f"{name} cannot be made the identity")
 
 
-def _input_reason(g: DataflowGraph, vid: int) -> str:
+def _input_reason(g: DataflowGraph, vid: int) -> Refusal:
     """Why the norm reading value ``vid`` was not folded, from where ``vid`` comes from."""
     p = g.producer(vid)
     if p is None:
-        return "its input is a model input, not a layer output"
+        return Refusal("not-foldable", "its input is a model input, not a layer output")
     where = g.call(p.scope).path or "the model"
     if p.name in CONV_OPS:
         n = len(g.uses(vid))
         if n > 1:
-            return f"the layer output it normalises has {n} readers, so the layer cannot be changed"
-        return f"it is not a foldable per-channel map of the {p.name} output in {where}"
-    return f"its input comes from {p.name} in {where}, not from a conv or linear layer"
+            return Refusal("other-readers", f"the layer output it normalises has {n} readers, so the layer cannot be changed")
+        return Refusal("not-affine", f"it is not a foldable per-channel map of the {p.name} output in {where}")
+    return Refusal("not-foldable", f"its input comes from {p.name} in {where}, not from a conv or linear layer")
 
 
 def _stored_training(ctx: TorchContext) -> str | None:

@@ -18,7 +18,8 @@ from typing import Any, Iterable
 from ...capture.graph import DataflowGraph
 from ...match.absorb import describe_use, find_absorber
 from ...match.conv import unwritable
-from ...match.fusion import SizeDependent
+from ...match.fusion import SIZE_DEPENDENT
+from ...report.codes import Refusal
 from ...match.inline_sum import InlineTerm, computation, const_operand, exact_scale, inline_terms, view_leaves
 from ...rewrite import forward
 from ..base import Applied, Match, Skipped, TorchContext
@@ -62,7 +63,7 @@ def _generated(g: DataflowGraph, h: int) -> bool:
     return c.parent is not None and forward.generated_forward(g.call(c.parent).module) is c.module
 
 
-def inline_matches(ctx: TorchContext, replaced: set[int], refused: dict[int, str],
+def inline_matches(ctx: TorchContext, replaced: set[int], refused: dict[int, Refusal],
                    reported: set[int]) -> Iterable[Match | Skipped]:
     g: DataflowGraph = ctx.graph
     inside = set()
@@ -74,12 +75,13 @@ def inline_matches(ctx: TorchContext, replaced: set[int], refused: dict[int, str
         return
     # a module that probing showed to be a weighted sum at the recorded size only: its
     # weights do not move as inline ones either (the sum would be wrong at other sizes)
-    size_dependent = [(g.call(cid), why) for cid, why in refused.items() if isinstance(why, SizeDependent)]
+    size_dependent = [(g.call(cid), why) for cid, why in refused.items() if why.code == SIZE_DEPENDENT]
     frozen: set[int] = set()  # hosts whose weights stay where they are
     for t in terms:
         for c, why in size_dependent:
             if c.start <= t.event.id < c.end:
                 t.reason = f"{c.path} is a weighted sum at the recorded input size only ({why})"
+                t.code = SIZE_DEPENDENT
                 frozen.add(t.event.scope)
                 break
         if t.reason is None and not t.one:
@@ -88,14 +90,17 @@ def inline_matches(ctx: TorchContext, replaced: set[int], refused: dict[int, str
             if t.param is None:  # computed in the model's dtype: the weight it stands for, in float64
                 t.scale = exact_scale(g, t)
             a = find_absorber(g, t.value, t.scale, {t.event.id})
-            t.reason, t.absorber = (a, None) if isinstance(a, str) else (None, a)
+            if isinstance(a, Refusal):
+                t.reason, t.code, t.absorber = a.reason, a.code, None
+            else:
+                t.absorber = a
     hosts: dict[int, list[InlineTerm]] = {}
     for t in terms:
         hosts.setdefault(t.event.scope, []).append(t)
     wanted = [g.call(h) for h, ts in hosts.items() if h not in frozen and any(_gain(t) for t in ts)]
     plans = forward.open_forwards(g, wanted, ctx.model, ctx.inputs) if wanted else {}
     rest: list[InlineTerm] = []
-    refusals: dict[int, str] = {}
+    refusals: dict[int, Refusal] = {}
     for h, ts in hosts.items():
         plan = plans.get(h)
         if isinstance(plan, forward.ForwardPlan):
@@ -114,16 +119,16 @@ def inline_matches(ctx: TorchContext, replaced: set[int], refused: dict[int, str
     yield from _fallback(g, rest, refused, reported, refusals)
 
 
-def _forward_match(plan: Any, ts: list[InlineTerm]) -> ForwardFusion | str:
+def _forward_match(plan: Any, ts: list[InlineTerm]) -> ForwardFusion | Refusal:
     for t in ts:
         if not (t.one or t.absorber is not None):
             continue
         try:
             plan.substitute(t.event.outputs[0], t.value)
         except forward.EditError as e:
-            t.absorber, t.reason = None, f"its multiply cannot be removed ({e})"
+            t.absorber, t.reason, t.code = None, f"its multiply cannot be removed ({e})", "edit"
     if not any(t.one or t.absorber is not None for t in ts) and not plan.folded:
-        return "nothing in it would change"
+        return Refusal("edit", "nothing in it would change")
     why = plan.check()
     if why is not None:
         return why
@@ -133,14 +138,15 @@ def _forward_match(plan: Any, ts: list[InlineTerm]) -> ForwardFusion | str:
     return ForwardFusion(target=target, plan=plan, terms=ts)
 
 
-def _fallback(g: DataflowGraph, live: list[InlineTerm], refused: dict[int, str], reported: set[int],
-              refusals: dict[int, str]) -> Iterable[Match | Skipped]:
+def _fallback(g: DataflowGraph, live: list[InlineTerm], refused: dict[int, Refusal], reported: set[int],
+              refusals: dict[int, Refusal]) -> Iterable[Match | Skipped]:
     by_event = {t.event.id: t for t in live}
     for t in live:
-        if t.param is None and (t.reason is None or "recorded input size only" not in t.reason):
+        if t.param is None and t.code != SIZE_DEPENDENT:
             host = t.host or "the model"
             why = refusals.get(t.event.scope)
-            t.absorber, t.reason = None, (
+            t.absorber, t.code = None, "inline"
+            t.reason = (
                 f"its weight is computed inline in {host}.forward ({computation(g, const_operand(g, t.event))})"
                 + (f" and that forward cannot be regenerated: {why}" if why else
                    "; without editing that code the multiply stays"))
@@ -153,22 +159,22 @@ def _fallback(g: DataflowGraph, live: list[InlineTerm], refused: dict[int, str],
         pv = g.value(pid)
         problem = None
         if any(w.version_of == pid for w in g.values):
-            problem = f"{pv.name} is modified in the forward"
+            problem = Refusal("not-foldable", f"{pv.name} is modified in the forward")
         why = None if problem else unwritable(g, pv.tensor, pv.name)
         if why is not None:
-            problem = f"it cannot be set to 1: {why}"
+            problem = why.reworded(f"it cannot be set to 1: {why}")
         for e in view_leaves(g, pid):
             if problem:
                 break
             u = by_event.get(e)
             if u is None:
-                problem = f"{pv.name} is also read by {describe_use(g, e)}"
+                problem = Refusal("other-readers", f"{pv.name} is also read by {describe_use(g, e)}")
             elif not u.one and u.absorber is None:
-                problem = f"{pv.name} also weighs {u.desc}, whose weight cannot move ({u.reason})"
+                problem = Refusal(u.code or "not-foldable", f"{pv.name} also weighs {u.desc}, whose weight cannot move ({u.reason})")
         if problem:
             for t in ts:
                 if t.reason is None:
-                    t.reason, t.absorber = problem, None
+                    t.reason, t.code, t.absorber = problem.reason, problem.code, None
     # one match per group of sums linked by a shared parameter
     parent: dict[int, int] = {}
 
@@ -190,8 +196,8 @@ def _fallback(g: DataflowGraph, live: list[InlineTerm], refused: dict[int, str],
             if t.absorber is None:
                 note = refused.get(g.event(t.root).scope)
                 why = t.reason + (f"; the module as a whole is not rewritten either ({note})"
-                                  if note and note not in t.reason else "")
-                yield Skipped(t.target, f"{t.desc} ×{_fmt(t.scale)}: {why}")
+                                  if note and note.reason not in t.reason else "")
+                yield Skipped(t.target, f"{t.desc} ×{_fmt(t.scale)}: {why}", code=t.code or "not-foldable")
         if ok:
             params = list({id(t.param): t.param for t in ok}.values())
             yield InlineFusion(target=ok[0].target, terms=ok, params=params)
@@ -220,7 +226,7 @@ def rewrite_forward(ctx: TorchContext, m: ForwardFusion) -> Applied | Skipped:
     for t in moved:
         t.absorber.apply(ed, t.scale)
     c = m.plan.commit(ed)
-    if isinstance(c, str):  # pragma: no cover - plan.check() ran in match
+    if isinstance(c, Refusal):  # pragma: no cover - plan.check() ran in match
         raise RuntimeError(f"the generated forward could not be attached: {c}")
     kept = [t for t in m.terms if not t.one and t.absorber is None]
     parts = [f"{len(moved)} of {len(m.terms)} weights moved"
@@ -242,5 +248,6 @@ def rewrite_forward(ctx: TorchContext, m: ForwardFusion) -> Applied | Skipped:
                     "conv": t.absorber.conv if t.absorber is not None else None,
                     "through": t.absorber.through if t.absorber is not None else [],
                     "kept": not t.one and t.absorber is None,
-                    **({"reason": t.reason} if not t.one and t.absorber is None else {})} for t in m.terms],
+                    **({"reason": t.reason, "code": t.code} if not t.one and t.absorber is None else {})}
+                   for t in m.terms],
     })

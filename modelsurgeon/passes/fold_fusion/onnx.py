@@ -103,19 +103,19 @@ class FoldFusion(Pass):
                 continue
             target = ", ".join(v.name for v in boundary[:3]) + (", ..." if len(boundary) > 3 else "")
             if any(v.is_graph_output() for v in boundary):
-                yield Skipped(target, "a constant graph output: left as computed")
+                yield Skipped(target, "a constant graph output: left as computed", code="model-output")
                 continue
             try:
                 arrays = g.evaluate(boundary)
             except EvaluationError as e:
-                yield Skipped(target, f"the constant subgraph cannot be evaluated ({e})")
+                yield Skipped(target, f"the constant subgraph cannot be evaluated ({e})", code="unevaluable")
                 continue
             if not all(_numeric(a) for a in arrays):
-                yield Skipped(target, "a non-numeric (string) constant: left as computed")
+                yield Skipped(target, "a non-numeric (string) constant: left as computed", code="non-numeric")
                 continue
             out_bytes, in_bytes = sum(int(a.nbytes) for a in arrays), _leaf_bytes(g, nodes)
             if out_bytes > in_bytes + MAX_GROWTH_BYTES:
-                yield Skipped(target, f"evaluating it would store {_mb(out_bytes)} computed from {_mb(in_bytes)}")
+                yield Skipped(target, f"evaluating it would store {_mb(out_bytes)} computed from {_mb(in_bytes)}", code="too-large")
                 continue
             evaluated.update(id(n) for n in nodes)
             yield EvalMatch(target=target, nodes=nodes, values=list(zip(boundary, arrays)))
@@ -125,7 +125,7 @@ class FoldFusion(Pass):
             try:
                 values = [(n.outputs[0], g.const_array(n.outputs[0])) for n in lift]
             except EvaluationError as e:
-                yield Skipped("Constant nodes", f"cannot be read ({e})")
+                yield Skipped("Constant nodes", f"cannot be read ({e})", code="unevaluable")
             else:
                 values = [(v, a) for v, a in values if _numeric(a)]  # string Constants stay nodes
                 lift = [v.producer() for v, _ in values]
@@ -142,7 +142,7 @@ class FoldFusion(Pass):
                 if (p is not None and p.op_type in LINEAR and g.reader_count(v) > 1 and g.is_const(other)
                         and not g.is_const(v) and (node.op_type == "Mul" or i == 0)):
                     yield Skipped(node_label(node), f"the {p.op_type} output it scales has {g.reader_count(v)} readers "
-                                                    f"({g.describe_readers(v)}): kept as one {node.op_type} by a constant")
+                                                    f"({g.describe_readers(v)}): kept as one {node.op_type} by a constant", code="other-readers")
                     break
 
     def rewrite(self, ctx: OnnxContext, m: Match) -> Applied:

@@ -30,6 +30,7 @@ from ...capture.graph import DataflowGraph
 from ...match.absorb import Absorber, describe_use, describe_value, find_absorber
 from ...match.calls import read_outside
 from ...match.fusion import Candidate, candidate, probe, record_args
+from ...report.codes import Refusal
 from ...rewrite import weighted_sum
 from ..base import Applied, Match, Pass, Skipped, TorchContext
 from .inline import ForwardFusion, InlineFusion, _fmt, _values, inline_matches, rewrite_forward, rewrite_inline
@@ -43,6 +44,7 @@ class Term:
     scale: Any  # float64 weight over min(channels, C_out) channels
     absorber: Absorber | None = None
     reason: str | None = None  # why the weight stays a multiply
+    code: str | None = None  # its stable code (report/codes.py)
     path: tuple = ()  # where the module reads it among its arguments
     offset: int = 0  # output channel its channel 0 lands on (concatenation)
 
@@ -80,7 +82,7 @@ class FoldFusion(Pass):
     def match(self, ctx: TorchContext) -> Iterable[Match | Skipped]:
         g: DataflowGraph = ctx.graph
         cands: list[Candidate] = []
-        refused: dict[int, str] = {}  # call id -> why the module as a whole is not rewritten
+        refused: dict[int, Refusal] = {}  # call id -> why the module as a whole is not rewritten
         for call in g.calls:
             if any(call.start >= c.call.start and call.end <= c.call.end and call is not c.call for c in cands):
                 continue
@@ -90,14 +92,14 @@ class FoldFusion(Pass):
             c = candidate(g, call, parent.path if bound else None)
             if isinstance(c, Candidate):
                 cands.append(c)
-            elif isinstance(c, str):
+            elif isinstance(c, Refusal):
                 refused[call.id] = c
         replaced: set[int] = set()  # calls handled as a whole (their multiplies are not inline terms)
         if cands:
             recorded = record_args(ctx.model, ctx.inputs, [c.call.module for c in cands])
             for c in cands:
                 m = self._module_match(g, c, recorded.get(id(c.call.module)))
-                if isinstance(m, str):
+                if isinstance(m, Refusal):
                     refused[c.call.id] = m
                     continue
                 replaced.add(c.call.id)
@@ -110,7 +112,7 @@ class FoldFusion(Pass):
                 yield Skipped(g.call(cid).path, reason)
 
     # -- fusion modules --------------------------------------------------------------------
-    def _module_match(self, g: DataflowGraph, c: Candidate, call_args) -> ModuleFusion | Skipped | str | None:
+    def _module_match(self, g: DataflowGraph, c: Candidate, call_args) -> ModuleFusion | Skipped | Refusal | None:
         """A match; a Skipped (replaceable but nothing to gain); ``None`` (one of ours, already
         done); or why the module cannot be rewritten as a whole (then its multiplies are
         looked at as inline ones)."""
@@ -120,36 +122,36 @@ class FoldFusion(Pass):
         parent = g.call(call.parent) if call.parent is not None else None
         ours = weighted_sum.is_generated(module, parent.module if parent is not None else None)
         if call_args is None:
-            return "it was not called again on the same inputs"
+            return Refusal("not-reproduced", "it was not called again on the same inputs")
         if call_args.kw_tensors:
-            return "it receives tensors as keyword arguments"
+            return Refusal("call-arguments", "it receives tensors as keyword arguments")
         if len(call_args.paths) != len(call.inputs):
-            return "its arguments changed between two runs"
+            return Refusal("not-reproduced", "its arguments changed between two runs")
         bound = parent is not None and call_args.args and call_args.args[0] is parent.module  # (owner, *args)
         sig = weighted_sum.signature_spec(parent.module if bound else module, len(call_args.args) - bound,
                                           tuple(call_args.kwargs))
-        if isinstance(sig, str):
+        if isinstance(sig, Refusal):
             return sig
         out_shape = g.value(c.out_value).shape
         slot_shapes = [(g.value(v).shape, g.value(v).dtype) for v in call.inputs]
         groups = [c.slots[v] for v in c.read]
         p = probe(module, call_args, slot_shapes, groups, out_shape,
                   stop_at=c.chain[0].module if c.chain else None)
-        if isinstance(p, str):
+        if isinstance(p, Refusal):
             return p
         allowed = {e.id for e in g.events_in(call, direct=True)}
         terms = []
         layout = _layout(p, [g.value(v).shape[1] for v in c.read])
         if layout is None:
-            return "its inputs overlap in some channels and not in others (neither a sum nor a concatenation)"
+            return Refusal("not-a-pattern", "its inputs overlap in some channels and not in others (neither a sum nor a concatenation)")
         for v, k, o in zip(c.read, p.coefficients, p.offsets):
             t = Term(v, describe_value(g, v, call), g.value(v).shape[1], k, path=_shift(call_args.paths[c.slots[v][0]], bound), offset=o)
             if not t.one:
                 full = torch.ones(t.channels, dtype=torch.float64)
                 full[:k.numel()] = k
                 a = find_absorber(g, v, full, allowed)
-                if isinstance(a, str):
-                    t.reason = a
+                if isinstance(a, Refusal):
+                    t.reason, t.code = a.reason, a.code
                 else:
                     t.absorber = a
             terms.append(t)
@@ -170,7 +172,8 @@ class FoldFusion(Pass):
             if ours:
                 return None
             why = "; ".join(f"{t.desc}: {t.reason}" for t in terms if t.reason)
-            return Skipped(call.path, f"its weights are plain parameters and no layer can absorb them ({why})")
+            return Skipped(call.path, f"its weights are plain parameters and no layer can absorb them ({why})",
+                           code="not-foldable")
         args, varargs = sig
         dtype = g.value(c.out_value).dtype
         target, owner, name, remove, bound = _owner(g, call, parent, c.chain)
@@ -271,7 +274,7 @@ def _owner(g: DataflowGraph, call: Any, parent: Any, chain: list) -> tuple[str, 
     return call.path, module, weighted_sum.free_name(module, remove), remove, True
 
 
-def _kept_elsewhere(g: DataflowGraph, owner: Any, remove: list[str], call: Any, target: str) -> str | None:
+def _kept_elsewhere(g: DataflowGraph, owner: Any, remove: list[str], call: Any, target: str) -> Refusal | None:
     """Why ``owner`` cannot lose what ``remove`` names: an op outside the fusion module's call
     reads one of those parameters / buffers (one of a removed submodule's included), or the
     host calls a removed submodule outside it (its forward would no longer find them)."""
@@ -289,14 +292,14 @@ def _kept_elsewhere(g: DataflowGraph, owner: Any, remove: list[str], call: Any, 
     found = read_outside(g, tensors, call)
     if found is not None:
         name, e = found
-        return (f"{where}{name} is also read outside its forward (by {describe_use(g, e)}), "
-                "so it cannot be removed with the module's own computation")
+        return Refusal("read-outside", f"{where}{name} is also read outside its forward (by {describe_use(g, e)}), "
+                       "so it cannot be removed with the module's own computation")
     for n, sub in subs:
         for m in sub.modules():
             outside = [c for c in g.calls_of(m) if not (call.start <= c.start and c.end <= call.end)]
             if outside:
-                return (f"{where}{n} is also called outside its forward ({outside[0].path or 'the model'}), "
-                        "so it cannot be removed with the module's own computation")
+                return Refusal("read-outside", f"{where}{n} is also called outside its forward "
+                               f"({outside[0].path or 'the model'}), so it cannot be removed with the module's own computation")
     return None
 
 
@@ -305,7 +308,7 @@ def _shift(path: tuple, bound: bool) -> tuple:
     return (path[0] - 1,) + tuple(path[1:]) if bound else tuple(path)
 
 
-def _layout(p: Any, channels: list[int]) -> str | None:
+def _layout(p: Any, channels: list[int]) -> Refusal | None:
     """"sum" when every input starts at channel 0; "cat" when whole inputs follow one another
     and fill the output; ``None`` otherwise."""
     if not any(p.offsets):
@@ -364,7 +367,7 @@ def _module_data(module: Any, m: ModuleFusion, where: str | None) -> dict:
             "conv": t.absorber.conv if t.absorber is not None and not t.one else None,
             "through": t.absorber.through if t.absorber is not None and not t.one else [],
             "kept": t.kept,
-            **({"reason": t.reason} if t.kept else {}),
+            **({"reason": t.reason, "code": t.code} if t.kept else {}),
         } for t in m.terms],
         "bias": None if m.bias is None else {
             "values": _values(m.bias),

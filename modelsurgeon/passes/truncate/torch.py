@@ -268,7 +268,7 @@ def _choose(stages: list[Stage], o: TruncateOptions, model: Any, g: DataflowGrap
         return stage, "chosen with --stage: " + stage.describe()
     if not stages:
         raise BadInput("no backbone stage found: no chain of two or more modules, each reading the previous "
-                       "one's output, on the input→output path; name one with --stage")
+                       "one's output, on the input→output path; name one with --stage", code="no-stage")
     if o.after is not None:
         holding = [s for s in stages if any(o.after in b.paths for b in s.blocks)]
         if holding:
@@ -348,10 +348,10 @@ def _plan(g: DataflowGraph, model: Any, stage: Stage, keep: int, head: str) -> T
                         else f"a tensor computed inside removed block {call.path}")
                 for u in g.uses(v):
                     if u == OUTPUT:
-                        raise BadInput(f"cannot truncate {where}: {what} is returned by the model; nothing written")
+                        raise BadInput(f"cannot truncate {where}: {what} is returned by the model; nothing written", code="model-output")
                     if not in_removed(u):
                         raise BadInput(f"cannot truncate {where}: {what} is also read by {_consumer(g, u, stage)} "
-                                       "(a skip connection or routing into the removed range); nothing written")
+                                       "(a skip connection or routing into the removed range); nothing written", code="other-readers")
     # 2. nothing outside calls a module or reads a tensor that lives only inside them
     removed_paths = [p for c in removed_calls for p in (g.paths_of(c.module) or [c.path])]
 
@@ -377,7 +377,7 @@ def _plan(g: DataflowGraph, model: Any, stage: Stage, keep: int, head: str) -> T
             continue
         if id(c.module) in removed_modules:  # (a module created in forward, e.g. a slice, is no one's)
             raise BadInput(f"cannot truncate {where}: {c.path} lives inside a removed block but is also called "
-                           f"from {g.call(c.parent).path or 'the model'}; nothing written")
+                           f"from {g.call(c.parent).path or 'the model'}; nothing written", code="shared-module")
     for rc in removed_calls:
         for name, t in list(rc.module.named_parameters()) + list(rc.module.named_buffers()):
             if t is None or id(t) in kept_tensors:
@@ -385,7 +385,7 @@ def _plan(g: DataflowGraph, model: Any, stage: Stage, keep: int, head: str) -> T
             for e in g.param_uses(t):
                 if not in_removed(e):
                     raise BadInput(f"cannot truncate {where}: {rc.path}.{name} is also read by "
-                                   f"{_consumer(g, e, stage)}; nothing written")
+                                   f"{_consumer(g, e, stage)}; nothing written", code="read-outside")
     # 3. a stage that stops before the end of its container: its later children must not read it
     _refuse_later_readers(g, model, stage, stage_out, where)
     # 4. the model's own output layer is not cut away under --head reinit
@@ -397,7 +397,7 @@ def _plan(g: DataflowGraph, model: Any, stage: Stage, keep: int, head: str) -> T
                                f"layer {owner.path} ({_describe(owner.module)}), so the model would return the "
                                "stage's features instead of its outputs; --head reinit only rebuilds layers after "
                                "the stage (--head drop returns the features on purpose; --stage picks another "
-                               "stage, see --list); nothing written")
+                               "stage, see --list); nothing written", code="model-output")
     # 5. the head: what the stage's output reaches
     protected = set()
     c = last_kept.out_call.parent
@@ -447,7 +447,7 @@ def _refuse_later_readers(g: DataflowGraph, model: Any, stage: Stage, stage_out:
         hit = min(hits, key=lambda c: c.start)
         raise BadInput(f"cannot truncate {where}: the stage's output feeds {hit.path} ({hit.type_name}), a later "
                        f"block of {stage.label}, so cutting here would remove blocks from the middle of "
-                       f"{stage.label}; nothing written")
+                       f"{stage.label}; nothing written", code="mid-stage")
 
 
 def _output_layers(g: DataflowGraph) -> list[tuple[OpEvent, ModuleCall]]:
@@ -514,7 +514,7 @@ def _walk_head(g: DataflowGraph, stage: Stage, stage_out: int, head: str, protec
         hint = (" (only torch Linear/Conv layers are rebuilt; --head drop replaces the head by nn.Identity)"
                 if head == "reinit" else " (only whole modules taking it as their one input can be dropped)")
         raise BadInput(f"cannot truncate {where}: the stage's output reaches {_consumer(g, u, stage)}, whose "
-                       f"result depends on the channel count and cannot be repaired{hint}; nothing written")
+                       f"result depends on the channel count and cannot be repaired{hint}; nothing written", code="head-not-rebuildable")
 
     g.walk_uses(stage_out, step)
     return layers, reached
@@ -525,7 +525,7 @@ def _rebuildable(g: DataflowGraph, ev: OpEvent, v: int, stage: Stage, where: str
 
     what = _consumer(g, ev.id, stage)
     if ev.arg(0, "input") != Ref(v):
-        raise BadInput(f"cannot truncate {where}: the stage's output is used as a weight by {what}; nothing written")
+        raise BadInput(f"cannot truncate {where}: the stage's output is used as a weight by {what}; nothing written", code="head-not-rebuildable")
     w = ev.arg(1, "weight")
     weight = g.value(w.value).tensor if isinstance(w, Ref) else None
     owner = None
@@ -535,20 +535,20 @@ def _rebuildable(g: DataflowGraph, ev: OpEvent, v: int, stage: Stage, where: str
             break
     if owner is None:
         raise BadInput(f"cannot truncate {where}: the stage's output reaches {what}, whose weight is no module's "
-                       "own parameter, so the layer cannot be rebuilt; nothing written")
+                       "own parameter, so the layer cannot be rebuilt; nothing written", code="head-not-rebuildable")
     mod = owner.module
     if not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
         raise BadInput(f"cannot truncate {where}: the stage's output reaches {owner.path} ({type(mod).__name__}), "
-                       "which is no torch Linear/Conv layer and cannot be rebuilt; nothing written")
+                       "which is no torch Linear/Conv layer and cannot be rebuilt; nothing written", code="head-not-rebuildable")
     if g.call_count(mod) > 1:
         raise BadInput(f"cannot truncate {where}: head layer {owner.path} is called {g.call_count(mod)} times "
-                       "(shared), so it cannot be rebuilt for one input; nothing written")
+                       "(shared), so it cannot be rebuilt for one input; nothing written", code="shared-module")
     if owner.inputs[:1] != (v,):
         raise BadInput(f"cannot truncate {where}: {owner.path} computes its own input from the stage's output; "
-                       "nothing written")
+                       "nothing written", code="head-not-rebuildable")
     if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups != 1:
         raise BadInput(f"cannot truncate {where}: head layer {owner.path} is a grouped convolution "
-                       f"(groups={mod.groups}) tied to the channel count; nothing written")
+                       f"(groups={mod.groups}) tied to the channel count; nothing written", code="head-not-rebuildable")
     return HeadLayer(owner, "rebuild")
 
 
@@ -698,7 +698,7 @@ def _refusal(m: TruncateMatch, f: _Fails) -> BadInput:
                   "later layers need the old size (only the channel count can change)")
     where = f" {f.where}" if f.where else ""
     return BadInput(f"cannot truncate {m.stage.label} after {last.path}: the truncated model fails{where} "
-                    f"({type(e).__name__}: {msg}){change}; nothing written")
+                    f"({type(e).__name__}: {msg}){change}; nothing written", code="truncated-model-fails")
 
 
 def _rebuild(old: Any, width: int, seed: int) -> Any:

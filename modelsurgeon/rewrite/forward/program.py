@@ -15,18 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...capture.graph import DataflowGraph, ModuleCall
+from ...report.codes import Refusal
 
 
-class Refused(str):
-    """Why a module's forward cannot be regenerated; :attr:`code` says which kind of reason,
-    stable for callers and tests (the wording is free)."""
-
-    code: str = ""
-
-    def __new__(cls, code: str, reason: str) -> "Refused":
-        r = super().__new__(cls, reason)
-        r.code = code
-        return r
+Refused = Refusal
+"""Why a module's forward cannot be regenerated: a :class:`~modelsurgeon.report.codes.Refusal`
+whose ``code`` is one of the constants below."""
 
 
 UNTRACEABLE = "untraceable"  # torch.fx cannot trace it (only ever combined with a recording reason)

@@ -42,14 +42,14 @@ class _Stop(Exception):
         self.refused = refused
 
 
-def signature_spec(module: Any, n_args: int, keywords: tuple = ()) -> tuple[list[dict], str | None] | str:
+def signature_spec(module: Any, n_args: int, keywords: tuple = ()) -> tuple[list[dict], str | None] | Refused:
     """Positional parameters of ``module``'s forward for a call with ``n_args`` positional
     arguments and ``keywords``: ``([{"name", "default"?}], varargs_name)``, or why they cannot
     be mirrored."""
     try:
         sig = inspect.signature(forward_of(module))
     except (TypeError, ValueError):
-        return "its forward's signature cannot be read"
+        return Refused(NOT_DESCRIBABLE, "its forward's signature cannot be read")
     params: list[dict] = []
     varargs = None
     for p in sig.parameters.values():
@@ -58,20 +58,20 @@ def signature_spec(module: Any, n_args: int, keywords: tuple = ()) -> tuple[list
             if p.default is not p.empty:
                 if not isinstance(p.default, _JSON_DEFAULTS):
                     if len(params) >= n_args:
-                        return f"its forward's argument {p.name} has a default that cannot be recorded"
+                        return Refused(NOT_DESCRIBABLE, f"its forward's argument {p.name} has a default that cannot be recorded")
                 else:
                     d["default"] = p.default
             params.append(d)
         elif p.kind == p.VAR_POSITIONAL:
             varargs = p.name
         elif p.kind == p.KEYWORD_ONLY and p.default is p.empty:
-            return f"its forward takes the keyword-only argument {p.name}"
+            return Refused(NOT_DESCRIBABLE, f"its forward takes the keyword-only argument {p.name}")
     if n_args > len(params) and varargs is None:
-        return "it is called with more arguments than its forward declares"
+        return Refused(NOT_DESCRIBABLE, "it is called with more arguments than its forward declares")
     names = [p["name"] for p in params]
     for k in keywords:
         if k not in names[n_args:]:
-            return f"it is called with the keyword argument {k}, which the replacement cannot take"
+            return Refused(NOT_DESCRIBABLE, f"it is called with the keyword argument {k}, which the replacement cannot take")
     return params, varargs
 
 
@@ -98,8 +98,8 @@ class _Replay:
         if [t for _, t in tensor_paths(seen.kwargs)]:
             raise _Stop(Refused(NOT_DESCRIBABLE, "it is called with tensors as keyword arguments"))
         sig = signature_spec(self.owner, len(seen.args), tuple(seen.kwargs))
-        if isinstance(sig, str):
-            raise _Stop(Refused(NOT_DESCRIBABLE, sig))
+        if isinstance(sig, Refused):
+            raise _Stop(sig)
         params, varargs = sig
         taken = {p["name"] for p in params} | {varargs or ""}
         owner_node = self.graph.placeholder(free_name(taken, "m"))

@@ -213,13 +213,13 @@ def align(prog: Program, g: DataflowGraph, call: ModuleCall, seen: Seen) -> Prog
     if not same(out, seen.output):
         return Refused(NOT_REPRODUCED, "its graph does not give the recorded output")
     pairs = _pairs(g, call, rec.graph, rec.graph.root)
-    if isinstance(pairs, str):
-        return Refused(NOT_REPRODUCED, pairs)
+    if isinstance(pairs, Refused):
+        return pairs
     prog.values = {o: found[r] for o, r in pairs.items() if r in found}
     return prog
 
 
-def _pairs(og: DataflowGraph, oc: ModuleCall, rg: DataflowGraph, rc: ModuleCall) -> dict[int, int] | str:
+def _pairs(og: DataflowGraph, oc: ModuleCall, rg: DataflowGraph, rc: ModuleCall) -> dict[int, int] | Refused:
     """Recorded value -> replayed value, when both runs did the same thing."""
     fwd: dict[int, int] = {}
     bwd: dict[int, int] = {}
@@ -242,13 +242,13 @@ def _pairs(og: DataflowGraph, oc: ModuleCall, rg: DataflowGraph, rc: ModuleCall)
             return False
 
     if len(oc.inputs) != len(rc.inputs) or not all(pair(o, r) for o, r in zip(oc.inputs, rc.inputs)):
-        return "its graph takes its arguments differently"
+        return Refused(NOT_REPRODUCED, "its graph takes its arguments differently")
     a, b = steps(og, oc), steps(rg, rc)
     if len(a) != len(b):
-        return f"its graph runs {len(b)} ops and calls where the module ran {len(a)}"
+        return Refused(NOT_REPRODUCED, f"its graph runs {len(b)} ops and calls where the module ran {len(a)}")
     for (ka, x), (kb, y) in zip(a, b):
         if ka != kb:
-            return "its graph runs its ops and calls in another order"
+            return Refused(NOT_REPRODUCED, "its graph runs its ops and calls in another order")
         if ka == "ev":
             ok = x.name == y.name and x.inplace == y.inplace and match(x.args, y.args) and match(x.kwargs, y.kwargs)
             where = x.name
@@ -257,5 +257,5 @@ def _pairs(og: DataflowGraph, oc: ModuleCall, rg: DataflowGraph, rc: ModuleCall)
                 pair(o, r) for o, r in zip(x.inputs, y.inputs))
             where = x.path
         if not ok or len(x.outputs) != len(y.outputs) or not all(pair(o, r) for o, r in zip(x.outputs, y.outputs)):
-            return f"its graph differs from the recorded forward at {where}"
+            return Refused(NOT_REPRODUCED, f"its graph differs from the recorded forward at {where}")
     return fwd
