@@ -44,3 +44,16 @@ class ParityError(SurgeryError):
     def __init__(self, message: str, report=None, *, code: str | None = None):
         super().__init__(message, code=code)
         self.report = report
+
+
+def first_line(e: BaseException, limit: int = 300, *, typed: bool = False) -> str:
+    """The first non-blank line of an exception's message, at most ``limit`` characters; the
+    exception's type name when the message is empty. ``typed``: as ``Type: line``."""
+    try:
+        text = str(e)
+    except Exception:  # a broken __str__ must not hide the error being reported
+        text = ""
+    line = next((l.strip() for l in text.splitlines() if l.strip()), "")[:limit]
+    if typed:
+        return f"{type(e).__name__}: {line}" if line else type(e).__name__
+    return line or type(e).__name__

@@ -1,28 +1,14 @@
 """The ONNX back end's graph: nothing to record -- an ONNX file *is* its dataflow graph.
 
-:class:`OnnxGraph` is a thin read-only view of an ``onnx_ir`` model with what passes ask of a
-graph: producers and readers of a value, node labels, which values are *constants* and their
-contents. Constants are
-
-* initializers (not overridable: an initializer that is also a graph input is a constant only
-  in IR version 3 files, where every weight has to be listed as an input),
-* outputs of ``Constant`` nodes,
-* outputs of nodes of the default domain whose inputs are all constants (a constant
-  subgraph: fusion-weight normalisation, shape arithmetic...) -- evaluated on demand with
-  onnx's reference evaluator (op semantics are never re-implemented here), except random
-  generators and (de)quantisation, which must stay in the graph. An input read only for
-  what is known without running the model counts as constant there (:data:`METADATA_READS`:
-  ``CastLike``'s target type, the ``Shape`` / ``Size`` of a value whose shape is static), so
-  a dynamo export's zero conv bias ``Expand(CastLike(0, x), [C])`` is a constant.
-
-Edits go through :class:`modelsurgeon.rewrite.onnx.OnnxEditor`; a pass gets both in an
-:class:`~modelsurgeon.passes.base.OnnxContext`.
+Details: docs/architecture.md (*The ONNX back end*).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Any, Iterable
+
+from ..errors import first_line
 
 # Ops never evaluated at surgery time: random generators (a different draw each run) and
 # quantisation (runtimes need the Q/DQ pattern and the small integer weights kept as they are).
@@ -297,8 +283,7 @@ class OnnxGraph:
         try:
             results = ReferenceEvaluator(model).run(None, {v.name: a for v, a in fed.values()})
         except Exception as e:  # the evaluator's message, first line
-            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise EvaluationError(f"{type(e).__name__}: {msg}") from e
+            raise EvaluationError(first_line(e, 200, typed=True)) from e
         return [np.asarray(r) for r in results]
 
 

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from ..errors import SurgeryError
+    from ..errors import SurgeryError, first_line
 
     debug = "--debug" in argv
     as_json = "--json" in argv
@@ -91,7 +91,7 @@ def _main(argv: list[str]) -> int:
             import traceback
 
             traceback.print_exc()
-        return _fail(f"internal error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
+        return _fail(f"internal error: {first_line(e, typed=True)} "
                      f"(rerun with --debug for the traceback)", "internal-error", 3, as_json)
 
 

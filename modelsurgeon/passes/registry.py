@@ -9,7 +9,7 @@ import importlib
 import warnings
 from typing import Any, Callable
 
-from ..errors import BadInput
+from ..errors import BadInput, first_line
 from .spec import OrderError, PassSpec, ordered
 
 ENTRY_POINT_GROUP = "modelsurgeon.passes"
@@ -75,8 +75,7 @@ def load_plugins() -> list[str]:
                 raise ValueError(f"{ep.value} registers {spec.name!r}, not {ep.name!r}")
             register_pass(_with_origin(spec, ep))
         except Exception as e:  # a broken plugin must not break the tool
-            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            problem = f"plugin pass {ep.name!r} ({ep.value}) not loaded: {type(e).__name__}: {text}"
+            problem = f"plugin pass {ep.name!r} ({ep.value}) not loaded: {first_line(e, typed=True)}"
             _problems.append(problem)
             report_problem(problem)
     return list(_problems)

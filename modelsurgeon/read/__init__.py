@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ..errors import BadInput
+from ..errors import BadInput, first_line
 from .checkpoint import Checkpoint, ModelSlot
 
 __all__ = ["Checkpoint", "ModelSlot", "load_checkpoint", "add_code_paths", "META_KEY"]
@@ -238,7 +238,7 @@ def _load_safetensors(path: Path, arch: str | None, kwargs: dict, trust: bool = 
             metadata = dict(f.metadata() or {})
         sd = load_file(str(path))
     except Exception as e:
-        raise BadInput(f"{path.name} is not a readable safetensors file: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise BadInput(f"{path.name} is not a readable safetensors file: {first_line(e)}")
     meta = None
     if META_KEY in metadata:
         try:

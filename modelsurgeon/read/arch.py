@@ -6,7 +6,7 @@ import importlib
 import json
 from typing import Any, Mapping
 
-from ..errors import BadInput
+from ..errors import BadInput, first_line
 
 MAX_KEYS = 4
 
@@ -146,4 +146,4 @@ def load_state(model: Any, state: Mapping[str, Any], source: str) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except Exception as e:
-        raise BadInput(f"{source} does not load into --arch: {str(e).splitlines()[0]}")
+        raise BadInput(f"{source} does not load into --arch: {first_line(e)}")

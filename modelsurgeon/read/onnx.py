@@ -18,13 +18,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import BadInput
+from ..errors import BadInput, first_line
 from .checkpoint import Checkpoint
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 def _subgraphs(attr) -> list:
@@ -128,7 +123,7 @@ def densify_sparse(graph, path: Path) -> int:
         except BadInput:
             raise
         except Exception as e:
-            raise BadInput(f"{path.name}: sparse initializer {name!r} cannot be read: {_first_line(e)}")
+            raise BadInput(f"{path.name}: sparse initializer {name!r} cannot be read: {first_line(e)}")
         graph.initializer.append(numpy_helper.from_array(dense.reshape(dims), name))
         count += 1
     del graph.sparse_initializer[:]
@@ -176,7 +171,7 @@ def _deepest_message(e: BaseException) -> str:
     redeclared...") in "Error calling _deserialize_graph with: g"."""
     while e.__cause__ is not None and e.__cause__ is not e:
         e = e.__cause__
-    return _first_line(e)
+    return first_line(e)
 
 
 def load_onnx(path: str | Path) -> Checkpoint:
@@ -191,7 +186,7 @@ def load_onnx(path: str | Path) -> Checkpoint:
     except Exception as e:
         if _torch_magic(path):
             raise BadInput(f"{path.name} looks like a PyTorch checkpoint (zip/pickle), not ONNX")
-        raise BadInput(f"{path.name} is not a readable ONNX file: {_first_line(e)}")
+        raise BadInput(f"{path.name} is not a readable ONNX file: {first_line(e)}")
     if not proto.HasField("graph") or proto.ir_version <= 0 or (not proto.graph.node and not proto.graph.output):
         if _torch_magic(path):
             raise BadInput(f"{path.name} looks like a PyTorch checkpoint (zip/pickle), not ONNX")

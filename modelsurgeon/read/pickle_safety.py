@@ -16,7 +16,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
-from ..errors import BadInput, UnsafeCheckpoint
+from ..errors import BadInput, UnsafeCheckpoint, first_line
 from .arch import exit_reason
 
 MAX_NAMES = 6
@@ -126,7 +126,7 @@ def torch_load(path: Path, trust_pickle: bool):
             raise refuse(path, names) from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError,
             IndexError, TypeError, zipfile.BadZipFile) as e:
-        raise unreadable(path, e, _first_line(e))
+        raise unreadable(path, e, first_line(e))
     # the user trusts the file: a full unpickle
     try:
         return torch.load(str(path), weights_only=False, **kwargs)
@@ -138,7 +138,7 @@ def torch_load(path: Path, trust_pickle: bool):
     except SystemExit as e:  # code the file runs (or imports) ended the program
         raise BadInput(f"{path.name} could not be unpickled: its code exited ({exit_reason(e)})")
     except Exception as e:
-        raise BadInput(f"{path.name} could not be unpickled: {type(e).__name__}: {_first_line(e)}")
+        raise BadInput(f"{path.name} could not be unpickled: {type(e).__name__}: {first_line(e)}")
 
 
 def unreadable(path: Path, e: BaseException, reason: str) -> BadInput:
@@ -193,9 +193,5 @@ def _unpickler_reason(e: BaseException) -> str:
         reason = " ".join(reason.split())
         if reason:
             return reason[:300]
-    return _first_line(e)
+    return first_line(e)
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__

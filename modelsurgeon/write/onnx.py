@@ -14,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..errors import first_line
+
 PROTO_LIMIT = 2 ** 31
 EXTERNAL_THRESHOLD = PROTO_LIMIT - 2 ** 27
 """Total tensor bytes above which the output keeps its tensors as external data."""
@@ -93,6 +95,5 @@ def check(path: Path | bytes) -> str | None:
     try:
         onnx.checker.check_model(path if isinstance(path, bytes) else str(path))
     except Exception as e:
-        lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
-        return (lines[0] if lines else type(e).__name__)[:300]
+        return first_line(e)
     return None

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInput
+from ..errors import BadInput, first_line
 
 
 ORT_MIN_OPSET = 7  # the oldest opset onnxruntime runs
@@ -38,7 +38,7 @@ def export(model: Any, inputs: list, path: Path, opset: int = 17) -> None:
         except OSError:
             raise  # the write failed: reported by the atomic writer as "cannot write"
         except Exception as e:
-            raise BadInput(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            raise BadInput(f"ONNX export failed: {first_line(e, typed=True)}")
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..errors import BadInput
+from ..errors import BadInput, first_line
 from ..read import META_KEY
 from ..read.checkpoint import Checkpoint, ModelSlot
 from .atomic import atomic_files, atomic_path, disk_full, io_errno
@@ -100,7 +100,7 @@ def write_pt(obj: Any, path: Path) -> None:
             torch.save(obj, str(staged))
         except RuntimeError as e:
             code = io_errno(e) or (errno.ENOSPC if disk_full(tmp_dir) else None)
-            reason = os.strerror(code) if code else str(e).strip().splitlines()[0][:200]
+            reason = os.strerror(code) if code else first_line(e, 200)
             raise BadInput(f"cannot write {path}: {reason}") from e
         staged.rename(tmp_dir / path.name)
 

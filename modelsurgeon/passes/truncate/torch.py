@@ -1,38 +1,6 @@
 """truncate on PyTorch models: drop the last blocks of a backbone stage, repair the head.
 
-Match (nothing changes):
-
-1. find the stage (:mod:`modelsurgeon.match.stage`): ``--stage PATH`` (all of PATH's children
-   that run before its head, as one chain), the stage holding ``--after BLOCK``, or the best
-   candidate (most blocks x share of the FLOPs), with the reason; blocks are children with
-   parameters (parameter-free calls ride with the block before them), the trailing head calls
-   (pooling ... and the classifier they lead to) are never blocks;
-2. the cut: ``--blocks N`` removes the last N blocks, ``--after BLOCK`` keeps up to that block;
-   bad values refuse (exit 2) before anything is touched;
-3. safety, from the dataflow graph of the original: every tensor computed inside a removed block
-   must be read only inside the removed blocks (a skip connection or a YOLO routing index into
-   the removed range is named and refused), nothing outside may call a module or read a
-   parameter that lives only inside them; a stage that is a run in the middle of a
-   ``Sequential`` / ``ModuleList`` may not feed that list's later blocks; under ``--head reinit``
-   no removed block may hold the model's own output layer (the output would silently become
-   features);
-4. the head: from the stage's output, through shape-only ops (pooling, flatten, dropout,
-   activations, reductions over spatial axes, ``view(n, -1)``), up to the first layers whose
-   input width follows the channel count. ``--head reinit``: each must be a torch
-   Linear/Conv module (rebuilt with the new input width, freshly initialised);
-   ``--head drop``: the outermost module starting there is replaced by ``nn.Identity`` and the
-   walk goes on to the model output. Anything else reached refuses, naming it.
-
-``--list`` stops the run after matching (``ctx.stop``): the report holds the stage's blocks.
-
-Rewrite: the removed blocks become ``nn.Identity`` through the editor (the host's forward keeps
-calling them by name; a Sequential keeps its indices, so routing by index still holds); head
-layers are rebuilt with the input width measured by running the truncated model up to them.
-A truncated model that then fails to run (a neck combining the stage's output with features of
-the size it had, say) refuses the cut (exit 2) with the size change it met.
-
-Verify: the output of the last kept block on every trial equals the original's, exactly
-(references taken before the rewrite); the whole model runs and its output shapes are reported.
+Details: docs/architecture.md (*truncate, in one paragraph*).
 """
 
 from __future__ import annotations
@@ -41,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ...capture.graph import OUTPUT, DataflowGraph, ModuleCall, OpEvent, Ref
-from ...errors import BadInput, ParityError
+from ...errors import BadInput, ParityError, first_line
 from ...match import dims
 from ...match.conv import CONV_OPS
 from ...match.head import GATHERING, NEUTRAL, is_classifier_layer, layer_of, shape_only, short_name
@@ -689,7 +657,7 @@ def _check_runs(model: Any, inputs: list) -> None:
 
 def _refusal(m: TruncateMatch, f: _Fails) -> BadInput:
     e = f.error
-    msg = (str(e).strip().splitlines() or [""])[0][:300]
+    msg = first_line(e)
     last = m.last_kept
     old, new = m.stage.blocks[-1].out_shape, last.out_shape
     change = ""

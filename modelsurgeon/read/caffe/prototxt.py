@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...errors import BadInput
+from ...errors import BadInput, first_line
 from .schema import classes
 
 _TOKEN = re.compile(r"""\s+|#[^\n]*|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|[A-Za-z_][\w.]*|[{}<>]|[^\s{}<>"'#]+""")
@@ -94,7 +94,7 @@ def _parse(text: str, name: str, lenient: bool) -> Any:
     try:
         text_format.Parse(text, net, allow_unknown_field=lenient)
     except text_format.ParseError as e:
-        raise BadInput(f"{name}: not a Caffe prototxt the schema knows: {str(e).splitlines()[0][:300]}")
+        raise BadInput(f"{name}: not a Caffe prototxt the schema knows: {first_line(e)}")
     return net
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch.fx as fx
 
+from ...errors import first_line
 from ...capture.graph import DataflowGraph, ModuleCall, Ref
 from .observe import Seen, clone, same
 from .program import NOT_REPRODUCED, UNTRACEABLE, Program, Refused, free_name, steps, tensor_paths
@@ -39,7 +40,7 @@ def traced(owner: Any) -> Program | Refused:
     try:
         g0 = Leaves().trace(owner)
     except Exception as e:
-        return Refused(UNTRACEABLE, f"torch.fx cannot trace it ({_first_line(e)})")
+        return Refused(UNTRACEABLE, f"torch.fx cannot trace it ({first_line(e, 160, typed=True)})")
     finally:
         added = {k: v for k, v in vars(owner).items() if k not in before}
         changed = [k for k in before if vars(owner).get(k, before[k]) is not before[k]]
@@ -103,11 +104,6 @@ def _map(a: Any, env: dict) -> Any:
     import torch.fx as fx
 
     return fx.node.map_arg(a, lambda x: env[x])
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +205,7 @@ def align(prog: Program, g: DataflowGraph, call: ModuleCall, seen: Seen) -> Prog
         with torch.no_grad(), Recorder(runner) as rec:
             out = runner(*args)
     except Exception as e:
-        return Refused(NOT_REPRODUCED, f"its graph fails on the recorded arguments ({_first_line(e)})")
+        return Refused(NOT_REPRODUCED, f"its graph fails on the recorded arguments ({first_line(e, 160, typed=True)})")
     if not same(out, seen.output):
         return Refused(NOT_REPRODUCED, "its graph does not give the recorded output")
     pairs = _pairs(g, call, rec.graph, rec.graph.root)
