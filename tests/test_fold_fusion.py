@@ -508,8 +508,9 @@ def test_inline_weights_are_read_at_the_recorded_size_only_and_the_readme_says_s
     assert report.parity.passed and report.applied[0].data["kind"] == "inline"
     assert ms.compare(model, original, (2, 3, 16, 20), trials=2).passed  # exact where verified
     readme = " ".join((ROOT / "README.md").read_text().split())
+    guarantees = " ".join((ROOT / "docs" / "guarantees.md").read_text().split())
     assert ("a host forward that computes a different weighted sum at other input sizes (a branch on "
-            "`x.shape`) is not detected for inline weights") in readme
+            "`x.shape`) is not detected for inline weights") in guarantees
     assert "verify at the shapes you deploy" in readme.lower()
 
 

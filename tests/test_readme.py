@@ -1,4 +1,5 @@
-"""Every `modelsurgeon ...` command shown in the README runs, as written, on the examples."""
+"""Every `modelsurgeon ...` command shown in the README and docs/usage.md runs, as written, on the
+examples; the README stays short; every relative link of the docs resolves."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import pytest
 from conftest import EXAMPLES, ROOT, run_cli
 
 
+DOCS = [ROOT / "README.md", ROOT / "docs" / "usage.md"]
+
+
 def _readme_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+    text = "\n".join(p.read_text() for p in DOCS)
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         joined = block.replace("\\\n", " ")
@@ -20,7 +24,7 @@ def _readme_commands() -> list[str]:
             if "modelsurgeon " not in line or line.startswith("#"):
                 continue
             commands.append(line[line.rindex("modelsurgeon "):])  # after `... && ` in the setup line
-    return commands
+    return list(dict.fromkeys(commands))
 
 
 COMMANDS = _readme_commands()
@@ -61,4 +65,35 @@ def test_readme_python_example_runs(ckpts, tmp_path):
     r = subprocess.run([sys.executable, "-c", block[0]], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "['layer4']" in r.stdout  # what the block prints: the removed blocks
-    assert (tmp_path / "resnet-folded.pt").exists() and (tmp_path / "mobilenetv2-folded.safetensors").exists()
+    out = tmp_path / "scratch"  # examples write into a scratch folder, not the repository root
+    assert (out / "resnet-folded.pt").exists() and (out / "mobilenetv2-folded.safetensors").exists()
+    assert {p.name for p in tmp_path.iterdir()} == {"examples", "scratch"}
+
+
+def test_readme_is_short_and_keeps_the_test_command():
+    text = (ROOT / "README.md").read_text()
+    assert len(text) <= 12_000
+    assert ".venv/bin/python -m pytest -q" in text  # .ci/run runs the README's test command
+    assert ".venv/bin/python -m pytest -q" in (ROOT / ".ci" / "run").read_text()
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        assert all(len(line) <= 110 for line in block.splitlines())  # set-up: short lines, no chain
+
+
+def test_examples_write_into_a_scratch_folder():
+    for c in COMMANDS:
+        words = shlex.split(c)
+        for flag in ("-o", "--output"):
+            if flag in words:
+                assert words[words.index(flag) + 1].startswith("scratch/"), c
+
+
+def test_relative_links_in_the_docs_resolve():
+    broken = []
+    for doc in [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = re.sub(r"`[^`\n]*`", "", re.sub(r"```.*?```", "", doc.read_text(), flags=re.S))
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            if not (doc.parent / target.split("#")[0]).exists():
+                broken.append(f"{doc.name}: {target}")
+    assert not broken

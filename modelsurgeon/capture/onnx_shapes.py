@@ -1,22 +1,6 @@
 """Shapes and small integer values of an ONNX graph, propagated symbolically in one walk.
 
-Exporters compute sizes in the graph (``Shape → Gather → Unsqueeze → Concat → Reshape``, the
-TF "SAME" padding arithmetic, grids built with ``Range``). Whether such a value is a constant
-depends on shapes, and shapes downstream depend on such values -- so onnx's shape inference,
-which does not evaluate arithmetic, leaves chains of unknown sizes. :func:`propagate` walks the
-nodes in order and keeps, for every value,
-
-* its shape: ints and :class:`Dim` s (a symbolic size; two ``Dim`` s are equal only when they
-  are provably the same size: the same ``dim_param`` name, or the same anonymous size flowing
-  through shape-preserving ops),
-* for small integer/float tensors, its elements: numbers, ``Dim`` s (a size read with
-  ``Shape``), or ``None`` (unknown) -- and the array itself once every element is known.
-
-Element rules cover the ops shape arithmetic is written with; any other default-domain node
-whose inputs are all known is evaluated by onnx's reference evaluator. Output shapes come from
-onnx's own per-node inference (``infer_node_outputs``) fed with the known values, except for
-``Reshape`` / ``Expand`` with partly symbolic targets, which are resolved here. Nothing is
-guessed: a size that cannot be derived is a fresh ``Dim``, equal to no other.
+Details: docs/architecture.md (*The ONNX back end*).
 """
 
 from __future__ import annotations

@@ -1,18 +1,6 @@
 """Which layer can absorb a per-channel scale applied to a value: walk back to its producer.
 
-``k * v`` can be computed by the layers producing ``v`` when ``v`` is read by nothing else:
-
-* a conv / transposed conv / linear op: ``W' = W * k`` and ``b' = k * b`` per output channel;
-* an inference-mode ``batch_norm`` with affine parameters: ``gamma' = k * gamma``,
-  ``beta' = k * beta`` (the BatchNorm itself is left to fold-bn);
-
-and the walk may cross ops that commute with a per-channel scale, each of whose inputs is read
-by that op only: resampling, average pooling and zero padding (linear, per channel: the
-"same"-padded pooling of TensorFlow ports pads, then pools), and -- when every ``k`` is
-non-negative -- ReLU, LeakyReLU and max pooling (positively homogeneous: ``f(k x) = k f(x)``).
-An additive per-channel constant can only be absorbed directly (nothing crossed): it becomes
-part of the bias. A tensor the layer would write must be registered by that one module (not
-tied to another) and not as a non-persistent buffer (:func:`~modelsurgeon.match.conv.unwritable`).
+Details: docs/architecture.md (*fold-fusion, in one paragraph*).
 """
 
 from __future__ import annotations

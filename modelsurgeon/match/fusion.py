@@ -1,26 +1,6 @@
 """Recognise feature-fusion modules: weighted sums of several inputs, whatever their code.
 
-A module is a *fusion candidate* when its own forward, apart from parameter-only computations
-(the normalisation of its weights), only multiplies by constants, adds, slices, pads and
-reshapes -- reading at least two different input tensors, at least one of them multiplied by
-a constant -- optionally followed by a chain of child modules (BiFPN nodes: ``conv(act(sum))``).
-
-What it computes is then established numerically, like per-channel affine layers are
-(:mod:`modelsurgeon.match.affine`): called on zeros, on ones and on channel indices in each input
-in turn, and on random inputs (in float64 when it allows), it must be
-
-    out[:, o_i + c] = b[o_i + c] + sum_i k_i[c] * x_i[:, c]     for c < n_i
-
--- each input placed at a channel offset ``o_i``: all at 0 for a weighted sum (an input with
-fewer channels than the output is added into the first channels -- zero padding -- and one with
-more is cut: Darknet's weighted ``[shortcut]``), one after another for a weighted concatenation.
-The ``k_i`` are the normalised weights, evaluated once. The random inputs are tried at the
-recorded size and at other spatial sizes (one pixel larger, one pixel smaller, half the size):
-a module that is this weighted sum at the recorded size only is refused (code ``size-dependent``).
-
-The module's call arguments are recorded by one plain forward pass with a pre-hook on each
-candidate (their structure -- ``(x, outputs)``, a list, varargs -- is what the replacement must
-accept); probing calls the module with that structure, tensors substituted.
+Details: docs/architecture.md (*fold-fusion, in one paragraph*).
 """
 
 from __future__ import annotations

@@ -1,41 +1,6 @@
 """Backbone stages: chains of a container's children, each reading the previous one's output.
 
-A *stage* is what a backbone is made of, found in the recorded execution rather than in the
-module tree, so every layout in the wild is seen the same way. Its blocks are children of one
-*container* module, called in any of these ways:
-
-* the container called as a whole (``self.features(x)`` on an ``nn.Sequential``);
-* a host forward calling them one by one (``x = self.layer1(x); x = self.layer2(x)...`` -- the
-  container is the host itself -- or ``for blk in self.blocks: x = blk(x)`` on a ModuleList);
-* through slices of the container (``c3 = self.features[:4](x); c5 = self.features[4:](c3)``):
-  the unregistered ``Sequential`` a slice creates is looked through, its calls are the
-  container's children's.
-
-A chain is a maximal run of the container's child calls, in execution order, where each reads
-the previous one's output as its first input (other inputs constant), returns one tensor, and
-is called once. Calls of modules outside the container in between (an FPN's lateral conv
-reading ``features.3`` inside the loop) are side reads, not links: a chain never leaves its
-container.
-
-**The head is not part of the stage.** The trailing children of a container that a head is made
-of -- parameter-free calls (pooling, flatten, dropout, activations) and the classifier they lead
-to (a Linear, or a 1x1 conv reached through pooling/flatten/dropout; as a module of its own or
-a container of such ops), each fed by the one before directly or through shape-only ops -- are
-left to the head (:mod:`modelsurgeon.match.head`), exactly what truncate's head repair treats as
-the head. The stage is what comes before.
-
-**Blocks.** A block is a child *with parameters*; parameter-free children (a ReLU or MaxPool
-between the convs of a VGG ``Sequential``) are attached to the block before them (leading ones
-to the first block), so ``--blocks N`` counts layers that carry weights and removes the
-parameter-free calls that follow them with them.
-
-Candidates: every chain with at least two blocks whose output reaches a model output; the main
-stage is the one with the highest ``blocks x share of the model's FLOPs`` (parameters when no
-FLOPs are counted). A stage named with ``--stage`` (:func:`stage_at`) must be all of the
-container's children that run, before its head, as one chain: it is cut only at its end.
-
-FLOPs per module come from the capture (``torch.utils.flop_counter``'s formulas, see
-:mod:`modelsurgeon.report.flops`).
+Details: docs/architecture.md (*truncate, in one paragraph*).
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
 """The pass contract, on either back end (drawn in docs/architecture.md).
 
-A pass is a :class:`Pass` subclass with a ``name``, a ``backend`` and four phases:
-
-* ``prepare(ctx)`` -- once, before anything runs: checks of its options against the model,
-  and the tensors the references must include (default: nothing);
-* ``match(ctx)`` -- read the graph (never modify anything) and yield one :class:`Match` per
-  rewrite it can make exactly, one :class:`Skipped` (target + reason) per candidate it cannot;
-* ``rewrite(ctx, match)`` -- apply one match in place; an :class:`Applied` (or a
-  :class:`Skipped` if a late check declines it);
-* ``verify(ctx, applied, tolerance)`` -- a pass that changes the function on purpose checks
-  its own result (default ``None``: the pipeline's parity against the original).
-
-What one phase hands the next travels in the ``Match`` and ``Applied`` objects, never on the
-pass. Its options arrive as ``ctx.options``, an instance of the options dataclass its
-:class:`~modelsurgeon.passes.spec.PassSpec` declares.
+Details: docs/architecture.md (*Passes*, *The contract*).
 """
 
 from __future__ import annotations

@@ -1,36 +1,6 @@
 """The structural edits a surgery made, as JSON, so a state_dict can rebuild its model.
 
-A state_dict holds tensors only: after surgery its keys describe a structure the original
-architecture factory no longer builds (a BatchNorm became ``nn.Identity``, a conv gained a
-bias, a Focus became a strided conv). The recipe is the ordered list of those edits; replaying
-it on a freshly built model gives the rewritten structure, into which the state_dict loads.
-
-Edits are a closed set of data records -- nothing in a recipe is imported or executed beyond
-``torch.nn`` classes named by it:
-
-* ``{"op": "replace", "path": P, "module": SPEC}``
-* ``{"op": "add_bias", "path": P}``
-* ``{"op": "setattr", "path": P, "name": N, "value": JSON}``
-* ``{"op": "set_forward", "path": P, "name": N, "remove": [NAME, ...], "module": SPEC,
-  "bind": "owner", "add": {NAME: SPEC}}``: the module at P stays (its class, its attributes);
-  SPEC and the ``add`` modules are built (``from`` specs read the tree as it was), the
-  parameters, buffers and submodules named in ``remove`` are deleted from P, the ``add``
-  modules registered on it, the built module is registered as P's submodule N and becomes P's
-  forward -- called with P as its first argument when ``bind`` is ``"owner"`` (a generated
-  forward of kind ``graph``, :mod:`modelsurgeon.rewrite.forward`) -- (:func:`set_forward`)
-
-* ``{"op": "use_forward", "path": P, "remove": [NAME, ...], "method": M}``: the submodules named
-  in ``remove`` (placeholders of folded modules) are deleted from P and P's class's fused
-  forward M (``forward_fuse``...) becomes its forward, as the host's ``fuse()`` does
-  (:func:`modelsurgeon.rewrite.removal.use_forward`)
-
-A ``SPEC`` is ``{"from": PATH}`` (a module already in the tree, moved), or
-``{"class": "Conv2d", "kwargs": {...}}`` for a ``torch.nn`` class, or
-``{"class": "Sequential", "children": [SPEC, ...]}``, or a kind a pass registers with
-:func:`register_kind` (built by modelsurgeon code from data only).
-
-Paths in a file's recipe are relative to the model itself, never to a ``DataParallel`` wrapper
-around it (:func:`wrapper_prefix`, :func:`relocate`).
+Details: docs/formats.md (*The recipe of a state_dict output*).
 """
 
 from __future__ import annotations

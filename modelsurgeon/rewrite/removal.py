@@ -1,22 +1,6 @@
 """Removing a folded module the way the host's own deploy path does.
 
-While the passes run, a module they fold away (a BatchNorm) is an ``nn.Identity`` placeholder
-(:meth:`ModuleEditor.remove`): later rounds re-capture a plain model. When every pass is done,
-:func:`finish_removals` looks at each module holding placeholders -- YOLOv5's ``Conv`` with
-its ``bn`` -- and leaves it as the host's ``fuse()`` would:
-
-1. **the class's own fused forward** (``forward_fuse`` and the like, :func:`~modelsurgeon.
-   match.host.fused_forwards`): when, on every call of the module in one run of the model on
-   the example input, that method (placeholders deleted) returns what the module returns, the
-   placeholder attributes are deleted and the instance's ``forward`` is set to the bound
-   method, exactly as ``m.forward = m.forward_fuse`` does -- so the host's ``fuse()``
-   (``hasattr(m, 'bn')``) skips it, and a pickle needs torch and the host's code only;
-2. **a forward generated for the module** without the placeholders (:func:`generated_forward`:
-   the hook where rewriting a forward plugs in; nothing today);
-3. otherwise the placeholder stays (``nn.Identity``).
-
-A forward set in step 1 is recorded as the recipe edit ``use_forward``, so a state_dict
-rebuilds it; ``copy.deepcopy`` binds the method to the copy.
+Details: docs/architecture.md (the rewrite stage).
 """
 
 from __future__ import annotations

@@ -1,27 +1,6 @@
 """Synthesise the forward of a rewritten feature-fusion module: a plain (or partly weighted) sum.
 
-A fusion module's forward normalises its learnt weights and sums its inputs, each multiplied by
-its weight; inputs with fewer channels than the output are added into the first channels (zero
-padding), inputs with more are cut to the output's channels (Darknet's weighted ``[shortcut]``).
-Once the weights are constants and most of them have moved into the convs producing the inputs,
-what is left is
-
-    out = sum_i  align(x_i [* k_i])  [+ b]        then, optionally, a chain of child modules
-
-or, for a weighted concatenation, ``cat(x_i [* k_i]) [+ b]``.
-
-That computation is synthesised here as an fx graph (:func:`sum_graph`) and becomes the
-module's generated forward through the shared mechanism (:mod:`modelsurgeon.rewrite.forward`,
-:func:`owner_forward`): the module keeps its object, class, attributes and the children the sum
-leads to, and runs the generated ``GraphModule`` (its child ``fused``, bound as its instance
-``forward``); a state_dict rebuilds it from the recipe edit ``set_forward`` (kind ``graph``).
-
-Files written by earlier versions hold either the GraphModule *in place of* the fusion module
-(named like it, recipe ``replace`` with kind ``weighted-sum``) or run it unbound as the
-module's instance ``forward`` with the trailing children moved into it (recipe
-``set_forward`` with kind ``weighted-sum``): both load and replay as before
-(:func:`build_module`, which also serves a module whose instance forward would not survive
-pickling), and the pass recognises them (:func:`is_generated`).
+Details: docs/architecture.md (*fold-fusion, in one paragraph*).
 """
 
 from __future__ import annotations

@@ -1,23 +1,6 @@
 """Write a rewritten graph back as Caffe files: ``.caffemodel`` + ``.prototxt`` beside it.
 
-The graph read from Caffe files names every node after its layer and knows which blob
-*version* (which layer's write of a blob) each tensor is (``read/caffe``). The writer maps the
-rewritten graph back to the prototxt's layers:
-
-* a layer whose nodes are all there is kept, with its blobs taken from the graph
-  (Convolution / Deconvolution / InnerProduct weights after folding; ``bias_term: true`` when
-  the fold gave it a bias);
-* a BatchNorm, Scale, Bias or Power layer whose nodes are gone was merged into the layer
-  before it (fold-bn, fold-fusion): it is dropped and its readers read its input (the
-  producer's top renamed when the dropped layer's output was a net output); an Eltwise SUM
-  whose coefficient multiplies were merged keeps the rest of its coefficients;
-* layers nothing live needs any more (truncate) are dropped.
-
-The net's blob names are kept, so the written net's outputs are named as the graph's; blob
-names are changed only where Caffe's in-place naming would otherwise read the wrong
-version. The ``.caffemodel`` holds the written net's layers with their blobs (what Caffe's
-``Net::ToProto`` writes). Anything else (a node a pass added, a layer partly rewritten) is
-refused with the reason, nothing written -- write ``.onnx`` instead.
+Details: docs/formats.md.
 """
 
 from __future__ import annotations

@@ -1,33 +1,6 @@
 """focus-to-conv on ONNX graphs.
 
-Pattern: a ``Conv`` whose input is a *space-to-depth* of one tensor ``x`` (N, C, H, W), however
-the exporter spelled it:
-
-* ``Slice`` x r² (one Slice per phase with two axes, or chains of one-axis Slices; attribute
-  form before opset 10, inputs from initializers or ``Constant`` nodes after; negative axes,
-  INT_MAX ends) + ``Concat(axis=1)``, phases in any order (YOLOv5 ``Focus``);
-* ``SpaceToDepth``, optionally followed by a channel shuffle (``Gather`` on axis 1, or the
-  ``Reshape → Transpose → Reshape`` of a pixel_unshuffle / DCR↔CRD conversion);
-* ``Reshape → Transpose → Reshape`` alone (``F.pixel_unshuffle`` / ``nn.PixelUnshuffle`` as
-  ``torch.onnx.export`` writes them, with the ``Unsqueeze`` / ``Squeeze`` of a dynamic-size
-  export). A reshuffle that measures as no sub-sampling at all (a ShuffleNet channel shuffle)
-  is not a space-to-depth and is left alone without a report.
-
-Which channel holds which phase is not read from the ops' attributes but *measured*: the
-subgraph is run by onnx's reference evaluator on a labelled input (every element its own
-index, in float64) and the output must be exactly ``s2d[n, j, u, v] = x[n, c_j, r*u + dy_j,
-r*v + dx_j]`` with every (c, dy, dx) once. When H or W is symbolic the measurement is taken
-at two sizes, and Slices must start inside the first block and run to the end
-(``start < step``, ``end >= 2**31 - 1``), so the rewrite holds for every input size. Whether
-H and W are symbolic is decided from the graph inputs' declared shapes propagated by shape
-inference, never from the file's ``value_info`` alone (which may be stale: a model exported
-at a fixed size whose input was made dynamic later); when inference cannot reach the tensor
-they count as symbolic if any graph input has a symbolic non-batch dimension.
-
-Rewrite: one Conv on ``x`` with kernel ``r*k``, stride ``r*s``, padding ``r*p`` and the
-weights of :func:`modelsurgeon.rewrite.space_to_depth.merge_weight` (float64, cast to the
-weight's dtype). Exact when groups == 1 and dilation == 1 (otherwise skipped with the
-reason); H and W divisible by r is implied: the space-to-depth itself fails otherwise.
+Details: docs/architecture.md (*The ONNX back end*).
 """
 
 from __future__ import annotations

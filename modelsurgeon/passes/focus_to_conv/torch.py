@@ -1,48 +1,6 @@
 """focus-to-conv on PyTorch models.
 
-Pattern: a space-to-depth of factor ``r`` whose output's only reader is a conv2d:
-
-* strided slices + concatenation (YOLOv5 ``Focus``, YOLOX, ports; any phase order, r*r slices of
-  step r on the last two axes, index written with ``...``, ``:`` or ``slice(None)``, possibly
-  sliced in two steps), concatenated on the channel axis;
-* ``F.pixel_unshuffle`` / ``nn.PixelUnshuffle`` (channel-major order), any factor;
-* a module whose data path only rearranges tensors (view/permute/reshape..., YOLOv5 ``Contract``,
-  converted ``SpaceToDepth`` layers): its channel order is read off by probing it with an index
-  tensor, and confirmed at another batch size and another (non-square) height × width -- a
-  rearrangement that is this space-to-depth at the recorded shape only is skipped.
-
-Slices must run to the end of their axis: no stop, or an INT_MAX-style one (``2**31 - 1`` and
-up); ``x[..., 0:64:2]`` is a whole-extent slice at one input size only and is skipped, as is a
-start counted from the end (``x[..., -63::2]``).
-
-The channel order is read from the graph (or the probe) as one ``(c, dy, dx)`` per channel of the
-space-to-depth output, so no order is assumed.
-
-Rewrite: the conv ``(k, s, p)`` becomes one conv on the original input with kernel ``r*k``,
-stride ``r*s`` and padding ``r*p`` (:func:`modelsurgeon.rewrite.space_to_depth.merge_weight`).
-The *stem* -- the smallest module whose data path is exactly the space-to-depth followed by the
-conv (or the block holding it, and any further child modules) -- is replaced by what follows the
-space-to-depth: the model's own block (YOLOv5 ``Focus`` -> its ``Conv`` block, whose inner
-``nn.Conv2d`` is swapped), the new ``nn.Conv2d``, or an ``nn.Sequential`` of the kept children.
-BatchNorm and activation are kept (``fold-bn`` folds the BN afterwards).
-
-When no module holds both -- the space-to-depth is a layer of its own (``nn.PixelUnshuffle``, a
-``Contract`` / SPD-Conv ``space_to_depth`` module in a YOLO layer list) whose output's one reader
-is the conv of the next layer, both called by the host's forward -- the space-to-depth layer
-becomes ``nn.Identity`` (routing attributes carried over) and that conv the merged conv, in place.
-
-Skipped with the reason: height/width not divisible by r, groups != 1, dilation != 1, padding
-other than zeros, other readers of the slices or of the space-to-depth output, shared modules,
-slices with an explicit stop or a negative start, a rearrangement that depends on the input
-size, a hook on a module to be removed (the stem or the space-to-depth layer, as for fold-bn:
-:func:`modelsurgeon.match.calls.call_obstacle`) or on the conv to be replaced (it would be
-dropped) or on a module reading the space-to-depth output (it would see another tensor), a stem
-or layer called with more than its one tensor, and a space-to-depth written inline in a forward
-that does other work too (it cannot be removed without editing the model's source).
-
-Options: ``check_grad`` (gradients of the new conv equal the original's mapped gradients,
-measured on the stem's real input and merged into the parity report) and ``bench`` (median CPU
-latency of the stem before and after).
+Details: docs/architecture.md (*focus-to-conv, in one paragraph*).
 """
 
 from __future__ import annotations

@@ -1,21 +1,6 @@
 """fold-bn on ONNX graphs.
 
-Pattern: a ``Conv`` / ``ConvTranspose`` (any groups) / ``Gemm`` (``transB`` 0 or 1) /
-``MatMul`` with a constant weight, whose output flows, through values with no other reader,
-into one or more per-channel affine nodes (:mod:`modelsurgeon.match.onnx`):
-
-* ``BatchNormalization`` in inference mode (``training_mode`` 0; the opset-6 ``is_test`` and
-  opset-7/8 ``spatial`` forms are understood);
-* ``Mul`` / ``Add`` / ``Sub`` / ``Div`` by a constant that broadcasts along the channel axis
-  only -- which covers Caffe's BatchNorm → Scale exported as BatchNormalization → Mul → Add.
-
-Rewrite: ``W' = W * s``, ``b' = s * b + t`` in float64, cast to the weight's dtype, written as
-new initializers (a weight another node also reads is therefore duplicated, never changed
-under that reader); a bias-free Conv gains a bias input, a Gemm gains ``C`` (with
-``beta = 1``), a MatMul keeps one ``Add``. The affine nodes are removed.
-
-Every BatchNormalization that is not folded is reported with the reason -- those inside a
-subgraph (an ``If`` branch, a ``Loop`` / ``Scan`` body) too: subgraphs are not rewritten.
+Details: docs/architecture.md (*The ONNX back end*).
 """
 
 from __future__ import annotations

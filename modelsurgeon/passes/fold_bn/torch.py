@@ -1,20 +1,6 @@
 """fold-bn on PyTorch models.
 
-Pattern: a conv / transposed conv / linear op whose output flows, through values with no other
-reader, into one or more per-channel affine steps:
-
-* a module whose whole forward is ``batch_norm`` in inference mode (any class);
-* a custom module that probes as per-channel affine (Caffe ``Scale``, frozen BN from buffers...);
-* a module whose forward is ``batch_norm`` followed by child modules (timm/mmcv BN+activation):
-  the module is replaced by those children, so the activation is kept;
-* an inline ``batch_norm`` / ``x * p`` / ``x + p`` on parameters in a host forward: folded, and
-  the parameter set to the identity value (1 or 0), since the host's code cannot be edited.
-
-Rewrite: ``W' = W * s``, ``b' = s * b + t`` (float64, rounded to the storage dtype); a bias-free
-conv gains a bias; the affine modules become ``nn.Identity`` (or their kept children).
-
-Every BatchNorm that is not folded is reported with the reason: BatchNorm classes and any module
-holding ``running_mean`` / ``running_var``, executed on the example input or not.
+Details: docs/architecture.md (*fold-bn, in one paragraph*).
 """
 
 from __future__ import annotations

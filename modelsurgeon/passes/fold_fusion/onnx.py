@@ -1,23 +1,6 @@
 """fold-fusion on ONNX graphs.
 
-Two steps, both exact:
-
-1. every subgraph whose inputs are all constants (initializers, ``Constant`` nodes) is
-   evaluated by onnx's reference evaluator and replaced by initializers holding its results
-   (and ``Constant`` nodes themselves become initializers of the same name) --
-   the BiFPN / Darknet weighted-shortcut normalisation ``relu(w) / (sum(relu(w)) + eps)``,
-   shape arithmetic, transposed or cast weights. Left alone: random generators and
-   (de)quantisation (:data:`modelsurgeon.capture.onnx.NOT_EVALUATED`), results that are graph
-   outputs, non-numeric results (string tensors: ``Constant`` nodes holding strings stay
-   nodes), and results much larger than what they are computed from (an ``Expand`` of a
-   scalar stays an ``Expand``);
-2. a constant scalar or per-channel ``Mul`` / ``Div`` (and ``Add`` / ``Sub``) after a Conv,
-   ConvTranspose, Gemm or MatMul whose output has no other reader is folded into its weights
-   and bias (the fold-bn machinery without BatchNorm). When the layer output has other
-   readers, the scale stays one ``Mul`` by one constant.
-
-On the weighted fusion of two convs (Relu, ReduceSum, Add, Div, Gather, Gather, Mul, Mul, Add)
-this leaves Conv, Conv, Add.
+Details: docs/architecture.md (*The ONNX back end*).
 """
 
 from __future__ import annotations

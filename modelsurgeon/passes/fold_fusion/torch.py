@@ -1,24 +1,6 @@
 """fold-fusion on PyTorch models: evaluate fusion weights once and move them into the convs.
 
-Two shapes of the same idea:
-
-* **Fusion modules** (Darknet weighted ``[shortcut]``, BiFPN fast-normalised / softmax /
-  sigmoid fusion, a BiFPN node ``conv(act(sum))``...): a module whose forward is a per-channel
-  weighted sum of its inputs (recognised by :mod:`modelsurgeon.match.fusion`, weights read by
-  probing, so any normalisation is evaluated once, exactly as the module computes it). Each
-  input's weight moves into the layer producing that input when nothing else reads it
-  (:mod:`modelsurgeon.match.absorb`); the module is kept (its class, its attributes, the
-  children the sum leads to) and runs a generated forward computing the remaining sum with the
-  same channel slicing / zero padding, the weights that could not move kept as its constants
-  (:mod:`modelsurgeon.rewrite.weighted_sum` through :mod:`modelsurgeon.rewrite.forward`).
-* **Inline weighted sums** in a host's forward (RFCR ``self.scale[0] * a + ...``, an
-  EfficientDet BiFPN's ``weight[0] * p4_in + weight[1] * up(p5)`` in one big forward): the
-  host's forward is regenerated with the moved weights' multiplies gone and computed weights
-  evaluated once (:mod:`.inline`).
-
-A weight whose input is also read elsewhere stays one constant multiply. A module that probes
-as a weighted sum at the recorded input size but not at other sizes is not rewritten, and its
-weights do not move as inline ones either.
+Details: docs/architecture.md (*fold-fusion, in one paragraph*).
 """
 
 from __future__ import annotations

@@ -1,29 +1,6 @@
 """Darknet layers as an ONNX graph (opset 17), one group of nodes per layer.
 
-Names: layer ``i``'s output tensor is ``<type>_<i>`` (``conv_12``, ``shortcut_15``), its nodes
-and intermediate tensors ``<type>_<i>/<step>``, its weights ``<type>_<i>.<array>``. The graph
-input is ``input`` (``[net]`` batch 1 x channels x height x width, or ``--input-shape``).
-Outputs: the input tensor of every ``[yolo]`` / ``[region]`` layer -- the raw conv output;
-decoding boxes stays the user's, as with darknet's own ``network_predict`` -- and the last
-layer's output when it is not such a head.
-
-Layer by layer, as darknet computes it (``layers.py`` has the options):
-
-* convolutional: ``Conv`` (biases as its bias), or ``Conv`` + ``BatchNormalization`` (eps
-  1e-5, darknet's ``normalize_cpu``; scales and biases as its affine) when
-  ``batch_normalize=1``; then the activation;
-* maxpool: ``MaxPool`` with padding ``padding/2`` before and the rest after; with
-  ``maxpool_depth``, the maximum over every ``out_channels``-th channel;
-* shortcut: ``sum_i w_i * x_i`` with the weights normalised in the graph from the file's
-  raw weights (``relu``: ``relu(w_i) / (eps + sum_j relu(w_j))``, ``softmax``:
-  ``exp(w_i - max) / (eps + sum_j exp(w_j - max))``, ``eps = 0.0001`` as in darknet's
-  ``shortcut_multilayer_cpu``), inputs with fewer channels zero-padded, extra ones dropped;
-* route: channel slices (``groups`` / ``group_id``) concatenated; upsample: nearest
-  ``Resize`` times ``scale`` (a negative stride sums ``s x s`` blocks, times ``scale``);
-* reorg: darknet's ``reorg_cpu`` reads the input buffer as ``C/s^2 x H*s x W*s`` and moves it
-  to depth (``SpaceToDepth``), and the result is read as ``C*s^2 x H/s x W/s``: for
-  ``[reorg]``, whose call passes the *input's* sizes, that is a reshape, a space-to-depth and
-  another reshape, not a plain space-to-depth (``[reorg3d]`` is one).
+Details: docs/formats.md.
 """
 
 from __future__ import annotations

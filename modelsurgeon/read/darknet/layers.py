@@ -1,20 +1,7 @@
 """Darknet layers as darknet builds them from the ``.cfg``: options with darknet's defaults,
 input layers, output sizes (darknet's own formulas) and the weights each layer reads.
 
-What darknet does that is easy to get wrong, and is done here as darknet does it:
-
-* ``[convolutional]`` activation defaults to ``logistic``; ``pad=1`` means padding
-  ``size/2`` and overrides ``padding``; ``stride_x`` / ``stride_y`` win only when both are
-  given; dilation is 1 for a 1x1 kernel; the output size is ``(h + 2*pad - size)/stride + 1``
-  (the padding used with dilation is ``pad*dilation``: both must agree, else refused);
-* ``[maxpool]`` padding defaults to ``size - 1``, ``padding/2`` of it before the input and
-  the rest after (size 2, stride 1 pads one pixel on the right and bottom only);
-* ``[route]`` with ``groups`` takes the ``group_id``-th of ``groups`` equal channel slices of
-  each input; ``[shortcut]`` adds the first ``min`` channels and keeps the extra channels of
-  its first input (the layer before it); its weights are ``(n+1)`` (per feature) or
-  ``(n+1)*c`` (per channel) floats;
-* ``[reorg]`` is darknet's old reorg (the input buffer reinterpreted, see ``graph.py``),
-  ``[reorg3d]`` a plain space-to-depth.
+Details: docs/formats.md.
 """
 
 from __future__ import annotations

@@ -1,23 +1,6 @@
 """Rewrite inside a forward: give a module a generated forward, keeping the module.
 
-A pass that must change computations inside a module's Python forward (fold a weight computed
-inline, drop a multiply, replace branches by one conv, remove a folded child) does it here::
-
-    plans = open_forwards(graph, [call], model, inputs)     # in match: nothing changes
-    plan = plans[call.id]                                   # a ForwardPlan, or a Refused reason
-    plan.substitute(mul_out, x)                             # edits on recorded value ids
-    plan.commit(editor)                                     # in rewrite
-
-The program is the module's own forward, children as opaque calls: traced by ``torch.fx``
-when the module traces on its own and the trace is the recorded program (same ops, same
-calls, same dataflow, same output: :mod:`.trace`), else rebuilt from the recording
-(:mod:`.replay`), which must then give the module's outputs bit for bit at two more input and
-batch sizes as well (:mod:`.observe`). Parameter-only expressions become constants
-(:mod:`.fold`). The generated forward is a ``torch.fx.GraphModule`` registered as the module's
-child ``fused`` and bound as its instance ``forward`` (``functools.partial(fused, module)``):
-the module keeps its class, attributes and children, pickles and deep-copies with torch alone,
-every tensor has one state_dict key, and the recipe edit ``set_forward`` (kind ``graph``,
-:mod:`.spec`) rebuilds it for a state_dict.
+Details: docs/architecture.md (*Generated forwards*).
 """
 
 from __future__ import annotations
