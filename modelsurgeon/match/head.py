@@ -2,7 +2,7 @@
 
 Shared by the stage finder (:mod:`modelsurgeon.match.stage`: the trailing calls of a container
 that belong to the head, not to the stage) and by truncate's head repair
-(:mod:`modelsurgeon.passes.truncate.torch`: the walk from the stage's output to the layers to
+(:mod:`modelsurgeon.passes.truncate.cut`: the walk from the stage's output to the layers to
 rebuild), so that both draw the line between stage and head in the same place.
 
 A *shape-only* op passes the channel count through without depending on it, per sample:

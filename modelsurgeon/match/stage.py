@@ -107,15 +107,6 @@ class StageError(ValueError):
     """``--stage PATH`` names no stage; the message says why."""
 
 
-def module_flops(model: Any, inputs: list, graph: DataflowGraph | None = None) -> tuple[dict[str, int], int]:
-    """FLOPs per module path (nested calls included) and in all, for one forward pass: from
-    the capture when it counted them, else by capturing the model once more."""
-    if graph is None or graph.module_flops is None:
-        from ..capture import capture
-
-        graph, _, _ = capture(model, inputs, count_flops=True)
-    return graph.module_flops, graph.module_flops.get("", 0)
-
 
 def _params(module: Any) -> int:
     return sum(p.numel() for p in module.parameters())

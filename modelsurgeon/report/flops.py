@@ -137,3 +137,12 @@ def onnx_flops(model: Any) -> int | None:
         except (TypeError, IndexError, KeyError, ValueError):
             known = False
     return total if known else None
+
+def module_flops(model: Any, inputs: list, graph: Any = None) -> tuple[dict[str, int], int]:
+    """FLOPs per module path (nested calls included) and in all, for one forward pass: from
+    the capture when it counted them, else by capturing the model once more."""
+    if graph is None or graph.module_flops is None:
+        from ..capture import capture
+
+        graph, _, _ = capture(model, inputs, count_flops=True)
+    return graph.module_flops, graph.module_flops.get("", 0)
