@@ -159,7 +159,7 @@ def test_ultralytics_style_host_loads_the_folded_checkpoint(tmp_path):
     # RepConv's own fuse_convs reads its branches' BatchNorm statistics (and their convs' weights,
     # ignoring any bias): those are left to it, reported with the reason
     skips = [s for s in r.json()["skipped"] if ".conv1.bn" in s["target"] or ".conv2.bn" in s["target"]]
-    assert len(skips) == 8 and all("_fuse_bn_tensor" in s["reason"] for s in skips)
+    assert len(skips) == 8 and all(s["code"] == "host-reads" and "_fuse_bn_tensor" in s["reason"] for s in skips)
     for rep in (m for m in folded.modules() if isinstance(m, ultralike.RepConv)):
         for branch in (rep.conv1, rep.conv2):
             assert isinstance(branch.bn, nn.BatchNorm2d) and branch.conv.bias is None

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from modelsurgeon.passes.base import Applied, Match, OnnxContext, Pass, Skipped
+from modelsurgeon.report.codes import Refusal
 
 
 @dataclass
@@ -36,20 +37,20 @@ class StripDropout(Pass):
         return Applied(m.target, "Dropout → removed (inference mode: an identity)", {"op": "Dropout"})
 
 
-def _obstacle(ctx: OnnxContext, node: Any) -> str | None:
+def _obstacle(ctx: OnnxContext, node: Any) -> Refusal | None:
     import numpy as np
 
     g = ctx.graph
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         mode = node.inputs[2]
         if not g.is_const(mode):
-            return "its training_mode is computed at run time"
+            return Refusal("computed-tensor", "its training_mode is computed at run time")
         if bool(np.asarray(g.const_array(mode)).any()):
-            return "training_mode is true: it drops values"
+            return Refusal("training-mode", "training_mode is true: it drops values")
     for extra in node.outputs[1:]:
         if extra.uses() or extra.is_graph_output():
-            return "its mask output is read"
+            return Refusal("other-readers", "its mask output is read")
     src, out = node.inputs[0], node.outputs[0]
     if out.is_graph_output() and (src.is_graph_input() or src.is_graph_output() or src.is_initializer()):
-        return "it links a graph input to a graph output (an Identity would replace it)"
+        return Refusal("model-output", "it links a graph input to a graph output (an Identity would replace it)")
     return None

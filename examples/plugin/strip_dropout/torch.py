@@ -14,8 +14,11 @@ from typing import Any, Iterable
 
 from modelsurgeon.match.calls import call_obstacle
 from modelsurgeon.passes.base import Applied, Match, Pass, Skipped, TorchContext
+from modelsurgeon.report.codes import Refusal, register_code
 
 DROP_PATH_NAMES = ("DropPath", "StochasticDepth", "DropBlock")
+NOT_IDENTITY = "not-identity"  # a skip code of this pass's own (report/codes.py lists modelsurgeon's)
+register_code(NOT_IDENTITY, "a module named like a drop-path computes something in eval mode")
 
 
 @dataclass
@@ -47,9 +50,9 @@ class StripDropout(Pass):
             why = next((w for w in (call_obstacle(c, []) for c in calls) if w), None)
             if why is None and not _torch_dropout(module):
                 if not calls:
-                    why = f"{type(module).__name__} never ran: whether it is an identity was not seen"
+                    why = Refusal("not-executed", f"{type(module).__name__} never ran: whether it is an identity was not seen")
                 elif any(c.start != c.end or c.outputs != c.inputs for c in calls):
-                    why = f"{type(module).__name__} computes something in eval mode: not an identity"
+                    why = Refusal(NOT_IDENTITY, f"{type(module).__name__} computes something in eval mode: not an identity")
             if why is not None:
                 yield Skipped(path, why)
                 continue
