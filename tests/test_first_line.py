@@ -1,4 +1,4 @@
-"""One helper gives the first line of an exception's message (modelsurgeon.errors.first_line):
+"""One function gives the first line of an exception's message (modelsurgeon.errors.first_line):
 an empty or blank message gives the exception's type, never a crash (exit 3)."""
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ bare string; ``Skipped(target, refusal)`` takes both.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
 
 CODES: dict[str, str] = {
     # how the model calls or shares the candidate
@@ -54,6 +56,9 @@ CODES: dict[str, str] = {
     "head-not-rebuildable": "a layer after the cut depends on the channel count and cannot be rebuilt or dropped",
     "truncated-model-fails": "the truncated model raises when run on the example input",
 }
+
+BUILTIN_CODES: Mapping[str, str] = MappingProxyType(dict(CODES))
+"""modelsurgeon's own codes (:data:`CODES` also holds those other packages register)."""
 
 ERRORS: dict[str, str] = {
     "parity-failed": "the rewritten model does not reproduce the original (nothing written; `--force` writes anyway)",
