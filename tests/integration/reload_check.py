@@ -105,7 +105,7 @@ def hooked_outputs(model, paths: list[str], inputs: list) -> tuple[list, dict]:
 
 def _replay(model, recipe: list[dict]):
     """A modelsurgeon state_dict's structural edits, replayed with torch alone (the edits are
-    plain data: torch.nn classes and their arguments)."""
+    plain data: torch.nn classes and their arguments, a fused forward of the model's class)."""
     import torch
 
     def build(spec):
@@ -127,6 +127,11 @@ def _replay(model, recipe: list[dict]):
             m.bias = torch.nn.Parameter(torch.zeros(n, dtype=m.weight.dtype))
         elif e["op"] == "setattr":
             setattr(model.get_submodule(e["path"]), e["name"], e["value"])
+        elif e["op"] == "use_forward":  # what a host's fuse() does: m.forward = m.forward_fuse
+            m = model.get_submodule(e["path"])
+            for name in e["remove"]:
+                delattr(m, name)
+            m.forward = getattr(m, e["method"])
         else:
             raise RuntimeError(f"recipe edit {e['op']!r} cannot be replayed without modelsurgeon")
     return model

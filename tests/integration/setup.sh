@@ -26,9 +26,10 @@ pip ultralytics
 pip --no-deps yolov5
 pip "setuptools<81" "huggingface-hub<0.25" pandas seaborn scipy tqdm psutil pyyaml requests \
     gitpython matplotlib pillow opencv-python
-# 4. ONNX tools to compare with, the dynamo exporter's onnxscript, and this checkout.
+# 4. ONNX tools to compare with, the dynamo exporter's onnxscript, and this checkout (with pytest;
+#    not its test extra, whose opencv-python-headless would overwrite the cv2 of YOLO's opencv-python).
 pip onnxsim onnxslim onnxscript
-pip -e ".[test]"
+pip -e . pytest
 
 "$VENV/bin/python" - <<'PY'
 import importlib, torch, torchvision, timm, onnx, onnxruntime
