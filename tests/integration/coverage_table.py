@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -80,7 +81,7 @@ def surgery_rows(recs: dict, cases: list) -> tuple[list[str], list[tuple]]:
                     f"{_parity(fold.get('independent'))} | "
                     f"{_parity((s.get('fold-bn.onnx') or {}).get('independent'))} | {_e(rec.get('noise_rel'))} | "
                     f"{fold.get('seconds', '–')} | {v} |")
-        reasons = sorted({k["reason"] for r in s.values() for k in r.get("skipped", [])})
+        reasons = _grouped(k for r in s.values() for k in r.get("skipped", []))
         if reasons:
             notes.append((c.name, "BatchNorms left: " + "; ".join(reasons)))
         if text:
@@ -184,6 +185,16 @@ def render(recs: dict) -> str:
     for name, text in classifiers[1] + detectors[1] + onnx[1] + yolo[1]:
         out.append(f"- **{name}**: " + text.replace("\n", "; "))
     return "\n".join(out) + "\n"
+
+
+def _grouped(skipped) -> list[str]:
+    """One line per kind of reason (its code when the tool gave one, else its text with module
+    paths taken out), counted over every skipped candidate of every part: "62 × ..."."""
+    counts: dict[str, set] = {}
+    for k in skipped:
+        key = k.get("code") or re.sub(r"\b\w+(?:\.\w+)+\b", "…", k["reason"])
+        counts.setdefault(key, set()).add(k.get("target", k["reason"]))
+    return [f"{len(t)} × {key}" for key, t in sorted(counts.items(), key=lambda kv: -len(kv[1]))]
 
 
 def _version(pkg: str) -> str:
