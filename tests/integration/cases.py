@@ -181,7 +181,7 @@ KNOWN: list[Known] = [
     Known("open: weight standardisation (timm's ScaledStdConv2d calls F.batch_norm on its weight) is "
           "exported as BatchNormalization nodes on constants; a .onnx output keeps them (the exported "
           "graph is not constant-folded yet) and its report counts them as BatchNorms",
-          kind="report", pattern="bn-count", cases=("nf_resnet26",)),
+          step="report", kind="bn-count", cases=("nf_resnet26",)),
     Known("open: timm's FrozenBatchNormAct2d (inline frozen affine, then activation children) is not "
           "folded", kind="bn-left", pattern="FrozenBatchNormAct2d .* not a per-channel affine map"),
 ]
