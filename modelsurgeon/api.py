@@ -89,26 +89,50 @@ def save(model: Any, path: str | Path, input_shape: Shape | Sequence[Shape] | No
     return path
 
 
-def compare(model: Any, reference: Any, input_shape: Shape | Sequence[Shape], *, trials: int = 1, seed: int = 0,
-            atol: float | None = None, rtol: float | None = None) -> Any:
-    """Compare two models on the same seeded random inputs; returns a ParityReport (does not raise)."""
-    import torch
+def compare(model: Any, reference: Any, input_shape: Shape | Sequence[Shape] | None = None, *, trials: int = 1,
+            seed: int = 0, atol: float | None = None, rtol: float | None = None, layers: bool = False,
+            inputs: Any = None, **file_options: Any) -> Any:
+    """Compare ``model`` with ``reference`` on the same inputs (seeded random ones of
+    ``input_shape``, or ``inputs``: a list of arrays, or a list of such lists); does not raise
+    when they differ. Either may be a module, or a file path (any file ``modelsurgeon compare``
+    takes; ``file_options``: its options, e.g. ``trust_pickle=True``). Returns a
+    :class:`~modelsurgeon.verify.models.Comparison` (``passed``, ``outputs`` with their
+    statistics, ``first_divergence`` and ``layers`` with ``layers=True``, ``to_json()``)."""
+    import numpy as np
 
-    from .verify.compare import Tolerance, compare_outputs, summarise
-    from .verify.inputs import InputSpec
-    from .verify.torch import run as run_model
+    from .options.compare import CompareOptions
+    from .verify.compare import Tolerance
+    from .verify.models import compare_runners
+    from .verify.runners import TorchRunner, open_model, peek_signature
 
-    opts = RunOptions(input=Path("<module>"), input_shape=input_shape, trials=trials, seed=seed, atol=atol, rtol=rtol)
-    spec = InputSpec.parse(opts.input_shape, "float32", seed)
-    dtype = next((p.dtype for p in reference.parameters() if p.is_floating_point()), torch.float32)
-    tol = Tolerance.default(dtype, atol, rtol)
-    model.eval()
-    reference.eval()
-    diffs = []
-    for t in range(trials):
-        x = spec.make(t, dtype)
-        diffs.append(compare_outputs(run_model(reference, x), run_model(model, x), tol))
-    return summarise(diffs, tol)
+    shape_texts = RunOptions(input=Path("<module>"), input_shape=input_shape or ()).input_shape
+    fopts = CompareOptions.from_kwargs("compare", file_options, a=Path("<a>"), b=Path("<b>"))
+    modules = [m for m in (reference, model) if not isinstance(m, (str, Path))]
+    dtype = tol = None
+    if not isinstance(reference, (str, Path)):  # the reference's dtype sets the inputs' and the tolerance
+        import torch
+
+        dtype = next((p.dtype for p in reference.parameters() if p.is_floating_point()), torch.float32)
+        tol = Tolerance.default(dtype, atol, rtol)
+    for m in modules:
+        m.eval()
+
+    def opener(m: Any, label: str):
+        if isinstance(m, (str, Path)):
+            return lambda: open_model(Path(m), arch=fopts.arch, arch_kwargs=fopts.arch_kwargs,
+                                      trust_pickle=fopts.trust_pickle, code_paths=fopts.code_paths, label=label)
+        return lambda: TorchRunner(m, input_dtype=dtype, label=label)
+
+    sets = None
+    if inputs is not None:
+        sets = [inputs] if all(not isinstance(x, (list, tuple)) for x in inputs) else list(inputs)
+        sets = [[np.asarray(x.detach().cpu() if hasattr(x, "detach") else x) for x in xs] for xs in sets]
+    from .verify.inputs import parse_shape
+
+    return compare_runners(opener(reference, "reference"), opener(model, "model"),
+                           shapes=[parse_shape(s) for s in shape_texts], inputs=sets, trials=trials, seed=seed,
+                           atol=atol, rtol=rtol, layers=layers, tol=tol, names=("reference", "model"),
+                           peek_b=lambda: peek_signature(model))
 
 
 # -- the passes ---------------------------------------------------------------------------------

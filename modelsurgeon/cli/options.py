@@ -114,7 +114,7 @@ def optimize_command() -> Any:
 
 
 def commands() -> list[tuple[str, Any]]:
-    """Every command: the passes' (registration order), then optimize."""
+    """Every command: the passes' (registration order), then optimize and compare."""
     from ..passes import registry
 
     out = []
@@ -126,6 +126,9 @@ def commands() -> list[tuple[str, Any]]:
         except Exception as e:  # a plugin's options that cannot be parameters: left out, said once
             registry.report_problem(f"pass {spec.name!r}: no command ({type(e).__name__}: {e})")
     out.append(("optimize", optimize_command()))
+    from .compare import compare_command
+
+    out.append(("compare", compare_command()))
     return out
 
 

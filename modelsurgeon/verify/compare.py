@@ -54,9 +54,12 @@ class OutputDiff:
     vs_float64: float | None = None  # rewritten vs the original's float64 run, relative
     by_noise: bool = False  # failed the fixed rule, passed as within the model's own rounding
     excused: bool = False  # a post-processed output that failed, vouched for by --verify-at outputs
+    stats: dict | None = None  # the statistics of :func:`statistics` (mean / median / p99, cosine...)
 
-    def to_json(self) -> dict:
+    def to_json(self, detail: bool = False) -> dict:
         d = {"name": self.name, "max_abs": self.max_abs, "max_rel": self.max_rel, "passed": self.passed}
+        if detail and self.stats is not None:
+            d.update(self.stats)
         if self.note:
             d["note"] = self.note
         if self.own_noise is not None:
@@ -155,12 +158,54 @@ def _is_leaf(obj: Any) -> bool:
     return mod.startswith(("torch", "numpy")) or callable(obj)
 
 
+STAT_KEYS = ("mean_abs", "median_abs", "p99_abs", "mean_rel", "median_rel", "p99_rel", "cosine",
+             "min_atol", "min_rtol")
+"""The statistics every comparison reports besides ``max_abs`` / ``max_rel`` (docs/json.md)."""
+
+
+def statistics(diff: Any, ref: Any, out: Any, scale: float, tol: Tolerance) -> dict:
+    """Per-output statistics of ``diff = |out - ref|`` (finite elements, float64): mean, median
+    and 99th percentile of the absolute error, the same relative to the output's scale
+    (``max|ref|``, as the tolerance is), cosine similarity of the two, and the smallest ``atol``
+    (at the given ``rtol``) and ``rtol`` (at the given ``atol``) with which it would pass."""
+    import numpy as np
+
+    if not diff.size:
+        return dict.fromkeys(STAT_KEYS, 0.0) | {"cosine": 1.0}
+    med, p99 = (float(v) for v in np.percentile(diff, [50, 99]))
+    mean, top = float(diff.mean()), float(diff.max())
+    rel = (lambda v: v / scale) if scale > 0 else (lambda v: 0.0 if v == 0 else float("inf"))
+    nr, no = float(np.linalg.norm(ref)), float(np.linalg.norm(out))
+    cosine = float(np.dot(ref.ravel(), out.ravel()) / (nr * no)) if nr > 0 and no > 0 else (1.0 if nr == no else 0.0)
+    over = top - tol.atol
+    return {"mean_abs": mean, "median_abs": med, "p99_abs": p99, "mean_rel": rel(mean), "median_rel": rel(med),
+            "p99_rel": rel(p99), "cosine": cosine, "min_atol": max(0.0, top - tol.rtol * scale),
+            "min_rtol": 0.0 if over <= 0 else (over / scale if scale > 0 else float("inf"))}
+
+
+def _mismatch_stats(ref: Any, out: Any) -> dict:
+    inf = float("inf")
+    return dict.fromkeys(STAT_KEYS, inf) | {"cosine": 0.0, "shape": list(getattr(out, "shape", ())),
+                                            "ref_shape": list(getattr(ref, "shape", ()))}
+
+
 def compare_arrays(name: str, ref: Any, out: Any, tol: Tolerance) -> OutputDiff:
-    """Compare two numpy arrays (or scalars)."""
+    """THE comparison of two numpy arrays (or scalars): pass/fail by the rule above, and the
+    statistics of :func:`statistics` in ``stats``. Every check compares through it."""
     import numpy as np
 
     ref = np.asarray(ref)
     out = np.asarray(out)
+    d = _compare(name, ref, out, tol)
+    if d.stats is None:
+        d.stats = _mismatch_stats(ref, out) if not d.passed else dict.fromkeys(STAT_KEYS, 0.0) | {"cosine": 1.0}
+    d.stats.update(dtype=str(out.dtype), ref_dtype=str(ref.dtype))
+    return d
+
+
+def _compare(name: str, ref: Any, out: Any, tol: Tolerance) -> OutputDiff:
+    import numpy as np
+
     if ref.shape != out.shape:
         return OutputDiff(name, float("inf"), float("inf"), False, f"shape {out.shape} != {ref.shape}")
     if ref.dtype.kind not in "fc" and out.dtype.kind not in "fc":
@@ -180,7 +225,8 @@ def compare_arrays(name: str, ref: Any, out: Any, tol: Tolerance) -> OutputDiff:
     max_abs = float(diff.max()) if diff.size else 0.0
     scale = float(np.abs(r[fin_r]).max()) if diff.size else 0.0
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    return OutputDiff(name, max_abs, max_rel, max_abs <= tol.atol + tol.rtol * scale)
+    return OutputDiff(name, max_abs, max_rel, max_abs <= tol.atol + tol.rtol * scale,
+                      stats=statistics(diff, r[fin_r], o[fin_r], scale, tol))
 
 
 def to_numpy(x: Any) -> Any:
@@ -266,6 +312,8 @@ def summarise(diffs_per_trial: list[list[OutputDiff]], tol: Tolerance) -> Parity
                 w.passed = w.passed and d.passed
                 w.by_noise = w.by_noise or d.by_noise
                 w.excused = w.excused or d.excused
+                if d.stats is not None:
+                    w.stats = _worst_stats(w.stats, d.stats)
                 if d.own_noise is not None:
                     w.own_noise = max(w.own_noise or 0.0, d.own_noise)
                     w.vs_float64 = max(w.vs_float64 or 0.0, d.vs_float64)
@@ -274,3 +322,18 @@ def summarise(diffs_per_trial: list[list[OutputDiff]], tol: Tolerance) -> Parity
     rep.outputs = list(worst.values())
     rep.passed = all(o.passed for o in rep.outputs)
     return rep
+
+
+def _worst_stats(a: dict | None, b: dict) -> dict:
+    """The worse of two trials' statistics, key by key (the lower cosine)."""
+    if a is None:
+        return dict(b)
+    out = dict(a)
+    for k, v in b.items():
+        if k == "cosine":
+            out[k] = min(a.get(k, v), v)
+        elif k in STAT_KEYS:
+            out[k] = max(a.get(k, v), v)
+        else:
+            out.setdefault(k, v)
+    return out

@@ -69,21 +69,24 @@ class InputSpec:
     def make(self, trial: int, dtype: Any = None, grow: int = 0) -> list:
         """The inputs of trial ``trial``: the same numbers for the same seed and trial.
         ``grow`` adds to the first dimension of every input (another batch size)."""
-        import torch
-
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + trial)
         dt = dtype or self.torch_dtype()
-        out = []
-        for shape in self.shapes:
-            shape = (shape[0] + grow, *shape[1:]) if grow and shape else shape
-            if dt.is_floating_point:
-                out.append(torch.randn(shape, generator=g, dtype=torch.float32).to(dt))
-            else:
-                out.append(torch.randint(0, 2, shape, generator=g, dtype=dt))
-        return out
+        shapes = [(s[0] + grow, *s[1:]) if grow and s else s for s in self.shapes]
+        return [x.to(dt) for x in draw(shapes, ["f" if dt.is_floating_point else "i"] * len(shapes), self.seed, trial)]
 
     def describe(self, grow: int = 0) -> str:
         return "; ".join(",".join(map(str, (s[0] + grow, *s[1:]) if grow and s else s)) for s in self.shapes)
+
+
+def draw(shapes: Sequence[tuple[int, ...]], kinds: Sequence[str], seed: int, trial: int) -> list:
+    """THE seeded generator of both back ends: trial ``trial``'s values for inputs of ``shapes``,
+    float32 normal values for floating inputs (``kind`` ``"f"``), 0/1 for the others, as torch
+    tensors; the same numbers for the same seed and trial (:meth:`InputSpec.make`,
+    ``verify/onnx.py: OnnxInputs.make``, ``compare``)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + trial)
+    return [torch.randn(tuple(s), generator=g, dtype=torch.float32) if k == "f"
+            else torch.randint(0, 2, tuple(s), generator=g) for s, k in zip(shapes, kinds)]
 
 
 def guess_shapes(model: Any) -> list[list[tuple[int, ...]]]:

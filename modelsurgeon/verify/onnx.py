@@ -131,19 +131,13 @@ class OnnxInputs:
     def make(self, trial: int) -> dict:
         """Trial ``trial``'s feeds ``{name: array}``: the same numbers for the same seed and trial."""
         import numpy as np
-        import torch
 
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + trial)
-        feeds = {}
-        for name, shape, dt in zip(self.names, self.shapes, self.dtypes):
-            if dt.kind == "f":
-                a = torch.randn(shape, generator=gen, dtype=torch.float32).numpy().astype(dt)
-            elif dt.kind == "b":
-                a = torch.randint(0, 2, shape, generator=gen).numpy().astype(bool)
-            else:
-                a = torch.randint(0, 2, shape, generator=gen).numpy().astype(dt)
-            feeds[name] = np.require(a, requirements="C")
-        return feeds
+        from .inputs import draw
+
+        kinds = ["f" if dt.kind == "f" else "i" for dt in self.dtypes]
+        values = draw(self.shapes, kinds, self.seed, trial)
+        return {name: np.require(v.numpy().astype(bool if dt.kind == "b" else dt), requirements="C")
+                for name, v, dt in zip(self.names, values, self.dtypes)}
 
     def describe(self) -> str:
         return "; ".join(f"{n} {','.join(map(str, s))}" for n, s in zip(self.names, self.shapes))
