@@ -135,3 +135,34 @@ def test_float64_run_holds_float64_copies_of_the_running_modules_only():
         h.remove()
     assert seen == [2] * 8  # the running layer's weight and bias
     assert all(p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_float64_run_is_lazy_on_files(tmp_path, monkeypatch):
+    """The float64 run is made only when an output fails the fixed rule, on the original read
+    again from the file; a fold that passes the fixed rule never pays for it. In memory (the
+    API) it is made before the rewrite, as before."""
+    from testmodels import randomize_all, seeded_resnet
+
+    from modelsurgeon.verify import exact
+    from modelsurgeon.verify.torch import References
+
+    calls, reloads = [], []
+    real, real_reload = References.record_exact, exact.reload_original
+    monkeypatch.setattr(References, "record_exact", lambda self, m: calls.append(m) or real(self, m))
+    monkeypatch.setattr(exact, "reload_original", lambda *a: reloads.append(a) or real_reload(*a))
+    clean = tmp_path / "clean.pt"
+    torch.save(randomize_all(seeded_resnet(1), 2), clean)
+    r = run_cli("fold-bn", clean, "--trust-pickle", "-s", "1,3,32,32", "-o", tmp_path / "c.pt", "--json")
+    assert r.code == 0 and not calls and not reloads
+    assert "own_noise" not in r.json()["parity"]["outputs"][0]
+    noisy = tmp_path / "noisy.pt"
+    model = noisy_deep_net()
+    torch.save(model, noisy)
+    r = run_cli("fold-bn", noisy, "--trust-pickle", "-s", "2,3,16,16", "-o", tmp_path / "n.pt", "--json")
+    assert r.code == 0 and len(calls) == 1 and len(reloads) == 1
+    assert calls[0] is not model and r.json()["parity"]["outputs"][0]["by_noise"] is True
+    import modelsurgeon as ms
+
+    calls.clear()
+    _m, rep = ms.fold_bn(noisy_deep_net(), (2, 3, 16, 16))
+    assert len(calls) == 1 and rep.parity.outputs[0].by_noise

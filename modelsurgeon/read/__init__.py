@@ -63,6 +63,7 @@ def load_checkpoint(
     cfg: str | Path | None = None,
     prototxt: str | Path | None = None,
     input_shapes: Iterable[str] = (),
+    mmap: bool = False,
 ) -> Checkpoint:
     """Read ``path`` into a :class:`Checkpoint`. Darknet ``.weights`` (with ``cfg``) and Caffe
     ``.caffemodel`` (with ``prototxt``) are read into ONNX graphs (``input_shapes``, if given,
@@ -98,7 +99,7 @@ def load_checkpoint(
     else:
         from .pickle_safety import torch_load
 
-        obj = torch_load(path, trust_pickle)
+        obj = torch_load(path, trust_pickle, mmap=mmap)
         ckpt = _classify(path, obj, arch, kwargs, trust_pickle)
     ckpt.size_bytes = size
     if ckpt.recipe is None:

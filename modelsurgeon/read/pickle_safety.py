@@ -100,8 +100,9 @@ def refuse(path: Path, names: list[str]) -> UnsafeCheckpoint:
     )
 
 
-def torch_load(path: Path, trust_pickle: bool):
-    """``torch.load`` on CPU, safe unless trusted."""
+def torch_load(path: Path, trust_pickle: bool, mmap: bool = False):
+    """``torch.load`` on CPU, safe unless trusted; ``mmap`` (a zip checkpoint only) for a copy
+    that is only read (the original's float64 run, verify/exact.py)."""
     import torch
 
     is_zip = zipfile.is_zipfile(path)
@@ -113,7 +114,7 @@ def torch_load(path: Path, trust_pickle: bool):
     # Read into memory, not memory-mapped: surgery rewrites most weights in place, and writing
     # into a private mapping costs a copy-on-write fault per page -- measured 1.6x slower on a
     # 1 GB checkpoint at the same peak RSS (docs/performance.md).
-    kwargs = dict(map_location="cpu", mmap=False)
+    kwargs = dict(map_location="cpu", mmap=bool(mmap and is_zip))
     try:
         with warnings.catch_warnings():  # torch warns about raw pickles (protocol >= 4): one line only
             warnings.simplefilter("ignore")

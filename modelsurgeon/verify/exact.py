@@ -1,5 +1,9 @@
 """Running the original model in float64 without a second copy of it.
 
+Lazily: the pipeline runs it only when an output fails the fixed tolerance
+(``verify/torch.py: References.check``), on the original read again from the file
+(:func:`reload_original`); in memory only (the API), before the rewrite, as references are.
+
 :func:`float64` makes the model compute in float64 for the duration of a block: each module's
 own parameters and buffers are cast when the module is entered and get their float32 data back
 when it returns (global module hooks), so at any moment only the modules on the call stack
@@ -77,6 +81,22 @@ def float64(model: Any) -> Iterator[None]:
                 elif isinstance(contents, dict):
                     obj.clear()
                     obj.update(contents)
+
+
+def reload_original(opts, slot_name: str | None):
+    """The original model of slot ``slot_name`` read again from the input file (memory-mapped
+    where the format allows), prepared as the run prepared it: the float64 run's subject once
+    the in-place rewrite has changed the model in memory."""
+    from ..read import load_checkpoint
+    from ..read.prepare import prepare
+
+    ckpt = load_checkpoint(opts.input, arch=opts.arch, arch_kwargs=opts.arch_kwargs, trust_pickle=opts.trust_pickle,
+                           code_paths=opts.code_paths, mmap=True)
+    slot = next((s for s in ckpt.slots if s.name == slot_name), None) if slot_name else ckpt.primary()
+    if slot is None:
+        raise LookupError(f"no model {slot_name!r} in the file")
+    prepare(slot.module, check_finite=False)
+    return slot.module
 
 
 def own_rounding_wanted(opts, storage, dtype, passes) -> bool:
