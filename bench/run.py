@@ -434,7 +434,9 @@ def main(argv: list[str] | None = None) -> dict:
         from .onnx_optimize import existing_section
 
         doc = ROOT / "docs" / "performance.md"
-        kept = existing_section(doc)  # written by python -m bench.onnx_optimize
+        from .own_rounding import existing
+
+        kept = existing_section(doc) + existing(doc)  # written by python -m bench.onnx_optimize / .own_rounding
         doc.write_text(markdown(res) + ("\n" + kept if kept else ""))
     print(markdown(res))
     return res

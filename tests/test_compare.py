@@ -139,7 +139,7 @@ def test_mismatched_models_exit_2(pair, tmp_path):
     assert r.code == 2 and r.json()["error"]["code"] == "output-mismatch"
     assert "two.onnx" in r.err and "net.onnx" in r.err  # both sides' signatures
     r = run_cli("compare", pt, tmp_path / "missing.onnx", "--trust-pickle", "--json")
-    assert r.code == 2 and r.json()["error"]["code"] == "no-such-file"
+    assert r.code == 2 and r.json()["error"]["code"] == "not-found"
     # a model of two inputs against one of one
     class Add(nn.Module):
         def forward(self, a, b):

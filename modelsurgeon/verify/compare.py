@@ -4,7 +4,9 @@ An output passes when ``max|out - ref| <= atol + rtol * max|ref|`` (both maxima 
 output tensor), i.e. errors are judged against the output's own scale. Elementwise relative
 error is meaningless next to values that are zero by chance; a wrong fold moves outputs by an
 amount comparable to their scale, far above these bounds. Reported per output: ``max_abs`` and
-``max_rel = max_abs / max|ref|``. NaN/Inf must appear in the same places in both.
+``max_rel = max_abs / max|ref|``, and the statistics of :func:`statistics` (mean / median / p99
+error, cosine, the smallest passing atol / rtol). NaN/Inf must appear in the same places in both.
+:func:`compare_arrays` is the one comparison every check goes through.
 
 Defaults depend on the dtype the weights are stored in (rewrites round to it):
 float64 1e-9, float32 1e-4, float16 1e-2, bfloat16 5e-2 (``rtol``); ``atol`` 1e-6 x that.
@@ -12,7 +14,8 @@ float64 1e-9, float32 1e-4, float16 1e-2, bfloat16 5e-2 (``rtol``); ``atol`` 1e-
 The model's own rounding (float32 weights, default tolerances): a deep net can compute its
 outputs only to 1e-4 or worse in float32 (cancellation in BatchNorms with large means), so the
 rewritten model cannot agree with it better than that. The original is run once more in float64
-on the same inputs (``exact``), and an output failing the rule above still passes when
+on the same inputs (``exact``; made only once an output fails the rule above, see
+:mod:`.exact`), and an output failing the rule above still passes when
 
     max|out - exact| <= NOISE_FACTOR * max|ref - exact| + atol + rtol * max|exact|
 
@@ -56,9 +59,9 @@ class OutputDiff:
     excused: bool = False  # a post-processed output that failed, vouched for by --verify-at outputs
     stats: dict | None = None  # the statistics of :func:`statistics` (mean / median / p99, cosine...)
 
-    def to_json(self, detail: bool = False) -> dict:
+    def to_json(self) -> dict:
         d = {"name": self.name, "max_abs": self.max_abs, "max_rel": self.max_rel, "passed": self.passed}
-        if detail and self.stats is not None:
+        if self.stats is not None:
             d.update(self.stats)
         if self.note:
             d["note"] = self.note

@@ -58,7 +58,7 @@ class Comparison:
         fd = self.first_divergence
         outs = []
         for o, (_na, nb) in zip(self.parity.outputs, self.pairs or [(o.name, o.name) for o in self.parity.outputs]):
-            d = o.to_json(detail=True)
+            d = o.to_json()
             d["name_b"] = nb
             outs.append(d)
         doc = {"passed": self.passed, "a": self.a, "b": self.b, "inputs": self.inputs,
@@ -311,7 +311,7 @@ def compare_files(opts: Any) -> Comparison:
 
     for p in (opts.a, opts.b):
         if not Path(p).exists():
-            raise BadInput(f"{p}: no such file", code="no-such-file")
+            raise BadInput(f"{p}: no such file", code="not-found")
     shapes = [parse_shape(s) for s in opts.input_shape]
 
     def opener(path: Path, arch: str | None) -> Opener:
