@@ -7,7 +7,8 @@
   numbers on either back end.
 * :class:`OnnxReferences` -- the ORIGINAL file's outputs, run once per trial before anything
   is edited (graph optimisations off, so the runtime's own fusions cannot hide a mistake),
-  with any extra tensors a pass asks for exposed as outputs (truncate's ``--at``).
+  with any extra tensors a pass asks for exposed as outputs (truncate's ``--at``); with a
+  symbolic batch, the second trial one batch larger.
 * :meth:`OnnxReferences.check` -- runs the result and compares every one of its outputs, by
   name, with the original's value of the tensor of that name (tolerance semantics:
   :mod:`.compare`).
@@ -77,6 +78,7 @@ class OnnxInputs:
     dtypes: list[Any] = field(default_factory=list)  # numpy dtypes
     seed: int = 0
     notes: list[str] = field(default_factory=list)
+    symbolic_batch: bool = False  # every input's first dim is symbolic: a second batch size is checked too
 
     @classmethod
     def from_model(cls, model: Any, shapes: Sequence[str] = (), dtype: str = "auto", seed: int = 0) -> "OnnxInputs":
@@ -126,37 +128,53 @@ class OnnxInputs:
             spec.names.append(v.name)
             spec.shapes.append(tuple(shape))
             spec.dtypes.append(dt)
+        spec.symbolic_batch = bool(declared) and all(
+            (d := shape_of(v)) is not None and len(d) > 0 and not (isinstance(d[0], int) and d[0] > 0) for v in declared)
         return spec
 
-    def make(self, trial: int) -> dict:
-        """Trial ``trial``'s feeds ``{name: array}``: the same numbers for the same seed and trial."""
+    def make(self, trial: int, grow: int = 0) -> dict:
+        """Trial ``trial``'s feeds ``{name: array}``: the same numbers for the same seed and trial;
+        ``grow`` adds to the first dimension of every input (another batch size)."""
         import numpy as np
 
         from .inputs import draw
 
         kinds = ["f" if dt.kind == "f" else "i" for dt in self.dtypes]
-        values = draw(self.shapes, kinds, self.seed, trial)
+        shapes = [(s[0] + grow, *s[1:]) if grow and s else s for s in self.shapes]
+        values = draw(shapes, kinds, self.seed, trial)
         return {name: np.require(v.numpy().astype(bool if dt.kind == "b" else dt), requirements="C")
                 for name, v, dt in zip(self.names, values, self.dtypes)}
 
-    def describe(self) -> str:
-        return "; ".join(f"{n} {','.join(map(str, s))}" for n, s in zip(self.names, self.shapes))
+    def describe(self, grow: int = 0) -> str:
+        return "; ".join(f"{n} {','.join(map(str, (s[0] + grow, *s[1:]) if grow and s else s))}"
+                         for n, s in zip(self.names, self.shapes))
 
 
 def _fmt(shape: tuple) -> str:
     return "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
 
 
+GROWN_TRIAL = 1
+"""The trial run one batch larger when every input's batch dimension is symbolic."""
+
+
 class OnnxReferences:
-    """The original model's outputs (and any extra tensors) on every trial's inputs."""
+    """The original model's outputs (and any extra tensors) on every trial's inputs. With a
+    symbolic batch (and ``trials >= 2``), trial :data:`GROWN_TRIAL` is one batch larger when the
+    original runs at it, so a rewrite that holds only at the example's batch fails there; a
+    result whose batch is fixed is checked on that trial at the example's batch instead."""
 
     def __init__(self, inputs: OnnxInputs, trials: int):
         self.spec = inputs
         self.trials = max(1, trials)
         self.outputs: list[dict] = []
+        self.grown: int | None = None  # the trial at batch + 1, once the original ran on it
+        self.grown_error: str | None = None  # why the original could not run at batch + 1
+        self._session: Any = None
+        self._base: dict[int, dict] = {}  # trial -> the original's outputs at the example batch
 
-    def inputs(self, trial: int) -> dict:
-        return self.spec.make(trial)
+    def inputs(self, trial: int, grown: bool = True) -> dict:
+        return self.spec.make(trial, grow=1 if grown and trial == self.grown else 0)
 
     def record(self, path: Path | bytes, extra: Sequence[str] = (), types: dict | None = None) -> None:
         """Run the original file (read again from disk, untouched) -- or the serialized graph a
@@ -179,18 +197,38 @@ class OnnxReferences:
                         vi.type.tensor_type.elem_type = int(types[name])
                     proto.graph.output.append(vi)
             sess = session(proto.SerializeToString(), folder)
-        self.outputs = [run(sess, self.inputs(t)) for t in range(self.trials)]
+        self._session = sess
+        self.outputs = []
+        for t in range(self.trials):
+            if t == GROWN_TRIAL and self.spec.symbolic_batch and self.grown is None and self.grown_error is None:
+                try:
+                    self.outputs.append(run(sess, self.spec.make(t, grow=1)))
+                    self.grown = t
+                    continue
+                except OrtError as e:
+                    self.grown_error = str(e)
+            self.outputs.append(run(sess, self.inputs(t)))
+
+    def _at_example_batch(self, trial: int) -> dict:
+        """The original's outputs of ``trial`` at the example's batch (for a result whose batch
+        dimension a pass fixed)."""
+        if trial not in self._base:
+            self._base[trial] = run(self._session, self.inputs(trial, grown=False))
+        return self._base[trial]
 
     def check(self, sess: Any, tol: Tolerance, expected: Sequence[str] = ()) -> ParityReport:
         """Compare a session of the result with the references, output by output (by name);
         every name in ``expected`` must be an output of the result."""
+        fixed = any(isinstance(i.shape[0], int) for i in sess.get_inputs() if i.shape) if self.grown is not None else False
         per_trial: list[list[OutputDiff]] = []
         for t in range(self.trials):
-            outs = run(sess, self.inputs(t))
+            at_example = fixed and t == self.grown
+            outs = run(sess, self.inputs(t, grown=not at_example))
+            refs = self._at_example_batch(t) if at_example else self.outputs[t]
             diffs = [OutputDiff(n, float("inf"), float("inf"), False, "missing from the result")
                      for n in expected if n not in outs]
             for name, arr in outs.items():
-                ref = self.outputs[t].get(name)
+                ref = refs.get(name)
                 if ref is None:
                     diffs.append(OutputDiff(name, float("inf"), float("inf"), False, "no reference for this output"))
                 else:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import BadInput
 from .compare import flatten_outputs, to_numpy
 
 
@@ -211,14 +210,3 @@ def peek_signature(path: Any) -> list[InputSig] | None:
     if isinstance(path, (str, Path)) and Path(path).suffix.lower() == ".onnx" and Path(path).is_file():
         return OnnxRunner(Path(path)).signature()
     return None
-
-
-def torch_dtype_name(dtype: Any) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def check_feeds(sig: list[InputSig] | None, n: int, label: str) -> None:
-    if sig is not None and len(sig) != n and not (sig == [] and n == 0):
-        names = ", ".join(s.name for s in sig) or "none"
-        raise BadInput(f"{label} takes {len(sig)} input{'s' if len(sig) != 1 else ''} ({names}), "
-                       f"the inputs given are {n}", code="input-mismatch")
