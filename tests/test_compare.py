@@ -214,3 +214,13 @@ def test_api_compare_on_files_and_modules(pair):
     assert not c.passed and c.first_divergence.a == "layer3.0.conv2"
     x = torch.randn(*SHAPE)
     assert ms.compare(a, seeded_resnet(3), inputs=[x]).passed
+
+
+def test_state_dict_side_with_its_factory(pair, tmp_path):
+    _d, pt, _onnx = pair
+    st = tmp_path / "net.safetensors"
+    ms.save(seeded_resnet(3), st)
+    r = run_cli("compare", pt, st, "--trust-pickle", "--arch-b", "zoo.resnet:resnet", "-s", S, "--layers", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["first_divergence"] is None and r.json()["outputs"][0]["max_abs"] == 0
+    assert run_cli("compare", pt, st, "--trust-pickle", "--json").json()["error"]["code"] == "needs-arch"
