@@ -80,8 +80,17 @@ def existing(path: Path) -> str:
     return old[start:end + 1] if end >= 0 else old[start:]
 
 
+def write_section(text: str, path: Path) -> None:
+    """Put ``text`` (this section) into ``path``, replacing an earlier one, other sections kept."""
+    old = path.read_text() if path.exists() else "# Performance\n"
+    start = old.find(SECTION)
+    if start >= 0:
+        end = old.find("\n## ", start + len(SECTION))
+        old = old[:start] + (old[end + 1:] if end >= 0 else "")
+    path.write_text(old.rstrip("\n") + "\n\n" + text)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    from .onnx_optimize import write_section
     from .run import build_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m bench.own_rounding", description=__doc__.splitlines()[0])
