@@ -15,7 +15,7 @@ from typing import Any
 from ._version import __version__
 from .errors import BadInput, ParityError, SurgeryError, UnsafeCheckpoint
 
-_API = {"load", "save", "run", "compare", "fold_bn", "focus_to_conv", "fold_fusion", "truncate", "optimize"}
+_API = {"load", "save", "run", "compare", "fold_bn", "focus_to_conv", "fold_fusion", "reparam", "truncate", "optimize"}
 
 __all__ = ["__version__", "BadInput", "ParityError", "SurgeryError", "UnsafeCheckpoint", "register_pass",
            *sorted(_API)]

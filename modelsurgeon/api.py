@@ -25,7 +25,7 @@ from .options.run import RunOptions
 
 Shape = Sequence[int]
 
-__all__ = ["load", "save", "run", "compare", "fold_bn", "focus_to_conv", "fold_fusion", "truncate", "optimize"]
+__all__ = ["load", "save", "run", "compare", "fold_bn", "focus_to_conv", "fold_fusion", "reparam", "truncate", "optimize"]
 
 
 def load(path: str | Path, arch: str | None = None, arch_kwargs: dict | str | None = None, *,
@@ -206,6 +206,8 @@ focus_to_conv.__doc__ = """Replace space-to-depth stems (Focus, pixel_unshuffle)
 Options: ``check_grad`` (also compare the gradients), ``bench`` (time the stem)."""
 fold_fusion = _pass_function("fold-fusion", "fold_fusion")
 fold_fusion.__doc__ = """Evaluate fusion weights once and fold them into the convs producing the fused inputs, in place."""
+reparam = _pass_function("reparam", "reparam")
+reparam.__doc__ = """Merge multi-branch blocks (RepVGG, MobileOne, RepConv, ACNet, DBB) into one conv each, in place."""
 truncate = _pass_function("truncate", "truncate")
 truncate.__doc__ = """Remove the last ``blocks`` blocks of a backbone stage (or those after ``after``), in place,
 and rebuild (``head="reinit"``) or drop the layers that read the stage's output; ``stage``
@@ -279,7 +281,7 @@ def _signatures() -> None:
     from .options.optimize import OptimizeOptions
 
     model_fields = [n for n in RunOptions.MODEL if n != "input_shape"]
-    for fn, classes in ((fold_bn, []), (fold_fusion, []), (focus_to_conv, [FocusToConvOptions]),
+    for fn, classes in ((fold_bn, []), (fold_fusion, []), (reparam, []), (focus_to_conv, [FocusToConvOptions]),
                         (truncate, [TruncateOptions]), (optimize, [OptimizeOptions])):
         _signature(fn, classes, model_fields)
 

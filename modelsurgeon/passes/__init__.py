@@ -18,7 +18,7 @@ from .registry import (REGISTRY, available, exact_passes, get, in_group, in_orde
                        load_plugins, register_pass, spec, specs)
 from .spec import PassSpec  # noqa: F401
 
-BUILTIN = ("focus_to_conv", "fold_fusion", "fold_bn", "truncate")
+BUILTIN = ("focus_to_conv", "fold_fusion", "reparam", "fold_bn", "truncate")
 
 from .cleanup import EARLY as _EARLY, LATE as _LATE  # noqa: E402  (the ONNX graph clean-up: passes/cleanup)
 
