@@ -27,7 +27,7 @@ def _small():
 
 def test_optimize_order_comes_from_declarations_not_registration():
     specs = [s for s in registry.specs() if s.group is None]
-    expected = ["focus-to-conv", "fold-fusion", "fold-bn"]
+    expected = ["focus-to-conv", "fold-fusion", "reparam", "fold-bn"]
     assert [n for n in registry.exact_passes() if registry.spec(n).group is None] == expected
     for shuffled in (list(reversed(specs)), specs[1:] + specs[:1], specs[2:] + specs[:2]):
         assert ordered(shuffled, expected) == expected

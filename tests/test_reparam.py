@@ -1,0 +1,239 @@
+"""reparam on PyTorch models: training-form blocks as each project writes them become one conv
+per block (no BatchNorm, no branch add left after optimize), equal to the project's own deploy
+method where it has one; what cannot be merged exactly is skipped with its stable code; outputs
+in each format."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import modelsurgeon as ms
+import reparam_models as R
+from conftest import run_cli, run_without_modelsurgeon
+from modelsurgeon.capture import capture
+from testmodels import randomize_all
+
+ROOT = Path(__file__).resolve().parents[1]
+S16 = (1, 3, 16, 16)
+
+MODELS = {
+    "repvgg-a": (lambda: R.RepVGG(), (1, 3, 32, 32)),
+    "mobileone": (lambda: R.MobileOne(), (1, 3, 32, 32)),
+    "yolov6-repvgg": (lambda: nn.Sequential(R.V6RepVGGBlock(3, 8, s=2), R.V6RepVGGBlock(8, 8)), S16),
+    "yolov6-qarepvgg": (lambda: nn.Sequential(R.QARepVGGBlock(3, 8, s=2), R.QARepVGGBlock(8, 8)), S16),
+    "yolov7-repconv": (lambda: nn.Sequential(R.RepConv(3, 8, s=2), R.RepConv(8, 8), R.RepConv(8, 8, g=4)), S16),
+    "repghost": (lambda: nn.Sequential(R.RepGhostModule(3, 8), R.RepGhostModule(8, 8, relu=False)), S16),
+    "acnet": (lambda: R.ACNet(), S16),
+}
+BLOCKS = (R.RepVGGBlock, R.MobileOneBlock, R.V6RepVGGBlock, R.RepConv, R.RepGhostModule, R.ACBlock)
+
+
+def _built(name, seed=3):
+    make, shape = MODELS[name]
+    torch.manual_seed(seed)
+    return randomize_all(make(), seed).eval(), shape
+
+
+def _ops_in_blocks(model, shape):
+    g, _, _ = capture(model, [torch.randn(shape)])
+    out = {}
+    for c in g.calls:
+        if isinstance(c.module, BLOCKS):
+            out[c.path] = [e.name for e in g.events_in(c)]
+    return out
+
+
+def _close(a, b):
+    return float((a - b).abs().max()) <= 2e-5 * (1 + float(b.abs().max()))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_optimize_leaves_one_conv_per_block_and_no_batchnorm(name):
+    model, shape = _built(name)
+    original = copy.deepcopy(model)
+    model, report = ms.optimize(model, shape)
+    assert report.parity.passed
+    rp = next(p for p in report.passes if p.name == "reparam")
+    assert rp.applied and not rp.skipped
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    for path, ops in _ops_in_blocks(model, shape).items():
+        convs = [o for o in ops if o == "conv2d"]
+        adds = [o for o in ops if "add" in o]
+        # RepGhost's primary conv stays beside the merged cheap operation
+        assert len(convs) == (2 if isinstance(model.get_submodule(path), R.RepGhostModule) else 1), (path, ops)
+        assert not adds and "batch_norm" not in ops, (path, ops)
+    blocks = [(n, type(m)) for n, m in original.named_modules() if isinstance(m, BLOCKS)]
+    assert blocks and all(type(model.get_submodule(n)) is t for n, t in blocks)
+    x = torch.randn(2, *shape[1:]) * 2
+    with torch.no_grad():  # float64-fold precision: the merged weights are float32 roundings of exact sums
+        assert _close(model(x), original(x))
+        assert torch.allclose(model.double()(x.double()), original.double()(x.double()), rtol=1e-6, atol=1e-6)
+
+
+def test_figures_per_block():
+    model, shape = _built("repvgg-a")
+    _, report = ms.reparam(model, shape)
+    (rp,) = report.passes
+    first = rp.applied[0].to_json()
+    (block,) = first["blocks"]
+    assert block["conv"] == "rbr_reparam" and block["kernel"] == [3, 3] and block["stride"] == [2, 2]
+    assert len(block["branches"]) == 2 and block["flops"][1] < block["flops"][0]
+    assert block["params"][1] == 3 * 8 * 9 + 8 < block["params"][0]
+    ident = [b for a in rp.applied for b in a.to_json()["blocks"] if len(b["branches"]) == 3]
+    assert ident and all("identity" in b["branches"][2] for b in ident)
+
+
+def _own(model, method):
+    for m in model.modules():
+        if hasattr(m, method):
+            getattr(m, method)()
+    return model
+
+
+@pytest.mark.parametrize("name, method, attr", [
+    ("repvgg-a", "switch_to_deploy", "rbr_reparam"),
+    ("mobileone", "reparameterize", "reparam_conv"),
+    ("yolov7-repconv", "fuse_repvgg_block", "rbr_reparam"),
+    ("yolov6-qarepvgg", "switch_to_deploy", "rbr_reparam"),
+    ("repghost", "switch_to_deploy", None),
+])
+def test_equals_the_projects_own_deploy_method(name, method, attr):
+    model, shape = _built(name)
+    theirs = _own(copy.deepcopy(model), method)
+    ours, _ = ms.reparam(model, shape)
+    x = torch.randn(2, *shape[1:])
+    with torch.no_grad():
+        assert _close(ours(x), theirs(x))
+    if attr is None or name == "yolov6-qarepvgg":  # QARepVGG's own keeps its BN after the conv
+        return
+    blocks = [n for n, m in ours.named_modules() if isinstance(m, BLOCKS)]
+    assert blocks
+    for n in blocks:
+        mine, own = getattr(ours.get_submodule(n), attr), getattr(theirs.get_submodule(n), attr)
+        assert (mine.kernel_size, mine.stride, mine.padding, mine.groups) == \
+               (own.kernel_size, own.stride, own.padding, own.groups)
+        assert torch.allclose(mine.weight, own.weight, atol=1e-5) and torch.allclose(mine.bias, own.bias, atol=1e-5)
+
+
+def test_acnet_equals_its_equivalent_kernel():
+    model, shape = _built("acnet")
+    kernels = [b.get_equivalent_kernel_bias() for b in model.modules() if isinstance(b, R.ACBlock)]
+    ms.reparam(model, shape)
+    for (k, b), block in zip(kernels, [m for m in model.modules() if isinstance(m, R.ACBlock)]):
+        assert torch.allclose(block.fused_conv.weight, k, atol=1e-5) and torch.allclose(block.fused_conv.bias, b, atol=1e-5)
+    assert not model.body[0].deploy  # the class keeps its state; the instance runs the merged conv
+
+
+class Branches(nn.Module):
+    """Two or three branches of ``x`` summed before a ReLU, each built by ``make``."""
+
+    def __init__(self, *branches):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        out = self.branches[0](x)
+        for b in self.branches[1:]:
+            out = out + b(x)
+        return self.act(out)
+
+
+class Relu1x1(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return F.relu(self.conv(x))
+
+
+def _skips(model, shape=(1, 4, 8, 8)):
+    torch.manual_seed(0)
+    model = randomize_all(model, 5).eval()
+    original = copy.deepcopy(model)
+    model, report = ms.reparam(model, shape)
+    (rp,) = report.passes
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert _close(model(x), original(x))
+    return rp
+
+
+@pytest.mark.parametrize("make, code", [
+    (lambda: R.PaddedSequence(4), "zero-padding-after-bn"),
+    (lambda: Branches(nn.Conv2d(4, 4, 2, 2), nn.Conv2d(4, 4, 1, 2)), "misaligned-centres"),
+    (lambda: Branches(R.conv_bn(4, 4, 3, 1, 1, g=2), R.conv_bn(4, 4, 1, 1, 0)), "groups-mismatch"),
+    (lambda: Branches(R.conv_bn(4, 4, 3, 1, 1), R.conv_bn(4, 4, 1, 1, 0), Relu1x1(4)), "nonlinear-branch"),
+    (lambda: Branches(nn.Conv2d(4, 4, 3, 1, 1, padding_mode="reflect"), R.conv_bn(4, 4, 1, 1, 0)), "padding-mode"),
+    (lambda: Branches(nn.Conv2d(4, 4, 3, 1, 1), nn.BatchNorm2d(4, track_running_stats=False)), "training-mode"),
+])
+def test_what_is_not_one_conv_is_skipped_with_its_code(make, code):
+    rp = _skips(make())
+    assert not rp.applied and [s.code for s in rp.skipped] == [code]
+
+
+def test_stride_mismatch_is_skipped():
+    rp = _skips(Branches(nn.Conv2d(4, 4, 5), nn.Conv2d(4, 4, 1, 5)), (1, 4, 5, 5))
+    assert [s.code for s in rp.skipped] == ["stride-mismatch"]
+
+
+def test_hooks_and_shared_modules_are_skipped():
+    block = Branches(R.conv_bn(4, 4, 3, 1, 1), R.conv_bn(4, 4, 1, 1, 0))
+    block.branches[1].register_forward_hook(lambda m, i, o: None)
+    assert [s.code for s in _skips(block).skipped] == ["hooks"]
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Branches(R.conv_bn(4, 4, 3, 1, 1), R.conv_bn(4, 4, 1, 1, 0))
+
+        def forward(self, x):
+            return self.block(x) + self.block.branches[1](x)
+
+    assert [s.code for s in _skips(Twice()).skipped] == ["shared"]
+
+
+def test_a_residual_block_is_no_candidate():
+    from testmodels import seeded_resnet
+
+    model = seeded_resnet()
+    _, report = ms.reparam(model, (1, 3, 32, 32))
+    assert not report.passes[0].applied and not report.passes[0].skipped
+
+
+def test_pickled_and_state_dict_outputs(tmp_path):
+    model, shape = _built("repvgg-a")
+    src = tmp_path / "m.pt"
+    torch.save(model, src)
+    for out in (tmp_path / "o.pt", tmp_path / "o.onnx"):
+        r = run_cli("optimize", src, "--trust-pickle", "--code-path", ROOT / "tests", "-s", "1,3,32,32", "-o", out,
+                    "--json")
+        assert r.code == 0, r.err
+        rep = r.json()
+        assert rep["parity"]["passed"] and rep["after"]["bn"] == 0
+    x = torch.randn(2, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    shown = run_without_modelsurgeon(tmp_path / "o.pt", tmp_path / "x.pt", tmp_path / "y.pt",
+                                     "type(m.stage1[0]).__name__, '+'.join(sorted(m.stage1[0]._modules))")
+    assert shown == ["RepVGGBlock", "fused+nonlinearity+rbr_reparam+se"]
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "o.onnx")).graph.node]
+    assert "BatchNormalization" not in ops and "Add" not in ops and ops.count("Conv") == 7
+    # a state_dict, through its factory: the safetensors output rebuilds the merged blocks
+    sd, out = tmp_path / "sd.pt", tmp_path / "o.safetensors"
+    torch.save(model.state_dict(), sd)
+    r = run_cli("reparam", sd, "--arch", "reparam_models:RepVGG", "--code-path", ROOT / "tests", "-s", "1,3,32,32",
+                "-o", out, "--json")
+    assert r.code == 0, r.err
+    rebuilt = ms.load(out, arch="reparam_models:RepVGG")
+    with torch.no_grad():
+        assert _close(rebuilt(x), model(x))
+    assert isinstance(rebuilt.stage1[0].rbr_reparam, nn.Conv2d) and not hasattr(rebuilt.stage1[0], "rbr_dense")
