@@ -317,7 +317,7 @@ def _check(g: DataflowGraph, b: BlockSum) -> Problem | None:
                 return Problem("shared", f"the weight of {_where(g, s.event)} is read by other ops too")
     conv_groups = set()
     for br in b.branches:
-        m = _branch_map(br, channels[1])
+        m = branch_map(br.stages, channels[1])
         if isinstance(m, Problem):
             return m
         br.map = m
@@ -327,10 +327,11 @@ def _check(g: DataflowGraph, b: BlockSum) -> Problem | None:
     return None
 
 
-def _branch_map(br: Branch, channels: int) -> K.ConvMap | Problem:
+def branch_map(stages: list[Stage], channels: int) -> K.ConvMap | Problem:
+    """One branch (its stages from the source outward) as one conv map, or why it is none."""
     cur: K.ConvMap | None = None
     pending = (0, 0)
-    for s in br.stages:
+    for s in stages:
         if s.kind == "pad":
             pending = (pending[0] + s.map[0], pending[1] + s.map[1])
             continue
