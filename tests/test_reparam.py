@@ -30,8 +30,10 @@ MODELS = {
     "yolov7-repconv": (lambda: nn.Sequential(R.RepConv(3, 8, s=2), R.RepConv(8, 8), R.RepConv(8, 8, g=4)), S16),
     "repghost": (lambda: nn.Sequential(R.RepGhostModule(3, 8), R.RepGhostModule(8, 8, relu=False)), S16),
     "acnet": (lambda: R.ACNet(), S16),
+    "dbb": (lambda: R.DBBNet(), S16),
 }
-BLOCKS = (R.RepVGGBlock, R.MobileOneBlock, R.V6RepVGGBlock, R.RepConv, R.RepGhostModule, R.ACBlock)
+BLOCKS = (R.RepVGGBlock, R.MobileOneBlock, R.V6RepVGGBlock, R.RepConv, R.RepGhostModule, R.ACBlock,
+          R.DiverseBranchBlock)
 
 
 def _built(name, seed=3):
@@ -102,6 +104,7 @@ def _own(model, method):
     ("yolov7-repconv", "fuse_repvgg_block", "rbr_reparam"),
     ("yolov6-qarepvgg", "switch_to_deploy", "rbr_reparam"),
     ("repghost", "switch_to_deploy", None),
+    ("dbb", "switch_to_deploy", "dbb_reparam"),
 ])
 def test_equals_the_projects_own_deploy_method(name, method, attr):
     model, shape = _built(name)

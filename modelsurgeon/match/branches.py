@@ -3,7 +3,7 @@ non-linearity (RepVGG, MobileOne, RepConv, ACNet, RepGhost, DBB...).
 
 A *sum* is a tree of tensor additions (``a + b``, ``out += c``, ``0 + x``). Walking back from
 each summand through linear ops -- 2-D convs, inference BatchNorm, constant per-channel
-multiplies and adds, average pooling, zero padding -- gives its chain; the source is the
+multiplies and adds, average pooling, padding (:mod:`.branch_stages`) -- gives its chain; the source is the
 latest tensor every chain reaches. Each branch becomes a :class:`~modelsurgeon.rewrite.kernels.
 ConvMap` (identity: a delta kernel). A per-channel affine reading the sum (QARepVGG's
 BatchNorm after it) joins it. What keeps a found block from being merged is said with a stable
@@ -17,26 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..capture.graph import OUTPUT, DataflowGraph, ModuleCall, OpEvent, Ref
-from ..rewrite import kernels as K
-from .affine import ADD, batch_norm_affine, elementwise_affine
+from .affine import ADD
+from .branch_stages import Problem, Stage, branch_map, stage
 from .calls import hook_kind
-
-PASS_THROUGH = {"Tensor.contiguous", "contiguous", "clone", "Tensor.clone", "dropout", "feature_dropout"}
-
-
-@dataclass
-class Problem:
-    code: str
-    reason: str
-
-
-@dataclass
-class Stage:
-    kind: str  # "conv" | "affine" | "avg" | "pad"
-    event: OpEvent
-    source: int  # the value it reads
-    map: Any = None  # ConvMap (conv, avg) or (scale, shift) (affine) or (top, left) zero padding (pad)
-    problem: Problem | None = None
 
 
 @dataclass
@@ -83,89 +66,6 @@ def _where(g: DataflowGraph, ev: OpEvent, base: str = "") -> str:
     return path if path and path != base and not base else ev.name
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, int):
-        return v, v
-    v = tuple(int(x) for x in v)
-    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
-
-
-def _const(g: DataflowGraph, r: Any) -> Any:
-    if r is None:
-        return None
-    if isinstance(r, Ref) and g.value(r.value).const and g.value(r.value).tensor is not None:
-        return g.value(r.value).tensor
-    return False
-
-
-def _conv(g: DataflowGraph, ev: OpEvent) -> K.ConvMap | Problem:
-    import torch
-
-    w, b = _const(g, ev.arg(1, "weight")), _const(g, ev.arg(2, "bias"))
-    if w is False or w is None or b is False or w.dim() != 4:
-        return Problem("computed-weight", "its weight or bias is computed in the forward")
-    stride, dil, groups = _pair(ev.arg(3, "stride", 1)), _pair(ev.arg(5, "dilation", 1)), int(ev.arg(6, "groups", 1))
-    pad = ev.arg(4, "padding", 0)
-    if pad == "valid":
-        pad = 0
-    elif pad == "same":
-        total = [d * (k - 1) for d, k in zip(dil, w.shape[2:])]
-        if any(t % 2 for t in total):
-            return Problem("misaligned-centres", "padding='same' with an even kernel pads one side more")
-        pad = [t // 2 for t in total]
-    bias = b.double() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    return K.ConvMap(w.detach().double(), bias.detach().reshape(-1), stride, _pair(pad), dil, groups)
-
-
-def _stage(g: DataflowGraph, ev: OpEvent, v: int) -> Stage | None:
-    """The linear map ``ev`` applies to produce ``v`` (``None``: not a linear op this matcher
-    knows; the chain stops there)."""
-    if ev.name == "conv2d" and isinstance(ev.args[0], Ref):
-        m = _conv(g, ev)
-        return Stage("conv", ev, ev.args[0].value, m if isinstance(m, K.ConvMap) else None,
-                     m if isinstance(m, Problem) else None)
-    if ev.name == "batch_norm" and isinstance(ev.args[0], Ref):
-        a = batch_norm_affine(g, ev)
-        if isinstance(a, str):
-            code = "training-mode" if "batch statistics" in a else "not-affine"
-            return Stage("affine", ev, ev.args[0].value, None, Problem(code, a))
-        return Stage("affine", ev, ev.args[0].value, (a.scale, a.shift))
-    if ev.name in PASS_THROUGH and ev.args and isinstance(ev.args[0], Ref):
-        if ev.name.endswith("dropout") and ev.arg(2, "training", False):
-            return None
-        return Stage("affine", ev, ev.args[0].value, None)
-    if ev.name == "avg_pool2d" and isinstance(ev.args[0], Ref):
-        k = _pair(ev.arg(1, "kernel_size"))
-        s = ev.arg(2, "stride", None)
-        s = k if s in (None, []) else _pair(s)
-        p = _pair(ev.arg(3, "padding", 0))
-        x = g.value(ev.args[0].value).shape
-        if ev.arg(4, "ceil_mode", False) or not ev.arg(5, "count_include_pad", True) or \
-                ev.arg(6, "divisor_override", None) is not None or x is None:
-            return Stage("avg", ev, ev.args[0].value, None,
-                         Problem("pooling", "average pooling without count_include_pad=True or with ceil_mode"))
-        return Stage("avg", ev, ev.args[0].value, K.avg_pool(x[1], k, s, p))
-    if ev.name == "pad" and isinstance(ev.args[0], Ref):
-        p = list(ev.arg(1, "pad"))
-        mode, value = ev.arg(2, "mode", "constant"), ev.arg(3, "value", None)
-        if mode != "constant" or value not in (None, 0, 0.0):
-            return Stage("pad", ev, ev.args[0].value, None, Problem(
-                "padding-mode", f"a branch pads with mode {mode!r}" + (f" value {value}" if value else "")))
-        if len(p) != 4 or p[0] != p[1] or p[2] != p[3]:
-            return Stage("pad", ev, ev.args[0].value, None, Problem("misaligned-centres", "a branch pads one side more"))
-        return Stage("pad", ev, ev.args[0].value, (p[2], p[0]))
-    if ev.name in ADD or ev.name in {"mul", "Tensor.mul", "Tensor.__mul__", "Tensor.__rmul__", "Tensor.mul_",
-                                     "Tensor.__imul__", "sub", "Tensor.sub", "Tensor.__sub__", "div",
-                                     "Tensor.div", "Tensor.__truediv__"}:
-        for a in ev.args[:2]:
-            if isinstance(a, Ref) and not g.value(a.value).const:
-                r = elementwise_affine(g, ev, a.value, 1)
-                if r is not None and len(g.value(a.value).shape or ()) == 4:
-                    aff = r[0]
-                    return Stage("affine", ev, a.value, (aff.scale, aff.shift))
-    return None
-
-
 def _chain(g: DataflowGraph, v: int, floor: int) -> tuple[list[int], list[Stage], OpEvent | None]:
     """Values from ``v`` back through linear ops (``path[i+1]`` is what ``stages[i]`` read),
     and the op it stopped at."""
@@ -174,7 +74,7 @@ def _chain(g: DataflowGraph, v: int, floor: int) -> tuple[list[int], list[Stage]
         ev = g.producer(v)
         if ev is None or ev.id < floor:
             return path, stages, None
-        st = _stage(g, ev, v)
+        st = stage(g, ev, v)
         if st is None:
             return path, stages, ev
         stages.append(st)
@@ -266,7 +166,7 @@ def _block(g: DataflowGraph, root: OpEvent, leaves: list[int], adds: list[OpEven
         users = g.uses(final)
         if len(users) != 1 or users[0] == OUTPUT or not (owner.start <= users[0] < owner.end):
             break
-        st = _stage(g, g.event(users[0]), g.event(users[0]).outputs[0])
+        st = stage(g, g.event(users[0]), g.event(users[0]).outputs[0])
         if st is None or st.kind != "affine" or st.source != final or st.problem is not None:
             break
         post.append(st)
@@ -325,37 +225,3 @@ def _check(g: DataflowGraph, b: BlockSum) -> Problem | None:
     if len(conv_groups) > 1:
         return Problem("groups-mismatch", f"the branches' convs have different groups ({sorted(conv_groups)})")
     return None
-
-
-def branch_map(stages: list[Stage], channels: int) -> K.ConvMap | Problem:
-    """One branch (its stages from the source outward) as one conv map, or why it is none."""
-    cur: K.ConvMap | None = None
-    pending = (0, 0)
-    for s in stages:
-        if s.kind == "pad":
-            pending = (pending[0] + s.map[0], pending[1] + s.map[1])
-            continue
-        if s.kind == "affine":
-            if s.map is None:
-                continue
-            cur = K.then_affine(cur if cur is not None else K.identity(channels), *s.map)
-            continue
-        m = s.map
-        if pending != (0, 0):
-            m = K.ConvMap(m.weight, m.bias, m.stride, (m.padding[0] + pending[0], m.padding[1] + pending[1]),
-                          m.dilation, m.groups)
-            pending = (0, 0)
-        if cur is None:
-            cur = m
-            continue
-        if m.padding != (0, 0) and bool(cur.bias.abs().max() > 0):
-            return Problem("zero-padding-after-bn", "a k×k stage pads with zeros after a stage with a bias "
-                                                    "(a BatchNorm): the sum is not one conv at the border")
-        try:
-            cur = K.compose(cur, m)
-        except ValueError:
-            return Problem("sequence", "two k×k stages in one branch")
-        channels = cur.out_channels
-    if pending != (0, 0):
-        return Problem("misaligned-centres", "a branch pads without a conv after it")
-    return cur if cur is not None else K.identity(channels)

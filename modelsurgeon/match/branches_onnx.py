@@ -15,7 +15,7 @@ from typing import Any
 
 from ..capture.onnx import EvaluationError, OnnxGraph, node_label
 from ..rewrite import kernels as K
-from .branches import Problem, Stage, branch_map
+from .branch_stages import Problem, Stage, branch_map
 from .onnx import _attr, _const, affine_step, to_f64
 
 SUMS = {"Add", "Sum"}
@@ -118,7 +118,7 @@ def _stage(g: OnnxGraph, node: Any) -> Stage | None:
         p = [int(v) for v in pads.reshape(-1)]
         if len(p) != 8 or p[:2] != [0, 0] or p[4:6] != [0, 0] or p[2] != p[6] or p[3] != p[7]:
             return Stage("pad", node, x, None, Problem("misaligned-centres", "a branch pads one side more"))
-        return Stage("pad", node, x, (p[2], p[3]))
+        return Stage("pad", node, x, (p[2], p[3], None))
     c = _channels(g, node.outputs[0])
     if c is None:
         return None
