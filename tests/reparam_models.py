@@ -62,6 +62,8 @@ class RepVGGBlock(nn.Module):
         return kernel, bias
 
     def switch_to_deploy(self):
+        if hasattr(self, "rbr_reparam"):
+            return
         kernel, bias = self.get_equivalent_kernel_bias()
         conv = self.rbr_dense.conv
         self.rbr_reparam = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
@@ -125,6 +127,8 @@ class MobileOneBlock(nn.Module):
         return self.activation(self.se(out))
 
     def reparameterize(self):
+        if self.inference_mode:
+            return
         k = self.kernel_size
         kernel, bias = 0, 0
         if self.rbr_scale is not None:
@@ -214,6 +218,8 @@ class QARepVGGBlock(V6RepVGGBlock):
         return self.nonlinearity(self.bn(self.se(self.rbr_dense(inputs) + self.rbr_1x1(inputs) + id_out)))
 
     def switch_to_deploy(self):
+        if hasattr(self, "rbr_reparam"):
+            return
         kernel, bias = _fuse(self.rbr_dense.conv.weight, self.rbr_dense.bn)
         kernel = kernel + F.pad(self.rbr_1x1.weight, [1, 1, 1, 1])
         if self.rbr_identity is not None:
@@ -230,7 +236,7 @@ class RepConv(nn.Module):
 
     def __init__(self, c1, c2, k=3, s=1, p=None, g=1):
         super().__init__()
-        self.groups = g
+        self.groups, self.deploy = g, False
         p = k // 2 if p is None else p
         self.act = nn.SiLU()
         self.rbr_identity = nn.BatchNorm2d(c1) if c2 == c1 and s == 1 else None
@@ -244,6 +250,8 @@ class RepConv(nn.Module):
         return self.act(self.rbr_dense(inputs) + self.rbr_1x1(inputs) + id_out)
 
     def fuse_repvgg_block(self):
+        if self.deploy:
+            return
         k3, b3 = _fuse(self.rbr_dense[0].weight, self.rbr_dense[1])
         k1, b1 = _fuse(self.rbr_1x1[0].weight, self.rbr_1x1[1])
         kernel, bias = k3 + F.pad(k1, [1, 1, 1, 1]), b3 + b1
@@ -256,6 +264,7 @@ class RepConv(nn.Module):
         self.rbr_reparam.weight.data, self.rbr_reparam.bias.data = kernel.detach(), bias.detach()
         for name in ("rbr_dense", "rbr_1x1", "rbr_identity"):
             delattr(self, name)
+        self.deploy = True
 
 
 class RepGhostModule(nn.Module):
@@ -437,6 +446,8 @@ class DiverseBranchBlock(nn.Module):
         return kernel + ka + kk, bias + ba + bk
 
     def switch_to_deploy(self):
+        if hasattr(self, "dbb_reparam"):
+            return
         kernel, bias = self.get_equivalent_kernel_bias()
         conv = self.dbb_origin.conv
         self.dbb_reparam = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,

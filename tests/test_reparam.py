@@ -240,3 +240,42 @@ def test_pickled_and_state_dict_outputs(tmp_path):
     with torch.no_grad():
         assert _close(rebuilt(x), model(x))
     assert isinstance(rebuilt.stage1[0].rbr_reparam, nn.Conv2d) and not hasattr(rebuilt.stage1[0], "rbr_dense")
+
+
+@pytest.mark.parametrize("name, method", [
+    ("repvgg-a", "switch_to_deploy"), ("mobileone", "reparameterize"), ("yolov7-repconv", "fuse_repvgg_block"),
+    ("yolov6-qarepvgg", "switch_to_deploy"), ("dbb", "switch_to_deploy"),
+])
+def test_the_projects_own_deploy_method_still_runs_on_the_output(name, method):
+    """A host calls its deploy method when it loads a model (YOLOv7's fuse(), Ultralytics'):
+    guarded by ``hasattr(self, name)`` it finds the merged conv under that name; guarded by a
+    flag (MobileOne's ``inference_mode``, YOLOv7's ``deploy``) it finds the flag set."""
+    model, shape = _built(name)
+    ours, report = ms.optimize(model, shape)
+    x = torch.randn(2, *shape[1:])
+    with torch.no_grad():
+        before = ours(x)
+        _own(ours, method)
+        assert torch.equal(ours(x), before)
+    rp = next(p for p in report.passes if p.name == "reparam")
+    assert not any(a.data["host_methods_unusable"] for a in rp.applied)
+
+
+def test_ultralytics_style_host_loads_the_optimized_checkpoint(tmp_path):
+    """Ultralytics' loader calls ``fuse()``, which calls ``RepConv.fuse_convs`` (guarded by
+    ``hasattr(self, "conv")``) and then runs ``forward_fuse``: the merged conv is named ``conv``."""
+    import ultralike
+    from test_host_loaders import _host_run
+
+    model = ultralike.randomized(3)
+    src, dst = tmp_path / "best.pt", tmp_path / "best-opt.pt"
+    torch.save({"epoch": 10, "model": None, "ema": copy.deepcopy(model).half(), "optimizer": None,
+                "train_args": {"imgsz": 64}}, src)
+    r = run_cli("optimize", src, "--trust-pickle", "--code-path", ROOT / "tests", "-s", "1,3,64,64", "-o", dst, "--json")
+    assert r.code == 0, r.err
+    out = torch.load(dst, weights_only=False)["ema"]
+    reps = [m for m in out.modules() if isinstance(m, ultralike.RepConv)]
+    assert reps and all(isinstance(m.conv, nn.Conv2d) and not hasattr(m, "conv1") for m in reps)
+    want = _host_run("ultralike:attempt_load_one_weight", src, [])
+    got = _host_run("ultralike:attempt_load_one_weight", dst, [])
+    assert float((got - want).abs().max()) <= 1e-2 * float(want.abs().max())

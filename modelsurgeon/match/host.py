@@ -77,3 +77,86 @@ def statistics_reader(root: Any, path: str) -> str | None:
             if name == attr:
                 return method
     return None
+
+
+def _own_methods(cls: type) -> dict[str, Any]:
+    """``name -> ast.FunctionDef`` of the methods of ``cls`` and its own bases (torch's aside)."""
+    out: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if klass.__module__.startswith("torch.") or klass is object:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                out.update({f.name: f for f in node.body if isinstance(f, ast.FunctionDef)})
+    return out
+
+
+def _self_attrs(fn: Any) -> set[str]:
+    return {n.attr for n in ast.walk(fn) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+            and n.value.id == "self"}
+
+
+def _guard(fn: Any) -> tuple[str, str] | None:
+    """``("hasattr", name)`` / ``("flag", name)`` when ``fn`` starts by returning if the module
+    has attribute ``name`` / if ``self.name`` is true."""
+    body = [s for s in fn.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    if not body or not isinstance(body[0], ast.If) or not any(isinstance(s, ast.Return) for s in body[0].body):
+        return None
+    t = body[0].test
+    if isinstance(t, ast.Call) and isinstance(t.func, ast.Name) and t.func.id == "hasattr" and len(t.args) == 2 \
+            and isinstance(t.args[1], ast.Constant) and isinstance(t.args[1].value, str):
+        return "hasattr", t.args[1].value
+    if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+        return "flag", t.attr
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def deploy_methods(cls: type, removed: frozenset) -> tuple[tuple[str, tuple[str, str] | None], ...]:
+    """The host's own re-parameterisation entry points of ``cls``: methods (not forwards, not
+    called by another method) that read one of the ``removed`` children, each with its guard
+    (:func:`_guard`) or ``None`` -- once the branches are merged, a guarded one must find its
+    guard satisfied (the merged conv under the name it tests, or its flag set), and an
+    unguarded one cannot be called any more."""
+    methods = _own_methods(cls)
+    called = {n.func.attr for f in methods.values() for n in ast.walk(f)
+              if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    reads: dict[str, set[str]] = {}
+
+    def reach(name: str, seen: set) -> set[str]:
+        if name in seen or name not in methods:
+            return set()
+        seen.add(name)
+        got = _self_attrs(methods[name])
+        for callee in list(got):
+            got |= reach(callee, seen)
+        return got
+
+    out = []
+    for name, fn in methods.items():
+        if name.startswith("forward") or name.startswith("__") or name in called:
+            continue
+        reads[name] = reach(name, set())
+        if reads[name] & removed:
+            out.append((name, _guard(fn)))
+    return tuple(out)
+
+
+def forward_names(cls: type) -> list[str]:
+    """Attributes the class's forwards call (``self.name(...)``) or test (``hasattr(self, name)``)."""
+    names: list[str] = []
+    for name, fn in _own_methods(cls).items():
+        if not (name.startswith("forward") or FUSED_NAME.match(name)):
+            continue
+        for n in ast.walk(fn):
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name) \
+                    and n.func.value.id == "self":
+                names.append(n.func.attr)
+            elif isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "hasattr" and \
+                    len(n.args) == 2 and isinstance(n.args[1], ast.Constant):
+                names.append(str(n.args[1].value))
+    return list(dict.fromkeys(names))

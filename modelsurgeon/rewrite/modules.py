@@ -186,6 +186,13 @@ class ModuleEditor:
         self._storage_count = None  # tensors left the model
         return f"{paths[0]}.{name}" if paths[0] else name
 
+    def set_attribute(self, module: Any, name: str, value: Any) -> None:
+        """Set a plain attribute (a flag such as ``inference_mode``) on ``module``, in the recipe."""
+        setattr(module, name, value)
+        self.changed_modules.append(module)
+        self.recipe.edits.append({"op": "setattr", "path": self.paths_of(module)[0], "name": name,
+                                  "value": _jsonable(value)})
+
     def spec_for(self, new: Any) -> dict | None:
         """Recipe spec for a module: a move when it is already in the tree, else torch.nn."""
         import torch

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from ...match import host
 from ...match.branches import BlockSum, find_sums
 from ...report.flops import event_flops
 from ...rewrite import forward
@@ -40,17 +41,29 @@ class ReparamMatch(Match):
     merges: list[Merge] = field(default_factory=list)
 
 
-def deploy_name(owner: Any) -> str:
-    """The attribute the class's own forward calls and the instance lacks (its deploy conv)."""
-    try:
-        src = inspect.getsource(type(owner).forward)
-    except (OSError, TypeError):
-        return "reparam"
-    names = re.findall(r"self\.(\w+)\(", src) + re.findall(r"hasattr\(\s*self\s*,\s*['\"](\w+)['\"]", src)
-    for n in dict.fromkeys(names):
-        if not hasattr(owner, n):
+def deploy_name(owner: Any, removed: set[str]) -> str:
+    """The name the class's own deploy path gives the merged conv: the attribute a deploy
+    method's ``hasattr`` guard tests (Ultralytics ``fuse_convs``: ``conv``), else one its
+    forwards call and the instance lacks (``rbr_reparam``, ``reparam_conv``...), else ``reparam``."""
+    cls = type(owner)
+    for _, guard in host.deploy_methods(cls, frozenset(removed)):
+        if guard and guard[0] == "hasattr" and not hasattr(owner, guard[1]):
+            return guard[1]
+    for n in host.forward_names(cls):
+        if not hasattr(owner, n) and n.isidentifier():
             return n
     return "reparam"
+
+
+def branch_children(g: Any, b: BlockSum) -> set[str]:
+    """The owner's children that run the block's branches."""
+    out = set()
+    base = b.owner.path + "." if b.owner.path else ""
+    for e in b.events:
+        path = g.call(g.event(e).scope).path
+        if path.startswith(base) and path != b.owner.path:
+            out.add(path[len(base):].split(".")[0])
+    return out
 
 
 def _target(g: Any, b: BlockSum) -> str:
@@ -127,8 +140,9 @@ class Reparam(Pass):
                 continue
             why = None
             try:
+                removed = set().union(*(branch_children(g, mg.block) for mg in merges))
                 for mg in merges:
-                    new = plan.call_module(mg.conv, [mg.block.source], deploy_name(plan.owner))
+                    new = plan.call_module(mg.conv, [mg.block.source], deploy_name(plan.owner, removed))
                     mg.name = new.node.target
                     plan.substitute(mg.block.final, new)
             except forward.EditError as e:
@@ -145,7 +159,14 @@ class Reparam(Pass):
         c = m.plan.commit(ctx.editor)
         if isinstance(c, forward.Refused):  # pragma: no cover - plan.check() ran in match
             return Skipped(m.target, f"its forward cannot be regenerated: {c}", code=c.code)
-        parts = []
+        parts, flags, unguarded = [], [], []
+        owner = m.plan.owner
+        for method, guard in host.deploy_methods(type(owner), frozenset(c.removed)):
+            if guard and guard[0] == "flag" and getattr(owner, guard[1], None) is False:
+                ctx.editor.set_attribute(owner, guard[1], True)  # the host's deploy method now returns at once
+                flags.append(guard[1])
+            elif guard is None or not hasattr(owner, guard[1]):
+                unguarded.append(f"{type(owner).__name__}.{method}")
         for mg in m.merges:
             i = mg.info
             k = "×".join(map(str, i["kernel"]))
@@ -155,9 +176,14 @@ class Reparam(Pass):
                          + f"; FLOPs {_num(i['flops'][0])} → {_num(i['flops'][1])}, "
                          f"params {_num(i['params'][0])} → {_num(i['params'][1])}")
         detail = "; ".join(parts) + f"; forward → generated ({c.source}), removed {', '.join(c.removed) or 'nothing'}"
+        if flags:
+            detail += f"; {', '.join(flags)} set to True (the class's own re-parameterisation returns at once)"
+        if unguarded:
+            detail += f"; {', '.join(unguarded)} reads the merged branches: not to be called on the output"
         return Applied(m.target, detail, {
             "kind": "reparam", "forward": c.path, "source": c.source, "removed": c.removed,
             "blocks": [{"conv": mg.name, **mg.info} for mg in m.merges],
+            "flags_set": flags, "host_methods_unusable": unguarded,
         })
 
 
