@@ -81,12 +81,11 @@ def test_family_export_without_constant_folding(tmp_path, family):
     assert rep["parity"]["passed"] and rep["after"]["modules"] == sum(ops.values())
     assert sum(ops.values()) <= sum(Counter(G.ops(tmp_path / "base.onnx")).values())
     assert "Identity" not in ops and not (gone & set(ops)), sorted(gone & set(ops))
-    if family == "repvgg":  # identity branches: a BN reading a block's input, not a conv's output
-        identity_bns = sum(1 for m in model.modules() if getattr(m, "identity", None) is not None)
-        assert identity_bns and ops["BatchNormalization"] == identity_bns
-        assert base["after"]["bn"] == identity_bns
-    else:
-        assert "BatchNormalization" not in ops
+    assert "BatchNormalization" not in ops
+    if family == "repvgg":  # identity branches (a BN reading a block's input) go with reparam: one Conv per block
+        blocks = sum(1 for m in model.modules() if hasattr(m, "identity"))
+        reparam = next(p for p in rep["passes"] if p["name"] == "reparam")
+        assert blocks and reparam["applied"] == blocks and base["after"]["bn"] == 0 and "Add" not in ops
     out = onnx.load(str(tmp_path / "o.onnx"))
     assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # stays symbolic
     G.assert_same_function(src, tmp_path / "o.onnx", batch=2)
