@@ -279,3 +279,32 @@ def test_ultralytics_style_host_loads_the_optimized_checkpoint(tmp_path):
     want = _host_run("ultralike:attempt_load_one_weight", src, [])
     got = _host_run("ultralike:attempt_load_one_weight", dst, [])
     assert float((got - want).abs().max()) <= 1e-2 * float(want.abs().max())
+
+
+def test_mixed_dilation_becomes_one_dense_kernel_with_its_cost():
+    def dilated(d):
+        return nn.Sequential(nn.Conv2d(4, 4, 3, 1, d, dilation=d, bias=False), nn.BatchNorm2d(4))
+
+    torch.manual_seed(0)
+    model = randomize_all(Branches(dilated(2), dilated(1), nn.BatchNorm2d(4)), 4).eval()
+    original = copy.deepcopy(model)
+    model, report = ms.reparam(model, (1, 4, 9, 9))
+    (block,) = report.passes[0].applied[0].to_json()["blocks"]
+    assert block["kernel"] == [5, 5] and block["dilation"] == [1, 1] and block["padding"] == [2, 2]
+    assert block["flops"][1] > block["flops"][0]  # exact, and dearer: said in the report
+    x = torch.randn(2, 4, 12, 7)
+    with torch.no_grad():
+        assert _close(model(x), original(x))
+
+
+@pytest.mark.slow
+def test_repvgg_a0_and_mobileone_s0_sized_models():
+    for make in (lambda: R.RepVGG((2, 4, 14, 1), (48, 96, 192, 1280)), lambda: R.MobileOne((48, 128, 256, 1024), k=4)):
+        torch.manual_seed(0)
+        model = randomize_all(make(), 7).eval()
+        original = copy.deepcopy(model)
+        model, report = ms.optimize(model, (1, 3, 64, 64))
+        assert report.parity.passed and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        x = torch.randn(2, 3, 96, 64)
+        with torch.no_grad():
+            assert _close(model(x), original(x))
