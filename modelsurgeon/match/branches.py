@@ -37,12 +37,12 @@ class Branch:
             return "identity"
         parts = []
         for s in self.stages:
-            where = _where(g, s.event, base)
+            name = where(g, s.event, base)
             if s.kind == "conv":
                 k = s.map.kernel
-                parts.append(f"{where} {k[0]}×{k[1]}" + (f"/g{s.map.groups}" if s.map.groups > 1 else ""))
+                parts.append(f"{name} {k[0]}×{k[1]}" + (f"/g{s.map.groups}" if s.map.groups > 1 else ""))
             elif s.kind != "pad":
-                parts.append(where)
+                parts.append(name)
         return "→".join(parts) if self.convs else "identity" + (f"→{parts[-1]}" if parts else "")
 
 
@@ -58,7 +58,7 @@ class BlockSum:
     problem: Problem | None = None
 
 
-def _where(g: DataflowGraph, ev: OpEvent, base: str = "") -> str:
+def where(g: DataflowGraph, ev: OpEvent, base: str = "") -> str:
     """The module running ``ev``, named from ``base`` (the block), else the op."""
     path = g.call(ev.scope).path
     if base and path.startswith(base + "."):
@@ -214,7 +214,7 @@ def _check(g: DataflowGraph, b: BlockSum) -> Problem | None:
         for s in br.convs:
             w = s.event.arg(1, "weight")
             if g.value(w.value).is_param and len(g.param_uses(g.value(w.value).tensor)) > 1:
-                return Problem("shared", f"the weight of {_where(g, s.event)} is read by other ops too")
+                return Problem("shared", f"the weight of {where(g, s.event)} is read by other ops too")
     conv_groups = set()
     for br in b.branches:
         m = branch_map(br.stages, channels[1])

@@ -2,20 +2,20 @@
 becomes one ``nn.Conv2d`` of the branches' input, merged in float64
 (:mod:`modelsurgeon.rewrite.kernels`), called by the block's generated forward
 (:mod:`modelsurgeon.rewrite.forward`) where the sum was: the block keeps its class, its
-activation and whatever follows; the branches' modules leave it. The merged conv takes the
-name the class's own deploy path uses when its forward names one (``rbr_reparam``,
-``reparam_conv``...).
+activation and whatever follows; the branches' modules leave it. The class's own deploy path
+keeps working (:mod:`modelsurgeon.match.host`): the merged conv takes the name a deploy
+method's ``hasattr`` guard tests or its forward calls (``conv``, ``rbr_reparam``,
+``reparam_conv``...), a deploy method's flag guard (``inference_mode``, ``deploy``) is set, and
+an unguarded deploy method is named in the report.
 """
 
 from __future__ import annotations
 
-import inspect
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ...match import host
-from ...match.branches import BlockSum, find_sums
+from ...match.branches import BlockSum, find_sums, where
 from ...report.flops import event_flops
 from ...rewrite import forward
 from ...rewrite import kernels as K
@@ -101,7 +101,7 @@ def _figures(g: Any, b: BlockSum, m: K.ConvMap) -> dict:
             if v.is_param and i not in seen:
                 seen.add(i)
                 params += int(v.tensor.numel())
-    return {"branches": [br.describe(g, b.owner.path) for br in b.branches], "post": [_where_post(g, s, b) for s in b.post],
+    return {"branches": [br.describe(g, b.owner.path) for br in b.branches], "post": [where(g, s.event, b.owner.path) for s in b.post],
             "kernel": list(m.kernel), "stride": list(m.stride), "padding": list(m.padding),
             "dilation": list(m.dilation), "groups": m.groups, "flops": [before, after],
             "params": [params, int(m.weight.numel() + m.bias.numel())]}
@@ -193,8 +193,3 @@ def _num(n: int) -> str:
             return f"{n / size:.3g}{unit}"
     return str(n)
 
-
-def _where_post(g: Any, s: Any, b: BlockSum) -> str:
-    from ...match.branches import _where
-
-    return _where(g, s.event, b.owner.path)
