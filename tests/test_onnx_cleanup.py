@@ -360,7 +360,7 @@ def test_split_to_sequence_read_at_constant_positions_becomes_split(tmp_path):
 
 def test_skip_cleanup_runs_the_surgery_passes_only(tmp_path):
     rep, src, dst = run(tmp_path, G.same_pad_conv(), "--skip", "cleanup")
-    assert [p["name"] for p in rep["passes"]] == ["focus-to-conv", "fold-fusion", "fold-bn"]
+    assert [p["name"] for p in rep["passes"]] == ["focus-to-conv", "fold-fusion", "reparam", "fold-bn"]
     assert "Pad" in G.ops(dst)
     rep, src, dst = run(tmp_path, G.same_pad_conv(), "--passes", "cleanup", name="only")
     assert [p["name"] for p in rep["passes"]] == registry.in_group("cleanup")

@@ -59,7 +59,7 @@ def test_focus_stem_target_after_optimize(tmp_path):
     assert G.ops(dst) == ["Conv", "Sigmoid", "Mul"]
     names = [p["name"] for p in rep["passes"]]
     assert names == registry.exact_passes()  # the graph clean-up runs around the surgery passes
-    assert [n for n in names if registry.REGISTRY[n].group != "cleanup"] == ["focus-to-conv", "fold-fusion", "fold-bn"]
+    assert [n for n in names if registry.REGISTRY[n].group != "cleanup"] == ["focus-to-conv", "fold-fusion", "reparam", "fold-bn"]
     G.assert_same_function(src, dst)
 
 
