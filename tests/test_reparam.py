@@ -190,7 +190,7 @@ def test_stride_mismatch_is_skipped():
 def test_hooks_and_shared_modules_are_skipped():
     block = Branches(R.conv_bn(4, 4, 3, 1, 1), R.conv_bn(4, 4, 1, 1, 0))
     block.branches[1].register_forward_hook(lambda m, i, o: None)
-    assert [s.code for s in _skips(block).skipped] == ["hooks"]
+    assert [s.code for s in _skips(block).skipped] == ["hook"]
 
     class Twice(nn.Module):
         def __init__(self):
@@ -200,7 +200,7 @@ def test_hooks_and_shared_modules_are_skipped():
         def forward(self, x):
             return self.block(x) + self.block.branches[1](x)
 
-    assert [s.code for s in _skips(Twice()).skipped] == ["shared"]
+    assert [s.code for s in _skips(Twice()).skipped] == ["shared-module"]
 
 
 def test_a_residual_block_is_no_candidate():

@@ -14,15 +14,12 @@ from typing import Any
 
 from ..capture.graph import DataflowGraph, OpEvent, Ref
 from ..rewrite import kernels as K
+from ..report.codes import Refusal
 from .affine import ADD, batch_norm_affine, elementwise_affine
 
+Problem = Refusal  # a stage or branch that is not one conv, with its stable code
+
 PASS_THROUGH = {"Tensor.contiguous", "contiguous", "clone", "Tensor.clone", "dropout", "feature_dropout"}
-
-
-@dataclass
-class Problem:
-    code: str
-    reason: str
 
 
 @dataclass
@@ -54,7 +51,7 @@ def _conv(g: DataflowGraph, ev: OpEvent) -> K.ConvMap | Problem:
 
     w, b = _const(g, ev.arg(1, "weight")), _const(g, ev.arg(2, "bias"))
     if w is False or w is None or b is False or w.dim() != 4:
-        return Problem("computed-weight", "its weight or bias is computed in the forward")
+        return Refusal("computed-tensor", "its weight or bias is computed in the forward")
     stride, dil, groups = _pair(ev.arg(3, "stride", 1)), _pair(ev.arg(5, "dilation", 1)), int(ev.arg(6, "groups", 1))
     pad = ev.arg(4, "padding", 0)
     if pad == "valid":
@@ -62,7 +59,7 @@ def _conv(g: DataflowGraph, ev: OpEvent) -> K.ConvMap | Problem:
     elif pad == "same":
         total = [d * (k - 1) for d, k in zip(dil, w.shape[2:])]
         if any(t % 2 for t in total):
-            return Problem("misaligned-centres", "padding='same' with an even kernel pads one side more")
+            return Refusal("misaligned-centres", "padding='same' with an even kernel pads one side more")
         pad = [t // 2 for t in total]
     bias = b.double() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     return K.ConvMap(w.detach().double(), bias.detach().reshape(-1), stride, _pair(pad), dil, groups)
@@ -77,9 +74,10 @@ def stage(g: DataflowGraph, ev: OpEvent, v: int) -> Stage | None:
                      m if isinstance(m, Problem) else None)
     if ev.name == "batch_norm" and isinstance(ev.args[0], Ref):
         a = batch_norm_affine(g, ev)
+        if isinstance(a, Refusal):
+            return Stage("affine", ev, ev.args[0].value, None, a)
         if isinstance(a, str):
-            code = "training-mode" if "batch statistics" in a else "not-affine"
-            return Stage("affine", ev, ev.args[0].value, None, Problem(code, a))
+            return Stage("affine", ev, ev.args[0].value, None, Refusal("not-affine", a))
         return Stage("affine", ev, ev.args[0].value, (a.scale, a.shift))
     if ev.name in PASS_THROUGH and ev.args and isinstance(ev.args[0], Ref):
         if ev.name.endswith("dropout") and ev.arg(2, "training", False):
@@ -94,7 +92,7 @@ def stage(g: DataflowGraph, ev: OpEvent, v: int) -> Stage | None:
         if ev.arg(4, "ceil_mode", False) or not ev.arg(5, "count_include_pad", True) or \
                 ev.arg(6, "divisor_override", None) is not None or x is None:
             return Stage("avg", ev, ev.args[0].value, None,
-                         Problem("pooling", "average pooling without count_include_pad=True or with ceil_mode"))
+                         Refusal("pooling", "average pooling without count_include_pad=True or with ceil_mode"))
         return Stage("avg", ev, ev.args[0].value, K.avg_pool(x[1], k, s, p))
     if ev.name == "Tensor.__setitem__" and isinstance(ev.args[0], Ref):
         return _value_pad(g, ev)
@@ -102,10 +100,10 @@ def stage(g: DataflowGraph, ev: OpEvent, v: int) -> Stage | None:
         p = list(ev.arg(1, "pad"))
         mode, value = ev.arg(2, "mode", "constant"), ev.arg(3, "value", None)
         if mode != "constant" or value not in (None, 0, 0.0):
-            return Stage("pad", ev, ev.args[0].value, None, Problem(
+            return Stage("pad", ev, ev.args[0].value, None, Refusal(
                 "padding-mode", f"a branch pads with mode {mode!r}" + (f" value {value}" if value else "")))
         if len(p) != 4 or p[0] != p[1] or p[2] != p[3]:
-            return Stage("pad", ev, ev.args[0].value, None, Problem("misaligned-centres", "a branch pads one side more"))
+            return Stage("pad", ev, ev.args[0].value, None, Refusal("misaligned-centres", "a branch pads one side more"))
         return Stage("pad", ev, ev.args[0].value, (p[2], p[0], None))
     if ev.name in ADD or ev.name in {"mul", "Tensor.mul", "Tensor.__mul__", "Tensor.__rmul__", "Tensor.mul_",
                                      "Tensor.__imul__", "sub", "Tensor.sub", "Tensor.__sub__", "div",
@@ -172,7 +170,7 @@ def branch_map(stages: list[Stage], channels: int) -> K.ConvMap | Problem:
     for s in stages:
         if s.kind == "pad":
             if pending != (0, 0):
-                return Problem("sequence", "a branch pads twice")
+                return Refusal("sequence", "a branch pads twice")
             pending, value = (s.map[0], s.map[1]), s.map[2]
             continue
         if s.kind == "affine":
@@ -183,12 +181,12 @@ def branch_map(stages: list[Stage], channels: int) -> K.ConvMap | Problem:
         m = s.map
         biased = cur is not None and bool(cur.bias.abs().max() > 0)
         if biased and (m.padding != (0, 0) or (pending != (0, 0) and value is None)):
-            return Problem("zero-padding-after-bn", "a k×k stage pads with zeros after a stage with a bias "
+            return Refusal("zero-padding-after-bn", "a k×k stage pads with zeros after a stage with a bias "
                                                     "(a BatchNorm): the sum is not one conv at the border")
         if value is not None:
             base = cur.bias if cur is not None else torch.zeros_like(value)
             if value.shape != base.shape or not torch.allclose(value, base, rtol=1e-5, atol=1e-6):
-                return Problem("pad-value", "a branch pads with values other than the bias of what it pads")
+                return Refusal("pad-value", "a branch pads with values other than the bias of what it pads")
         if pending != (0, 0):
             m = K.ConvMap(m.weight, m.bias, m.stride, (m.padding[0] + pending[0], m.padding[1] + pending[1]),
                           m.dilation, m.groups)
@@ -199,8 +197,8 @@ def branch_map(stages: list[Stage], channels: int) -> K.ConvMap | Problem:
         try:
             cur = K.compose(cur, m)
         except ValueError:
-            return Problem("sequence", "two k×k stages in one branch")
+            return Refusal("sequence", "two k×k stages in one branch")
         channels = cur.out_channels
     if pending != (0, 0):
-        return Problem("misaligned-centres", "a branch pads without a conv after it")
+        return Refusal("misaligned-centres", "a branch pads without a conv after it")
     return cur if cur is not None else K.identity(channels)

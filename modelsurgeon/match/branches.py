@@ -18,6 +18,7 @@ from typing import Any
 
 from ..capture.graph import OUTPUT, DataflowGraph, ModuleCall, OpEvent, Ref
 from .affine import ADD
+from ..report.codes import Refusal
 from .branch_stages import Problem, Stage, branch_map, stage
 from .calls import hook_kind
 
@@ -153,7 +154,7 @@ def _block(g: DataflowGraph, root: OpEvent, leaves: list[int], adds: list[OpEven
         if src not in path:
             if _depends(g, leaf, src, floor):
                 what = stop.name if stop is not None else "an op"
-                problem = problem or Problem("nonlinear-branch", f"a branch applies {what} (not linear) to the input")
+                problem = problem or Refusal("nonlinear-branch", f"a branch applies {what} (not linear) to the input")
                 continue
             return None  # a residual connection from elsewhere: no candidate
         branches.append(Branch(leaf, list(reversed(stages[:path.index(src)]))))
@@ -197,24 +198,24 @@ def _check(g: DataflowGraph, b: BlockSum) -> Problem | None:
         vals = [br.leaf] + [s.source for s in br.stages[1:]] if br.stages else []
         for v in vals:
             if len(g.uses(v)) != 1:
-                return Problem("shared", f"a value inside branch {br.describe(g)} is read outside it")
+                return Refusal("other-readers", f"a value inside branch {br.describe(g)} is read outside it")
     for eid in b.events:
         for c in g.enclosing_calls(g.event(eid)):
             if c.id == b.owner.id:
                 break
             kind = hook_kind(c.module)
             if kind is not None:
-                return Problem("hooks", f"{c.path} has a {kind}, which would no longer run")
+                return Refusal("hook", f"{c.path} has a {kind}, which would no longer run")
             if g.call_count(c.module) > 1:
-                return Problem("shared", f"{c.path} is called {g.call_count(c.module)} times")
+                return Refusal("shared-module", f"{c.path} is called {g.call_count(c.module)} times")
     channels = g.value(b.source).shape
     if channels is None or len(channels) != 4:
-        return Problem("not-2d", "the branches do not read a 4-D tensor")
+        return Refusal("not-2d", "the branches do not read a 4-D tensor")
     for br in b.branches:
         for s in br.convs:
             w = s.event.arg(1, "weight")
             if g.value(w.value).is_param and len(g.param_uses(g.value(w.value).tensor)) > 1:
-                return Problem("shared", f"the weight of {where(g, s.event)} is read by other ops too")
+                return Refusal("shared-module", f"the weight of {where(g, s.event)} is read by other ops too")
     conv_groups = set()
     for br in b.branches:
         m = branch_map(br.stages, channels[1])
@@ -223,5 +224,5 @@ def _check(g: DataflowGraph, b: BlockSum) -> Problem | None:
         br.map = m
         conv_groups.update(s.map.groups for s in br.convs)
     if len(conv_groups) > 1:
-        return Problem("groups-mismatch", f"the branches' convs have different groups ({sorted(conv_groups)})")
+        return Refusal("groups-mismatch", f"the branches' convs have different groups ({sorted(conv_groups)})")
     return None

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..capture.onnx import EvaluationError, OnnxGraph, node_label
 from ..rewrite import kernels as K
+from ..report.codes import Refusal
 from .branch_stages import Problem, Stage, branch_map
 from .onnx import _attr, _const, affine_step, to_f64
 
@@ -67,19 +68,19 @@ def _conv(g: OnnxGraph, node: Any) -> K.ConvMap | Problem:
     b_val = node.inputs[2] if len(node.inputs) > 2 else None
     b, why_b = _const(g, b_val, "bias")
     if w is None or (b_val is not None and b is None) or w.ndim != 4:
-        return Problem("computed-weight", why or why_b or "not a 2-D conv")
+        return Refusal("computed-tensor", why or why_b or "not a 2-D conv")
     k = list(w.shape[2:])
     dil, stride = _ints(node, "dilations", [1, 1]), _ints(node, "strides", [1, 1])
     auto = _attr(node, "auto_pad", "NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     if auto not in ("NOTSET", ""):
         if auto != "VALID":
-            return Problem("misaligned-centres", f"auto_pad {auto} may pad one side more")
+            return Refusal("misaligned-centres", f"auto_pad {auto} may pad one side more")
         pads = [0, 0, 0, 0]
     else:
         pads = _ints(node, "pads", [0, 0, 0, 0])
     if pads[0] != pads[2] or pads[1] != pads[3]:
-        return Problem("misaligned-centres", "a branch's Conv pads one side more")
+        return Refusal("misaligned-centres", "a branch's Conv pads one side more")
     bias = to_f64(b).reshape(-1) if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     return K.ConvMap(to_f64(w), bias, tuple(stride), (pads[0], pads[1]), tuple(dil), int(_attr(node, "group", 1)))
 
@@ -101,7 +102,7 @@ def _stage(g: OnnxGraph, node: Any) -> Stage | None:
             return None
         if _attr(node, "ceil_mode", 0) or (any(pads) and not _attr(node, "count_include_pad", 0)) or \
                 pads[0] != pads[2] or pads[1] != pads[3] or _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
-            return Stage("avg", node, x, None, Problem("pooling", "average pooling not counting its padding"))
+            return Stage("avg", node, x, None, Refusal("pooling", "average pooling not counting its padding"))
         return Stage("avg", node, x, K.avg_pool(c, tuple(k), tuple(_ints(node, "strides", [1, 1])), (pads[0], pads[1])))
     if op == "Pad":
         mode = _attr(node, "mode", "constant")
@@ -114,10 +115,10 @@ def _stage(g: OnnxGraph, node: Any) -> Stage | None:
         if pads is None or value is None:
             return None
         if mode != "constant" or float(value) != 0:
-            return Stage("pad", node, x, None, Problem("padding-mode", f"a branch pads with mode {mode!r}"))
+            return Stage("pad", node, x, None, Refusal("padding-mode", f"a branch pads with mode {mode!r}"))
         p = [int(v) for v in pads.reshape(-1)]
         if len(p) != 8 or p[:2] != [0, 0] or p[4:6] != [0, 0] or p[2] != p[6] or p[3] != p[7]:
-            return Stage("pad", node, x, None, Problem("misaligned-centres", "a branch pads one side more"))
+            return Stage("pad", node, x, None, Refusal("misaligned-centres", "a branch pads one side more"))
         return Stage("pad", node, x, (p[2], p[3], None))
     c = _channels(g, node.outputs[0])
     if c is None:
@@ -133,9 +134,11 @@ def _stage(g: OnnxGraph, node: Any) -> Stage | None:
         return None
     if st is None:
         return None
+    if isinstance(st, Refusal):
+        return Stage("affine", node, x, None, st)
     if isinstance(st, str):
         code = "training-mode" if "batch statistics" in st else "not-affine"
-        return Stage("affine", node, x, None, Problem(code, st))
+        return Stage("affine", node, x, None, Refusal(code, st))
     return Stage("affine", node, x, (st.affine.scale, st.affine.shift))
 
 
@@ -209,19 +212,19 @@ def find_blocks(g: OnnxGraph) -> list[OnnxBlock]:
 def _check(g: OnnxGraph, b: OnnxBlock) -> Problem | None:
     c = _channels(g, b.source)
     if c is None:
-        return Problem("not-2d", "the branches do not read a 4-D tensor of known channels")
+        return Refusal("not-2d", "the branches do not read a 4-D tensor of known channels")
     for stages in b.branches:
         for s in stages:
             if s.problem is not None:
                 return s.problem
         for s in stages[1:]:
             if g.reader_count(s.source) != 1:
-                return Problem("shared", f"{node_label(s.source.producer())}'s output is read outside its branch")
+                return Refusal("other-readers", f"{node_label(s.source.producer())}'s output is read outside its branch")
         if stages and g.reader_count(stages[-1].event.outputs[0]) != 1:
-            return Problem("shared", f"{node_label(stages[-1].event)}'s output is read outside the sum")
+            return Refusal("other-readers", f"{node_label(stages[-1].event)}'s output is read outside the sum")
     groups = {s.map.groups for stages in b.branches for s in stages if s.kind == "conv"}
     if len(groups) > 1:
-        return Problem("groups-mismatch", f"the branches' convs have different groups ({sorted(groups)})")
+        return Refusal("groups-mismatch", f"the branches' convs have different groups ({sorted(groups)})")
     maps = []
     for stages in b.branches:
         m = branch_map(stages, c)

@@ -50,6 +50,18 @@ CODES: dict[str, str] = {
     "cannot-take-forward": "the module cannot take an instance forward (a GraphModule, its own __call__ or pickling)",
     "shared": "the module whose forward would be regenerated is called more than once",
     "edit": "an edit asked of a generated forward cannot be made",
+    # reparam: why branches summed before a non-linearity are not one conv
+    "zero-padding-after-bn": "a k×k stage pads with zeros after a stage with a bias (1×1 conv → BN → padded k×k): not one conv at the border",
+    "pad-value": "a branch pads with values other than the bias of what it pads",
+    "misaligned-centres": "the branches' kernel centres do not align (padding − dilation·(k−1)/2 differs, or one side is padded more)",
+    "stride-mismatch": "the branches have different strides",
+    "groups-mismatch": "the branches' convs have different groups",
+    "channels-mismatch": "the branches have different channel counts",
+    "padding-mode": "a branch pads with reflect, replicate or circular padding",
+    "nonlinear-branch": "two branches reach the input linearly and another through a non-linearity",
+    "pooling": "average pooling that does not count its padding, or with ceil_mode",
+    "sequence": "a branch with two k×k stages or two paddings",
+    "not-2d": "the branches do not read a 4-D tensor (2-D convs only)",
     # truncate's refusals (the run stops with exit 2 and this code; nothing written)
     "no-stage": "no backbone stage found on the input-to-output path (name one with --stage)",
     "mid-stage": "the cut would remove blocks from the middle of a stage (a later block reads the stage's output)",

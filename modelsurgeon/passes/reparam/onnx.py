@@ -46,7 +46,7 @@ class Reparam(Pass):
             try:
                 m = K.merge(b.maps)
             except ValueError as e:
-                yield Skipped(b.target, MERGE_REASONS.get(str(e), str(e)), code=MERGE_CODES.get(str(e), "not-merged"))
+                yield Skipped(b.target, MERGE_REASONS.get(str(e), str(e)), code=MERGE_CODES.get(str(e), "layer-settings"))
                 continue
             for st in b.post:
                 m = K.then_affine(m, *st.map)

@@ -120,7 +120,7 @@ class Reparam(Pass):
             try:
                 m = K.merge([br.map for br in b.branches])
             except ValueError as e:
-                yield Skipped(_target(g, b), MERGE_REASONS.get(str(e), str(e)), code=MERGE_CODES.get(str(e), "not-merged"))
+                yield Skipped(_target(g, b), MERGE_REASONS.get(str(e), str(e)), code=MERGE_CODES.get(str(e), "layer-settings"))
                 continue
             for s in b.post:
                 if s.map is not None:
@@ -136,7 +136,7 @@ class Reparam(Pass):
             if not isinstance(plan, forward.ForwardPlan):
                 for _ in merges:
                     yield Skipped(target, f"its forward cannot be regenerated: {plan}",
-                                  code=getattr(plan, "code", None) or "forward")
+                                  code=getattr(plan, "code", None) or "edit")
                 continue
             why = None
             try:
@@ -151,7 +151,7 @@ class Reparam(Pass):
             if why is not None:
                 for _ in merges:
                     yield Skipped(target, f"its forward cannot be regenerated: {why}",
-                                  code=getattr(why, "code", None) or "forward")
+                                  code=getattr(why, "code", None) or "edit")
                 continue
             yield ReparamMatch(target=target, plan=plan, merges=merges)
 
