@@ -2,10 +2,11 @@
 shapes.
 
 ``Cast`` to the input's own type; ``Reshape`` / ``Flatten`` / ``Squeeze`` / ``Unsqueeze`` /
-``Expand`` / ``Split`` (one output) / ``Where`` whose output has the input's shape (symbolic
-sizes compared as provably equal, :mod:`modelsurgeon.capture.onnx_shapes`); ``Pad`` by zeros;
-``Slice`` keeping every element; ``Transpose`` by the identity permutation; ``Add`` / ``Sub``
-of zeros and ``Mul`` / ``Div`` / ``Pow`` by ones that do not broadcast the other operand to a
+``Expand`` / ``Split`` (one output) / ``Where`` / ``ReduceMean`` / ``ReduceSum`` / ``ReduceMax`` /
+``ReduceMin`` / ``ReduceProd`` (over sizes of 1, kept) whose output has the input's shape
+(symbolic sizes compared as provably equal, :mod:`modelsurgeon.capture.onnx_shapes`); ``Pad`` by
+zeros; ``Slice`` keeping every element; ``Transpose`` by the identity permutation; ``Add`` /
+``Sub`` of zeros and ``Mul`` / ``Div`` / ``Pow`` by ones that do not broadcast the other operand to a
 larger shape or another type. Readers read the input instead.
 """
 
@@ -18,7 +19,8 @@ from ..base import Applied, OnnxContext
 from .base import CleanupPass, NodeMatch, attr, bypass, can_bypass, const, default_domain, extra_outputs_unused, facts
 
 INT_MAX_LIKE = 2 ** 31 - 1
-SAME_SHAPE = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Split"}
+SAME_SHAPE = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Split",
+              "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd"}  # reductions: over sizes of 1
 NEUTRAL = {"Add": (0, (0, 1)), "Sub": (0, (1,)), "Mul": (1, (0, 1)), "Div": (1, (1,)), "Pow": (1, (1,))}  # neutral, where
 
 

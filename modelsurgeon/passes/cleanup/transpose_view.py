@@ -1,0 +1,45 @@
+"""transpose-to-reshape: a ``Transpose`` that only moves dimensions of size 1 keeps the element
+order, so it is a ``Reshape`` to its output shape (which ``merge-reshapes`` then merges with
+the views around it: ConvNeXt's ``LayerNorm2d`` on a pooled ``[N, C, 1, 1]`` before the
+flatten). Symbolic sizes count as larger than 1; the target is written as ``merge-reshapes``
+writes its own (``0`` copies a symbolic size kept in place).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from ...capture.onnx import node_label
+from ..base import Applied, OnnxContext
+from .base import CleanupPass, NodeMatch, attr, default_domain, facts
+from .views import target_for
+
+
+class TransposeToReshape(CleanupPass):
+    name = "transpose-to-reshape"
+
+    def match(self, ctx: OnnxContext) -> Iterable[NodeMatch]:
+        for node in ctx.graph.nodes:
+            if node.op_type != "Transpose" or not default_domain(ctx, node) or not node.inputs:
+                continue
+            perm = attr(node, "perm")
+            shape = facts(ctx).fact(node.inputs[0]).shape
+            if perm is None or shape is None or len(perm) != len(shape) or list(perm) == list(range(len(perm))):
+                continue
+            moved = [i for i in perm if shape[i] != 1]
+            if moved != sorted(moved):
+                continue
+            target = target_for(shape, tuple(shape[i] for i in perm))
+            if target is not None:
+                yield NodeMatch(node_label(node), node=node, data={"target": target, "perm": list(perm)})
+
+    def rewrite(self, ctx: OnnxContext, m: NodeMatch) -> Applied:
+        import numpy as np
+
+        ed, node = ctx.editor, m.node
+        base = node.name or "transpose"
+        shape = ed.add_initializer(np.array(m.data["target"], np.int64), f"{base}_shape")
+        new = ed.add_node("Reshape", [node.inputs[0], shape], node, f"{base}_reshape")
+        ed.replace_value(node.outputs[0], new.outputs[0])
+        ed.remove_nodes([node])
+        return Applied(m.target, f"Transpose {m.data['perm']} moves only sizes of 1 → Reshape {m.data['target']}")
