@@ -192,3 +192,50 @@ def test_weight_standardisation_on_constants_is_folded(tmp_path):
     rep, src, dst = run(tmp_path, b.model([tensor("x", ["N", 3, 5, 5])], [out(y, ["N", 6, 5, 5])], opset=18))
     assert G.ops(dst) == ["Conv"]
     G.assert_same_function(src, dst, batch=2)
+
+
+# -- fold-bn-through-view ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("view", ["Flatten", "Reshape"])
+def test_linear_norm_becomes_matmul_add(tmp_path, view):
+    """LeViT's LinearNorm: bn(linear(x).flatten(0, 1)).reshape_as(...), BatchNorm1d over channels."""
+    b = Builder(53)
+    y = b.node("MatMul", ["x", b.weight((6, 8))])
+    y = b.node("Flatten", [y], axis=2) if view == "Flatten" else b.node("Reshape", [y, G._i64(b, [-1, 8])])
+    y = b.node("Reshape", [b.bn(y, 8), G._i64(b, [-1, 5, 8])])
+    rep, src, dst = run(tmp_path, b.model([tensor("x", ["N", 5, 6])], [out(y, ["N", 5, 8])]))
+    assert G.ops(dst) == ["MatMul", "Add"] and applied(rep, "fold-bn-through-view")
+    G.assert_same_function(src, dst, batch=3)
+
+
+def test_bn_of_a_view_with_other_readers_stays(tmp_path):
+    b = Builder(54)
+    mm = b.node("MatMul", ["x", b.weight((6, 8))])
+    flat = b.node("Flatten", [mm], axis=2)
+    y = b.bn(flat, 8)
+    rep, src, dst = run(tmp_path, b.model([tensor("x", [2, 5, 6])], [out(y, [10, 8]), out(mm, [2, 5, 8])]))
+    assert "BatchNormalization" in G.ops(dst) and not applied(rep, "fold-bn-through-view")
+
+
+# -- fold-bn-into-gemm --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("trans_b,bias,alpha,beta", [(1, True, 1.0, 1.0), (0, False, 0.5, 1.0), (1, True, 2.0, 0.25)])
+def test_batchnorm_before_linear_is_folded(tmp_path, trans_b, bias, alpha, beta):
+    """LeViT's NormLinear head: BatchNorm1d, then Linear (as Gemm, possibly two heads)."""
+    b = Builder(55)
+    x = b.bn(b.node("Relu", ["x"]), 6)
+    heads = []
+    for _ in range(2):
+        ins = [x, b.weight((4, 6) if trans_b else (6, 4))] + ([b.weight((4,))] if bias else [])
+        heads.append(b.node("Gemm", ins, transB=trans_b, alpha=alpha, beta=beta))
+    rep, src, dst = run(tmp_path, b.model([tensor("x", ["N", 6])], [out(h, ["N", 4]) for h in heads]))
+    assert "BatchNormalization" not in G.ops(dst) and applied(rep, "fold-bn-into-gemm")
+    G.assert_same_function(src, dst, batch=5)
+
+
+def test_batchnorm_read_by_more_than_gemms_stays(tmp_path):
+    b = Builder(56)
+    x = b.bn(b.node("Relu", ["x"]), 6)
+    y = b.node("Gemm", [x, b.weight((4, 6)), b.weight((4,))], transB=1)
+    rep, src, dst = run(tmp_path, b.model([tensor("x", ["N", 6])], [out(y, ["N", 4]), out(b.node("Sigmoid", [x]), ["N", 6])]))
+    assert "BatchNormalization" in G.ops(dst) and not applied(rep, "fold-bn-into-gemm")

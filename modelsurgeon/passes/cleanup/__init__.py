@@ -63,6 +63,11 @@ LATE = [
              "concats:MergeConcats", after=("fold-shapes",)),
     _cleanup("merge-slices", "Slice of a Slice on other axes → one Slice", "slices:MergeSlices",
              after=("fold-shapes", "remove-noops")),
+    _cleanup("fold-bn-through-view", "BatchNormalization of a [M, C] view of a MatMul by a constant → its weight "
+             "+ Add before the view", "bn_view:FoldBnThroughView", before=("merge-reshapes", "fuse-gemm"),
+             after=("fold-bn", "fold-fusion")),
+    _cleanup("fold-bn-into-gemm", "BatchNormalization of a [M, C] tensor read only by Gemms folded into them",
+             "bn_gemm:FoldBnIntoGemm", after=("fold-bn", "fuse-gemm")),
     _cleanup("fold-input-scale", "a constant scalar / per-channel Mul read only by Convs folded into their weights",
              "input_scale:FoldInputScale", after=("fold-bn", "fold-fusion")),
     _cleanup("fuse-gemm", "MatMul of a matrix by a constant + constant Add → Gemm", "gemm:FuseGemm",
