@@ -217,6 +217,16 @@ def test_bn_of_a_view_with_other_readers_stays(tmp_path):
     assert "BatchNormalization" in G.ops(dst) and not applied(rep, "fold-bn-through-view")
 
 
+def test_bn_of_a_view_that_splits_the_channels_stays(tmp_path):
+    """[N, 5, 8] viewed as [-1, 4]: the BatchNorm's channels are not the MatMul's columns."""
+    b = Builder(57)
+    y = b.node("Reshape", [b.node("MatMul", ["x", b.weight((6, 8))]), G._i64(b, [-1, 4])])
+    y = b.node("Reshape", [b.bn(y, 4), G._i64(b, [-1, 5, 8])])
+    rep, src, dst = run(tmp_path, b.model([tensor("x", ["N", 5, 6])], [out(y, ["N", 5, 8])]))
+    assert "BatchNormalization" in G.ops(dst) and not applied(rep, "fold-bn-through-view")
+    G.assert_same_function(src, dst, batch=2)
+
+
 # -- fold-bn-into-gemm --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("trans_b,bias,alpha,beta", [(1, True, 1.0, 1.0), (0, False, 0.5, 1.0), (1, True, 2.0, 0.25)])

@@ -39,7 +39,7 @@ class FoldBnThroughView(CleanupPass):
             params = [const(ctx, v) for v in bn.inputs[1:]]
             xs, ys = p.fact(bn.inputs[0]).shape, p.fact(mm.outputs[0]).shape
             if w is None or w.ndim != 2 or w.dtype.kind != "f" or any(a is None for a in params) or xs is None \
-                    or ys is None or len(xs) != 2 or not isinstance(xs[1], int) or xs[1] != ys[-1] != w.shape[1]:
+                    or ys is None or len(xs) != 2 or not isinstance(xs[1], int) or not xs[1] == ys[-1] == w.shape[1]:
                 continue
             yield NodeMatch(node_label(bn), node=bn, data={"view": view, "mm": mm, "w": w, "params": params})
 
