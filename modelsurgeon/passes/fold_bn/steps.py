@@ -19,6 +19,7 @@ from ...match.conv import CONV_OPS, unwritable
 from ...match.host import statistics_reader
 from ...match.reshape import channel_axis_after, shape_only_use
 from ...report.codes import Refusal
+from .neutral import _identity_var, _neutral_bn  # noqa: F401 (fold-bn's rewrite imports it from here)
 
 
 @dataclass
@@ -121,76 +122,6 @@ def _child_chain(g: DataflowGraph, call: ModuleCall, start_value: int) -> list |
     if len({id(m) for m in chain}) != len(chain):
         return None
     return chain
-
-
-def _neutral_bn(g: DataflowGraph, ev: OpEvent, neutralised: Any = ()) -> bool:
-    """An inline batch_norm that is the identity: one this run's folds made so (every tensor it
-    reads is in ``neutralised``, the ids :meth:`ModuleEditor.neutralise` filled -- in half
-    precision the op may keep a scale, folded into the layer), so that ``optimize``'s repeated
-    rounds do not fold it again; or one that returns its input bit for bit (weight 1, bias 0,
-    mean 0 and ``running_var + eps`` rounding to 1). A BatchNorm with default statistics
-    computes ``x / sqrt(1 + eps)``: not neutral."""
-    import torch
-    import torch.nn.functional as F
-
-    a = batch_norm_args(ev)
-    if not a or a.get("training"):
-        return False
-    vals, ids = {}, []
-    for key in ("weight", "bias", "running_mean", "running_var"):
-        r = a.get(key)
-        if r is None:
-            vals[key] = None
-            continue
-        if not isinstance(r, Ref) or g.value(r.value).tensor is None:
-            return False
-        ids.append(id(g.value(r.value).tensor))
-        vals[key] = g.value(r.value).tensor.detach()
-    var, mean = vals["running_var"], vals["running_mean"]
-    if var is None or mean is None:
-        return False
-    if all(i in neutralised for i in ids):
-        return True
-    with torch.no_grad():
-        if not bool((mean == 0).all()) or not bool(var.dim() == 1 and var.numel()):
-            return False
-        if vals["weight"] is not None and not bool((vals["weight"] == 1).all()):
-            return False
-        if vals["bias"] is not None and not bool((vals["bias"] == 0).all()):
-            return False
-        src = a.get("input")
-        dtype = g.value(src.value).dtype if isinstance(src, Ref) else None
-        dtype = dtype if dtype is not None and dtype.is_floating_point else var.dtype
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(2, var.numel(), 64, generator=gen, dtype=torch.float64)
-        x = (x * torch.logspace(-3, 3, 64, dtype=torch.float64)).to(dtype)
-        try:
-            y = F.batch_norm(x, mean, var, vals["weight"], vals["bias"], False, 0.0, float(a.get("eps", 1e-5)))
-        except Exception:
-            return False
-        return bool(torch.equal(y, x))
-
-
-def _identity_var(compute: Any, stored: Any, eps: float) -> tuple[float, float]:
-    """A positive running variance ``v``, exactly representable in the ``stored`` dtype, that
-    makes ``1 / sqrt(v + eps)`` (evaluated in ``compute``) as close to 1 as it gets; returns
-    ``(v, r)`` with ``r`` that remaining scale. With ``eps >= 1`` no positive ``v`` gives 1:
-    ``v = 1`` then, and ``r`` is folded all the same."""
-    import torch
-
-    def scale(c):
-        return float(torch.rsqrt(c.to(compute) + torch.tensor(eps, dtype=compute)))
-
-    start = torch.tensor(1.0 - eps if eps < 1.0 else 1.0, dtype=torch.float64).to(stored)
-    candidates = [start]
-    for direction in (float("inf"), float("-inf")):
-        c = start
-        for _ in range(4):
-            c = torch.nextafter(c, torch.tensor(direction, dtype=stored))
-            candidates.append(c)
-    positive = [c for c in candidates if float(c) > 0]
-    best = min(positive, key=lambda c: abs(scale(c) - 1.0))
-    return float(best), scale(best)
 
 
 class StepMatcher:
@@ -300,16 +231,18 @@ class StepMatcher:
                 return Step(aff, label + " (probed)", call.path, "probe", Removal("identity", mod),
                             call.outputs[0], bn_ids)
             probed = aff
-        # C: an affine op first, then child modules only (BN + activation classes)
+        # C: affine ops first, then child modules only (BN + activation classes; timm's
+        # FrozenBatchNormAct2d: ``x * scale + bias`` from its buffers, then ``act(drop(x))``)
         direct = [e for e in active if e.scope == call.id]
-        if direct == [ev] and ev.outputs:
-            aff = self._op_affine(g, ev, cur, axis)
-            if isinstance(aff, ChannelAffine):
-                chain = _child_chain(g, call, ev.outputs[0])
+        if direct and direct[0] is ev and ev.outputs:
+            aff = self._leading_affine(g, direct, cur, axis)
+            if isinstance(aff, tuple):
+                aff, last = aff
+                chain = _child_chain(g, call, last.outputs[0])
                 if chain is not None:
-                    # only the leading op is folded: a BatchNorm among the kept children is not
+                    # only the leading ops are folded: a BatchNorm among the kept children is not
                     return Step(aff, label, call.path, "batch_norm" if ev.name in BATCH_NORM else "inline",
-                                Removal("children", mod, children=chain), ev.outputs[0],
+                                Removal("children", mod, children=chain), last.outputs[0],
                                 [ev.id] if ev.name in BATCH_NORM else [])
             elif isinstance(aff, Refusal):
                 return aff
@@ -318,6 +251,23 @@ class StepMatcher:
         if not has_bn:
             return None
         return Refusal("not-affine", f"{label}'s forward is not a foldable per-channel map")
+
+    def _leading_affine(self, g: DataflowGraph, direct: list[OpEvent], cur: int, axis: int):
+        """``(affine, last event)`` for a module's own ops applied one after another from
+        ``cur`` (all of them per-channel affine, each reading the previous one's sole output
+        only), or the refusal of the first op, or ``None``."""
+        total, last = None, None
+        for e in direct:
+            if not e.outputs or len(e.outputs) != 1:
+                return None
+            aff = self._op_affine(g, e, cur, axis)
+            if not isinstance(aff, ChannelAffine):
+                return aff if last is None else None
+            if last is not None and len([u for u in g.uses(cur) if u == OUTPUT or not shape_only_use(g, u, cur)]) != 1:
+                return None
+            total = aff if total is None else total.then(aff)
+            cur, last = e.outputs[0], e
+        return total, last
 
     def _op_affine(self, g: DataflowGraph, ev: OpEvent, cur: int, axis: int):
         if ev.name in BATCH_NORM:
