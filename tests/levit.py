@@ -1,6 +1,6 @@
 """A LeViT-style model (timm's ``levit``): ``LinearNorm`` -- ``Linear`` then ``BatchNorm1d`` over
 ``x.flatten(0, 1)``, reshaped back -- in the attention and MLP blocks, ``ConvNorm`` in the stem,
-and a ``BatchNorm1d`` before each classifier ``Linear`` (not after a layer: not foldable)."""
+and a ``BatchNorm1d`` before each classifier ``Linear`` (folded forward into it)."""
 
 from __future__ import annotations
 

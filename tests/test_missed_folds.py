@@ -23,8 +23,8 @@ def test_levit_linear_norm_is_folded(tmp_path):
     r = run_cli("fold-bn", src, "--trust-pickle", "-s", "2,3,32,32", "-o", tmp_path / "o.pt", "--json")
     assert r.code == 0, r.err
     rep = r.json()
-    assert rep["before"]["bn"] == 12 and rep["after"]["bn"] == 2  # only the head's BN-before-Linear stay
-    assert sorted(s["target"] for s in rep["skipped"]) == ["head.bn", "head_dist.bn"]
+    assert rep["before"]["bn"] == 12 and rep["after"]["bn"] == 0  # the heads' BN-before-Linear folded forward
+    assert not rep["skipped"]
     assert rep["parity"]["passed"]
     folded = torch.load(tmp_path / "o.pt", weights_only=False)
     for m in folded.modules():

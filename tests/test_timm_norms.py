@@ -3,6 +3,7 @@ BN+activation, a BatchNorm before a Linear / unpadded conv, a BatchNorm after a 
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -46,3 +47,76 @@ def test_frozen_batchnorm_act_with_a_second_reader_is_refused():
     assert not r.applied
     assert [s.code for s in r.skipped] == ["other-readers"]
     assert isinstance(out.bn, FrozenBatchNormAct2d)
+
+
+# -- a BatchNorm before a Linear / conv: folded forward into it ------------------------------------
+
+def test_norm_linear_heads_are_folded_into_their_linear():
+    from timm_norms import NormLinearNet
+
+    model = randomize(NormLinearNet(), 5)
+    out, r = _fold(model, (3, 3, 16, 16))
+    assert not r.skipped
+    assert sorted(a.target for a in r.applied) == ["head.linear", "head_dist.linear"]
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in out.modules())
+    assert r.applied[0].data["folded"][0]["direction"] == "forward"
+
+
+@pytest.mark.parametrize("groups,bias", [(1, True), (2, False), (2, True)])
+def test_batchnorm_before_an_unpadded_conv_is_folded_into_it(groups, bias):
+    from timm_norms import BnThenConv
+
+    model = randomize(BnThenConv(groups=groups, bias=bias), 6)
+    out, r = _fold(model, (2, 3, 8, 8))
+    assert [a.target for a in r.applied] == ["conv"] and not r.skipped
+    assert isinstance(out.bn, nn.Identity) or not hasattr(out, "bn")
+    assert out.conv.bias is not None
+
+
+def test_batchnorm_before_a_padded_conv_is_refused_with_its_code():
+    from timm_norms import BnThenConv
+
+    model = randomize(BnThenConv(padding=1, k=3), 7)
+    out, r = _fold(model, (2, 3, 8, 8))
+    assert not r.applied and [s.code for s in r.skipped] == ["padding"]
+    assert isinstance(out.bn, nn.BatchNorm2d)
+
+
+def test_batchnorm_with_zero_shift_folds_into_a_padded_conv():
+    from timm_norms import BnThenConv
+
+    model = randomize(BnThenConv(padding=1, k=3), 8)
+    with torch.no_grad():
+        model.bn.bias.zero_()
+        model.bn.running_mean.zero_()
+    out, r = _fold(model, (2, 3, 8, 8))
+    assert [a.target for a in r.applied] == ["conv"] and not r.skipped
+
+
+def test_a_layer_folded_from_both_sides():
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(8)
+            self.conv = nn.Conv2d(8, 6, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(6)
+
+        def forward(self, x):
+            return self.bn2(self.conv(self.bn1(torch.relu(self.stem(x)))))
+
+    model = randomize(Both(), 9)
+    out, r = _fold(model, (2, 3, 8, 8))
+    assert sorted(a.target for a in r.applied) == ["conv", "conv"] and not r.skipped
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in out.modules())
+
+
+def test_batchnorm_before_a_hooked_layer_is_refused():
+    from timm_norms import NormLinearNet
+
+    model = randomize(NormLinearNet(), 10)
+    model.head.linear.register_forward_pre_hook(lambda mod, args: None)
+    out, r = _fold(model, (3, 3, 16, 16))
+    assert [a.target for a in r.applied] == ["head_dist.linear"]
+    assert [(s.target, s.code) for s in r.skipped] == [("head.bn", "hook")]
+    assert isinstance(out.head.bn, nn.BatchNorm1d)

@@ -31,6 +31,7 @@ CODES: dict[str, str] = {
     "other-axis": "the map acts on another axis than the layer's output channels",
     "not-foldable": "no conv or linear layer the map can be folded into (nothing before it takes a per-channel scale)",
     "no-bias": "the layer has no bias and none can be added (not a torch conv/linear, or its forward ignores one)",
+    "padding": "the layer after the norm pads with zeros, which the norm's shift would have to reach (folding forward)",
     "layer-settings": "the layer's kind or settings are not ones the rewrite handles (groups, dilation, padding, a non-torch class, an op type)",
     "size-dependent": "the module computes something else at other input sizes",
     "not-a-pattern": "the candidate is not the pattern the pass rewrites exactly (e.g. not a space-to-depth)",

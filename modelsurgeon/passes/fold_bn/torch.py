@@ -14,6 +14,7 @@ from ...match.conv import CONV_OPS, ConvUnit, conv_unit, output_channel_axis
 from ...rewrite.affine import fold_bias
 from ...report.codes import Refusal
 from ..base import Applied, Match, Pass, Skipped, TorchContext
+from .forward import ForwardMatch, forward_fold, rewrite_forward
 from .steps import Step, StepMatcher, _bn_events, _bn_like, _identity_var, _input_reason
 
 
@@ -95,7 +96,11 @@ class FoldBN(StepMatcher, Pass):
                 yield FoldMatch(target=unit.path, unit=unit, steps=steps)
         for ev in g.events:
             if ev.name in BATCH_NORM and ev.id not in handled and not self._neutral(g, ev):
-                yield Skipped(_target(g, ev), self._pending.get(ev.id) or self._unfolded_reason(g, ev))
+                fwd = forward_fold(g, ev, hooked)  # a norm before a layer: folded into it
+                if isinstance(fwd, ForwardMatch):
+                    yield fwd
+                    continue
+                yield Skipped(_target(g, ev), fwd or self._pending.get(ev.id) or self._unfolded_reason(g, ev))
 
     def _unreported(self, ctx: TorchContext, found: list) -> Iterable[Skipped]:
         """Every BN-like module neither folded nor reported yet: not executed on the example
@@ -139,6 +144,8 @@ class FoldBN(StepMatcher, Pass):
     def rewrite(self, ctx: TorchContext, m: FoldMatch) -> Applied:
         import torch
 
+        if isinstance(m, ForwardMatch):
+            return rewrite_forward(ctx, m)
         unit, ed = m.unit, ctx.editor
         total = m.steps[0].affine
         for s in m.steps[1:]:
@@ -156,24 +163,8 @@ class FoldBN(StepMatcher, Pass):
         if residual != 1.0:
             total = total.then(ChannelAffine(torch.full_like(total.scale, 1.0 / residual),
                                              torch.zeros_like(total.shift)))
-        b = fold_bias(unit.bias, total.scale, total.shift)
-        ed.scale_weight(unit.weight, total.scale, unit.kind, unit.groups, unit.module)
-        bias_added = unit.bias is None
-        if bias_added:
-            ed.add_bias(unit.module, b)
-        else:
-            ed.set_param(unit.bias, b, unit.module)
-        for s in m.steps:
-            r = s.removal
-            if r.kind == "identity" or (r.kind == "children" and not r.children):
-                ed.remove(r.module)  # a placeholder until the host's own fused forward replaces it
-            elif r.kind == "children":
-                kept = r.children
-                ed.replace(r.module, kept[0] if len(kept) == 1 else torch.nn.Sequential(*kept))
-            else:
-                for tensor, fill in r.params:
-                    if not isinstance(fill, str):
-                        ed.neutralise(tensor, fill)
+        bias_added = fold_into(ed, unit, total)
+        remove_steps(ed, m.steps)
         for tensor, v in variances:
             ed.neutralise(tensor, v)
         detail = f"{unit.describe()} ← " + " → ".join(s.label for s in m.steps)
@@ -182,6 +173,37 @@ class FoldBN(StepMatcher, Pass):
             "folded": [{"path": s.path, "what": s.label, "source": s.source} for s in m.steps],
             "bias_added": bias_added,
         })
+
+
+def fold_into(ed, unit: ConvUnit, total: ChannelAffine) -> bool:
+    """``total`` after ``unit``'s output folded into its weight and bias; whether a bias was added."""
+    # a fold into the layer's input (forward.py) may have given it a bias in this run
+    bias = unit.bias if unit.bias is not None or unit.module is None else getattr(unit.module, "bias", None)
+    b = fold_bias(bias, total.scale, total.shift)
+    ed.scale_weight(unit.weight, total.scale, unit.kind, unit.groups, unit.module)
+    if bias is None:
+        ed.add_bias(unit.module, b)
+    else:
+        ed.set_param(bias, b, unit.module)
+    return bias is None
+
+
+def remove_steps(ed, steps: list[Step]) -> None:
+    """Each folded step's module removed (or replaced by the children it keeps), or its inline
+    parameters made the identity (a running variance apart: set by the caller)."""
+    import torch
+
+    for s in steps:
+        r = s.removal
+        if r.kind == "identity" or (r.kind == "children" and not r.children):
+            ed.remove(r.module)  # a placeholder until the host's own fused forward replaces it
+        elif r.kind == "children":
+            kept = r.children
+            ed.replace(r.module, kept[0] if len(kept) == 1 else torch.nn.Sequential(*kept))
+        else:
+            for tensor, fill in r.params:
+                if not isinstance(fill, str):
+                    ed.neutralise(tensor, fill)
 
 
 @dataclass
