@@ -120,3 +120,53 @@ def test_batchnorm_before_a_hooked_layer_is_refused():
     assert [a.target for a in r.applied] == ["head_dist.linear"]
     assert [(s.target, s.code) for s in r.skipped] == [("head.bn", "hook")]
     assert isinstance(out.head.bn, nn.BatchNorm1d)
+
+
+# -- a BatchNorm after a concatenation of convs: split into them -----------------------------------
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_batchnorm_after_mixed_conv_is_split_into_its_convs(depthwise):
+    from timm_norms import MixedBlock
+
+    model = randomize(MixedBlock(depthwise), 11)
+    out, r = _fold(model, (2, 3, 12, 12))
+    assert not r.skipped and len(r.applied) == 1
+    assert r.applied[0].target == "conv_dw.0 + conv_dw.1 + conv_dw.2"
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in out.modules())
+    assert all(c.bias is not None for c in out.conv_dw.values())
+
+
+def test_mixed_conv_whose_conv_output_is_read_elsewhere_is_refused():
+    from timm_norms import MixedConv2d
+
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mixed = MixedConv2d(6, 6, kernels=(3, 5))
+            self.bn = nn.BatchNorm2d(6)
+
+        def forward(self, x):
+            xs = torch.split(x, self.mixed.splits, 1)
+            a, b = self.mixed["0"](xs[0]), self.mixed["1"](xs[1])
+            return self.bn(torch.cat([a, b], 1)), a
+
+    model = randomize(Leaky(), 12)
+    out, r = _fold(model, (2, 6, 8, 8))
+    assert not r.applied and [(s.target, s.code) for s in r.skipped] == [("bn", "other-readers")]
+    assert isinstance(out.bn, nn.BatchNorm2d)
+
+
+def test_concatenation_with_a_non_conv_part_is_not_split():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(7)
+
+        def forward(self, x):
+            return self.bn(torch.cat([self.conv(x), x], 1))
+
+    model = randomize(Mixed(), 13)
+    out, r = _fold(model, (2, 3, 8, 8))
+    assert not r.applied and [s.target for s in r.skipped] == ["bn"]
+    assert isinstance(out.bn, nn.BatchNorm2d)

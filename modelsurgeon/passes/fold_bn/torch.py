@@ -15,6 +15,7 @@ from ...rewrite.affine import fold_bias
 from ...report.codes import Refusal
 from ..base import Applied, Match, Pass, Skipped, TorchContext
 from .forward import ForwardMatch, forward_fold, rewrite_forward
+from .split import SplitMatch, SplitMatcher, rewrite_split
 from .steps import Step, StepMatcher, _bn_events, _bn_like, _identity_var, _input_reason
 
 
@@ -22,7 +23,7 @@ from .steps import Step, StepMatcher, _bn_events, _bn_like, _identity_var, _inpu
 class FoldMatch(Match):
     unit: ConvUnit = None
     steps: list[Step] = field(default_factory=list)
-class FoldBN(StepMatcher, Pass):
+class FoldBN(SplitMatcher, StepMatcher, Pass):
     name = "fold-bn"
 
     def match(self, ctx: TorchContext) -> Iterable[Match | Skipped]:
@@ -96,10 +97,15 @@ class FoldBN(StepMatcher, Pass):
                 yield FoldMatch(target=unit.path, unit=unit, steps=steps)
         for ev in g.events:
             if ev.name in BATCH_NORM and ev.id not in handled and not self._neutral(g, ev):
+                split = self._split_fold(g, ev, hooked)  # a norm after a concatenation of convs
+                if isinstance(split, SplitMatch):
+                    yield split
+                    continue
                 fwd = forward_fold(g, ev, hooked)  # a norm before a layer: folded into it
                 if isinstance(fwd, ForwardMatch):
                     yield fwd
                     continue
+                fwd = fwd or split
                 yield Skipped(_target(g, ev), fwd or self._pending.get(ev.id) or self._unfolded_reason(g, ev))
 
     def _unreported(self, ctx: TorchContext, found: list) -> Iterable[Skipped]:
@@ -146,6 +152,8 @@ class FoldBN(StepMatcher, Pass):
 
         if isinstance(m, ForwardMatch):
             return rewrite_forward(ctx, m)
+        if isinstance(m, SplitMatch):
+            return rewrite_split(ctx, m, fold_into, remove_steps)
         unit, ed = m.unit, ctx.editor
         total = m.steps[0].affine
         for s in m.steps[1:]:
