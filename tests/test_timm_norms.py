@@ -170,3 +170,49 @@ def test_concatenation_with_a_non_conv_part_is_not_split():
     out, r = _fold(model, (2, 3, 8, 8))
     assert not r.applied and [s.target for s in r.skipped] == ["bn"]
     assert isinstance(out.bn, nn.BatchNorm2d)
+
+
+# -- ONNX: Flatten / Reshape between a MatMul and its BatchNormalization ----------------------------
+
+def _export(model, shape, path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(*shape),), str(path), dynamo=False, do_constant_folding=False,
+                          opset_version=17)
+    return path
+
+
+def test_onnx_levit_blocks_fold_through_their_reshapes(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+    from conftest import run_cli
+    from levit import levitish
+
+    model = levitish(4)
+    src = _export(model, (1, 3, 32, 32), tmp_path / "levit.onnx")
+    r = run_cli("fold-bn", src, "-o", tmp_path / "o.onnx", "--json")
+    assert r.code == 0, r.err
+    rep = r.json()
+    # the blocks' Linear -> Flatten -> BatchNorm1d -> Reshape fold; the heads' BN-before-Linear stay
+    assert rep["before"]["bn"] == 12 and rep["after"]["bn"] == 2
+    assert all(s["code"] == "not-foldable" and "/head" in s["target"] for s in rep["skipped"])
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "o.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x})[0], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_reshape_that_moves_channels_is_not_looked_through(tmp_path):
+    from conftest import run_cli
+    from test_missed_folds import MovesChannels, SplitsChannels
+    from testmodels import randomize_all
+
+    for i, (cls, shape) in enumerate([(SplitsChannels, (2, 5, 8)), (MovesChannels, (3, 3, 2, 2))]):
+        src = _export(randomize_all(cls(), 1).eval(), shape, tmp_path / f"m{i}.onnx")
+        r = run_cli("fold-bn", src, "-o", tmp_path / f"o{i}.onnx", "--json")
+        assert r.code == 0, r.err
+        rep = r.json()
+        assert not rep["applied"] and rep["after"]["bn"] == 1

@@ -60,6 +60,7 @@ class Step:
     label: str
     source: str  # "batch_norm" | "inline"
     out: Any  # the node's output value
+    inp: Any = None  # the value it reads (a reshape of the layer output may come in between)
 
 
 def _float(arr: Any) -> bool:
@@ -199,7 +200,7 @@ def affine_step(g: OnnxGraph, node: Any, cur: Any, unit: LinearUnit, allow_bn: b
         aff = batch_norm_affine(g, node, unit.out_channels)
         if isinstance(aff, Refusal):
             return aff
-        return Step(node, aff, f"BatchNormalization {node_label(node)}", "batch_norm", node.outputs[0])
+        return Step(node, aff, f"BatchNormalization {node_label(node)}", "batch_norm", node.outputs[0], cur)
     if op not in ELEMENTWISE or len(node.inputs) != 2:
         return None
     a, b = node.inputs
@@ -231,7 +232,7 @@ def affine_step(g: OnnxGraph, node: Any, cur: Any, unit: LinearUnit, allow_bn: b
             return None
         aff = ChannelAffine(1.0 / c, zero)
     what = other.name or "a constant"
-    return Step(node, aff, f"{op} {node_label(node)} by {what}", "inline", node.outputs[0])
+    return Step(node, aff, f"{op} {node_label(node)} by {what}", "inline", node.outputs[0], cur)
 
 
 @dataclass
@@ -243,9 +244,9 @@ class Walk:
 def walk(g: OnnxGraph, unit: LinearUnit, allow_bn: bool = True) -> Walk:
     """Affine steps after ``unit``'s output, through values with a single reader."""
     result = Walk()
-    cur = unit.node.outputs[0]
+    cur, at = unit.node.outputs[0], unit  # ``at``: the unit with the channel axis where ``cur`` has it
     while True:
-        reader = g.sole_reader(cur)
+        reader = _data_reader(g, cur)
         if reader is None:
             if not result.steps and g.reader_count(cur) > 1:
                 for r in g.readers(cur):
@@ -254,12 +255,44 @@ def walk(g: OnnxGraph, unit: LinearUnit, allow_bn: bool = True) -> Walk:
                                           f"{g.reader_count(cur)} readers ({g.describe_readers(cur)}), so the layer cannot be changed"))
                         break
             break
-        step = affine_step(g, reader, cur, unit, allow_bn)
+        step = affine_step(g, reader, cur, at, allow_bn)
         if step is None:
-            break
+            moved = _reshaped(g, reader, cur, at)  # LeViT: MatMul -> Reshape / Flatten -> BatchNormalization
+            if moved is None:
+                break
+            cur, at = reader.outputs[0], moved
+            continue
         if isinstance(step, Refusal):
             result.stop = (reader, step)
             break
         result.steps.append(step)
         cur = step.out
     return result
+
+
+RESHAPES = {"Reshape", "Flatten"}
+
+
+def _reshaped(g: OnnxGraph, node: Any, cur: Any, unit: LinearUnit) -> LinearUnit | None:
+    """``unit`` with its channel axis and rank where a Reshape / Flatten of ``cur`` puts them,
+    when it merges or splits only the dims before that axis (static shapes); else ``None``."""
+    import dataclasses
+
+    from .reshape import moved_channel_axis
+
+    if node.op_type not in RESHAPES or not g.is_default_domain(node) or not node.inputs or node.inputs[0] is not cur:
+        return None
+    src, out = shape_of(cur), shape_of(node.outputs[0])
+    if not src or not out or not all(isinstance(d, int) for d in tuple(src) + tuple(out)):
+        return None
+    axis = moved_channel_axis(tuple(src), tuple(out), unit.axis)
+    return None if axis is None else dataclasses.replace(unit, axis=axis, rank=len(out))
+
+
+def _data_reader(g: OnnxGraph, value: Any) -> Any:
+    """The only node reading ``value``'s elements: a ``Shape`` / ``Size`` reads its shape only,
+    which a fold does not change (``reshape_as`` exports as ``Reshape(y, Shape(x))``)."""
+    if value.is_graph_output():
+        return None
+    uses = [u for u in value.uses() if not (u.node.op_type in ("Shape", "Size") and g.is_default_domain(u.node))]
+    return uses[0].node if len(uses) == 1 else None

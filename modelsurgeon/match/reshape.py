@@ -23,7 +23,13 @@ def channel_axis_after(g: DataflowGraph, ev: OpEvent, vid: int, axis: int) -> in
     ``axis``) by merging or splitting the dims before that axis only; ``None`` otherwise."""
     if ev.name not in RESHAPES or not ev.args or ev.args[0] != Ref(vid) or len(ev.outputs) != 1:
         return None
-    src, out = g.value(vid).shape, g.value(ev.outputs[0]).shape
+    return moved_channel_axis(g.value(vid).shape, g.value(ev.outputs[0]).shape, axis)
+
+
+def moved_channel_axis(src, out, axis: int) -> int | None:
+    """Where channel axis ``axis`` of shape ``src`` is in shape ``out`` after a reshape that
+    merges or splits only the dims before it; ``None`` for any other reshape (also the ONNX
+    back end's rule, for Flatten / Reshape)."""
     if not src or not out or not -len(src) <= axis < len(src):
         return None
     a = axis % len(src)

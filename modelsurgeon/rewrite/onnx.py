@@ -250,6 +250,15 @@ def fold_affine(editor: OnnxEditor, unit: Any, steps: list) -> dict:
             add = editor.add_node("Add", [result, bias], node, f"{unit.label}_bias_add")
             result = add.outputs[0]
             bias_added = not had_add
-    editor.replace_value(steps[-1].out, result)
+    ins = [s.inp for s in steps]
+    if all(i is None for i in ins) or ins == [node.outputs[0]] + [s.out for s in steps[:-1]]:
+        editor.replace_value(steps[-1].out, result)
+    else:  # reshapes in between (LeViT): each step's readers read its input, the reshapes stay
+        for s in reversed(steps):
+            editor.replace_value(s.out, s.inp)
+        if result is not node.outputs[0]:  # a MatMul's new bias Add
+            for use in list(node.outputs[0].uses()):
+                if use.node is not result.producer():
+                    use.node.replace_input_with(use.idx, result)
     editor.remove_nodes([s.node for s in steps])
     return {"bias_added": bias_added, "weight_shared": shared}
