@@ -24,6 +24,7 @@ class SlotRun:
     recipe: Any  # the structural edits that rebuild a state_dict's model
     slot_name: str | None = None  # "model" / "ema" in a multi-model checkpoint
     primary: bool = True  # the model the report's before/after figures and an ONNX export describe
+    host_code: bool = True  # False for an .onnx output: no host code (its own fuse()) runs on it
     state: Any = None  # read/prepare.py BufferState, set by operate()
     original: Any = None  # () -> the original model read again (the lazy float64 run), or None
 
@@ -59,7 +60,8 @@ def run_torch(command, passes, opts, ckpt, report, out_path, out_fmt) -> Any:
         recipe = ckpt.recipe_for(slot)  # one per model: a safetensors output records its own
         refs = operate(SlotRun(slot.module, slot.storage, passes, opts, spec, report, recipe,
                                slot_name=slot.name if multi else None, primary=slot is primary,
-                               original=lambda name=slot.name: reload_original(opts, name)))
+                               original=lambda name=slot.name: reload_original(opts, name),
+                               host_code=out_fmt != "onnx"))
         if slot is primary:
             primary_refs = refs
         if report.stopped:
@@ -143,7 +145,8 @@ def _operate(run: SlotRun) -> Any:
             current["graph"] = _recapture(model, inputs0, current["stale_after"])
             current["stale_after"] = None
         return TorchContext(model=model, graph=current["graph"], inputs=inputs0, editor=editor,
-                            options=opts.pass_options[p.name], slot=slot_name, report_extra=extra, references=refs)
+                            options=opts.pass_options[p.name], slot=slot_name, report_extra=extra, references=refs,
+                            host_code=run.host_code)
 
     for p in impls:  # option checks against the model, before anything else runs
         p.prepare(context(p))

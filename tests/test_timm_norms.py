@@ -216,3 +216,27 @@ def test_onnx_reshape_that_moves_channels_is_not_looked_through(tmp_path):
         assert r.code == 0, r.err
         rep = r.json()
         assert not rep["applied"] and rep["after"]["bn"] == 1
+
+
+# -- an .onnx output runs no host code: nothing is left to the host's fuse() ------------------------
+
+def test_onnx_output_folds_the_norms_a_host_fuse_would_read(tmp_path):
+    import onnx
+    import ultralike
+    from conftest import run_cli
+
+    src = tmp_path / "m.pt"
+    torch.save(ultralike.randomized(3), src)
+    tests = str(__import__("pathlib").Path(__file__).parent)
+    common = ["--trust-pickle", "--code-path", tests, "-s", "1,3,64,64", "--json"]
+    pt = run_cli("fold-bn", src, *common, "-o", tmp_path / "o.pt")
+    assert pt.code == 0, pt.err
+    assert any(s["code"] == "host-reads" for s in pt.json()["skipped"])  # left to RepConv's own fuse
+    r = run_cli("fold-bn", src, *common, "-o", tmp_path / "o.onnx")
+    assert r.code == 0, r.err
+    rep = r.json()
+    assert not any(s["code"] == "host-reads" for s in rep["skipped"])
+    assert rep["parity"]["passed"]
+    graph = onnx.load(str(tmp_path / "o.onnx")).graph
+    assert sum(n.op_type == "BatchNormalization" for n in graph.node) == rep["after"]["bn"]
+    assert rep["after"]["bn"] < pt.json()["after"]["bn"]

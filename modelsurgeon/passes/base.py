@@ -100,6 +100,8 @@ class PassContext:
     # A pass sets ``stop`` (a one-line reason) in ``match`` when it has answered an inspection
     # (``truncate --list``): the run ends after that pass; nothing is rewritten, verified or written.
     stop: str | None = None
+    # False when no host code runs on the output (an .onnx export): nothing is left to its fuse()
+    host_code: bool = True
 
 
 @dataclass

@@ -45,7 +45,8 @@ def _padded(ev: OpEvent) -> bool:
     return any(int(p) != 0 for p in (pad if isinstance(pad, (tuple, list)) else (pad,)))
 
 
-def forward_fold(g: DataflowGraph, ev: OpEvent, hooked: dict[int, str]) -> ForwardMatch | Refusal | None:
+def forward_fold(g: DataflowGraph, ev: OpEvent, hooked: dict[int, str], host_code: bool = True
+                 ) -> ForwardMatch | Refusal | None:
     """The fold of batch_norm ``ev`` into the conv / linear reading its output, the refusal of
     one that is the pattern but cannot be folded, or ``None`` when ``ev`` is not the pattern."""
     if ev.name not in BATCH_NORM or len(ev.outputs) != 1:
@@ -82,7 +83,7 @@ def forward_fold(g: DataflowGraph, ev: OpEvent, hooked: dict[int, str]) -> Forwa
     why = call_obstacle(call, [])
     if why is not None:
         return why
-    reader = statistics_reader(g.root.module, call.path) if call.path else None
+    reader = statistics_reader(g.root.module, call.path) if call.path and host_code else None
     if reader is not None:
         return Refusal("host-reads", f"the host's {reader} reads its running statistics: left to it")
     seen = next((hooked[v] for v in [ev.outputs[0], cur] if v in hooked), None)

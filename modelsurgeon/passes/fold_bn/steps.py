@@ -188,7 +188,7 @@ class StepMatcher:
             why = call_obstacle(call, kept)
             if why is not None:
                 return why
-        if isinstance(r, Step) and call.path:
+        if isinstance(r, Step) and call.path and getattr(self, "_host_code", True):
             reader = statistics_reader(g.root.module, call.path)
             if reader is not None:  # Ultralytics RepConv: its own fuse reads branch.bn's statistics
                 return Refusal(HOST_READS, f"the host's {reader} reads its running statistics and its layer's "

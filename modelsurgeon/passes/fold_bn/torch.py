@@ -39,6 +39,8 @@ class FoldBN(SplitMatcher, StepMatcher, Pass):
         g: DataflowGraph = ctx.graph
         # tensors this run's earlier folds made the identity (optimize's later rounds)
         self._neutralised = getattr(ctx.editor, "neutralised", set())
+        # an .onnx output runs no host code: a norm its own fuse() reads is folded here too
+        self._host_code = ctx.host_code
         handled: set[int] = set()
         # why a candidate met after foldable steps was not folded too: reported only if nothing
         # folds it from its own layer (a block met after a fold usually starts with that layer)
@@ -101,7 +103,7 @@ class FoldBN(SplitMatcher, StepMatcher, Pass):
                 if isinstance(split, SplitMatch):
                     yield split
                     continue
-                fwd = forward_fold(g, ev, hooked)  # a norm before a layer: folded into it
+                fwd = forward_fold(g, ev, hooked, self._host_code)  # a norm before a layer: folded into it
                 if isinstance(fwd, ForwardMatch):
                     yield fwd
                     continue
