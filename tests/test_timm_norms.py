@@ -240,3 +240,21 @@ def test_onnx_output_folds_the_norms_a_host_fuse_would_read(tmp_path):
     graph = onnx.load(str(tmp_path / "o.onnx")).graph
     assert sum(n.op_type == "BatchNormalization" for n in graph.node) == rep["after"]["bn"]
     assert rep["after"]["bn"] < pt.json()["after"]["bn"]
+
+
+def test_shared_batchnorm_before_a_linear_is_refused():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(6, 8)
+            self.bn = nn.BatchNorm1d(8)
+            self.a, self.b = nn.Linear(8, 3), nn.Linear(8, 3)
+
+        def forward(self, x):
+            y = torch.relu(self.stem(x))
+            return self.a(self.bn(y)) + self.b(self.bn(-y))
+
+    model = randomize(Shared(), 14)
+    out, r = _fold(model, (4, 6))
+    assert not r.applied and {s.code for s in r.skipped} == {"shared-module"}
+    assert isinstance(out.bn, nn.BatchNorm1d)

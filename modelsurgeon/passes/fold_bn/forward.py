@@ -14,7 +14,7 @@ from typing import Any
 
 from ...capture.graph import OUTPUT, DataflowGraph, OpEvent, Ref
 from ...match.affine import BATCH_NORM, ChannelAffine, batch_norm_affine, is_bn_like
-from ...match.calls import call_obstacle
+from ...match.calls import call_obstacle, read_outside
 from ...match.conv import CONV_OPS, ConvUnit, conv_unit
 from ...match.host import statistics_reader
 from ...match.reshape import channel_axis_after, shape_only_use
@@ -83,6 +83,11 @@ def forward_fold(g: DataflowGraph, ev: OpEvent, hooked: dict[int, str], host_cod
     why = call_obstacle(call, [])
     if why is not None:
         return why
+    if g.call_count(call.module) > 1:
+        return Refusal("shared-module", f"{call.path} is called {g.call_count(call.module)} times (a shared module)")
+    found = read_outside(g, list(call.module.named_parameters()) + list(call.module.named_buffers()), call)
+    if found is not None:
+        return Refusal("read-outside", f"{call.path}.{found[0]} is also read outside {call.path}")
     reader = statistics_reader(g.root.module, call.path) if call.path and host_code else None
     if reader is not None:
         return Refusal("host-reads", f"the host's {reader} reads its running statistics: left to it")
