@@ -258,3 +258,28 @@ def test_shared_batchnorm_before_a_linear_is_refused():
     out, r = _fold(model, (4, 6))
     assert not r.applied and {s.code for s in r.skipped} == {"shared-module"}
     assert isinstance(out.bn, nn.BatchNorm1d)
+
+
+def test_onnx_flatten_with_symbolic_leading_sizes_is_looked_through(tmp_path):
+    import warnings
+
+    import numpy as np
+    import onnxruntime as ort
+    from conftest import run_cli
+    from levit import LinearNorm
+
+    model = randomize(LinearNorm(6, 8), 15)
+    src = tmp_path / "ln.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 5, 6),), str(src), dynamo=False, do_constant_folding=False,
+                          opset_version=17, input_names=["x"], dynamic_axes={"x": {0: "B", 1: "N"}})
+    r = run_cli("fold-bn", src, "-s", "2,5,6", "-o", tmp_path / "o.onnx", "--json")
+    assert r.code == 0, r.err
+    rep = r.json()
+    assert len(rep["applied"]) == 1 and rep["after"]["bn"] == 0 and not rep["skipped"]
+    x = np.random.default_rng(1).standard_normal((3, 7, 6)).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "o.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], ref, rtol=1e-4, atol=1e-5)

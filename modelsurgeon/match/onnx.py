@@ -283,6 +283,11 @@ def _reshaped(g: OnnxGraph, node: Any, cur: Any, unit: LinearUnit) -> LinearUnit
     if node.op_type not in RESHAPES or not g.is_default_domain(node) or not node.inputs or node.inputs[0] is not cur:
         return None
     src, out = shape_of(cur), shape_of(node.outputs[0])
+    if node.op_type == "Flatten" and src and unit.axis == len(src) - 1:
+        # merges the dims before its axis, the rest into the second: channels last stay whole,
+        # whatever the leading sizes (LeViT's downsampling attention leaves them symbolic)
+        at = int(_attr(node, "axis", 1))
+        return dataclasses.replace(unit, axis=1, rank=2) if at % len(src) == unit.axis else None
     if not src or not out or not all(isinstance(d, int) for d in tuple(src) + tuple(out)):
         return None
     axis = moved_channel_axis(tuple(src), tuple(out), unit.axis)
