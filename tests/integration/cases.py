@@ -169,21 +169,16 @@ KNOWN: list[Known] = [
     Known("open: the model's own float32 rounding: the fold is exact in float64 (4e-13) but its fp32 "
           "weights land 10x further from the float64 original than the original's own rounding, so the "
           "noise-aware check still refuses", kind="exit", pattern="^1: .*parity failed", cases=("fbnetv3_b",)),
-    Known("open: a .onnx output keeps the BatchNorms left to the host's own fuse(), where no host code runs",
-          step="*.onnx", kind="bn-left", pattern="left to it"),
-    Known("open: the ONNX back end does not look through Flatten / Reshape between a MatMul and its "
-          "BatchNormalization (LeViT)", step="onnx-*", kind="bn-left", pattern="comes from (Flatten|Reshape) "),
-    Known("open: a BatchNorm before a Linear (LeViT's NormLinear heads: mean -> BatchNorm1d -> Linear) is "
-          "not folded into the layer after it", kind="bn-left", pattern="comes from (Tensor.mean|ReduceMean)",
-          cases=("levit_128s",)),
-    Known("open: a BatchNorm after a concatenation of convolutions (timm's MixedConv2d) is not split "
-          "into them", kind="bn-left", pattern="comes from (cat|Concat) ", cases=("mixnet_s",)),
+    Known("open on ONNX inputs: a BatchNorm before a Linear (LeViT's NormLinear heads: mean -> BatchNorm1d "
+          "-> Linear) is not folded into the layer after it (the PyTorch side does)", step="onnx-*",
+          kind="bn-left", pattern="comes from (Tensor.mean|ReduceMean)", cases=("levit_128s",)),
+    Known("open on ONNX inputs: a BatchNorm after a concatenation of convolutions (timm's MixedConv2d) is "
+          "not split into them (the PyTorch side does)", step="onnx-*", kind="bn-left",
+          pattern="comes from (cat|Concat) ", cases=("mixnet_s",)),
     Known("open: weight standardisation (timm's ScaledStdConv2d calls F.batch_norm on its weight) is "
           "exported as BatchNormalization nodes on constants; a .onnx output keeps them (the exported "
           "graph is not constant-folded yet) and its report counts them as BatchNorms",
           step="report", kind="bn-count", cases=("nf_resnet26",)),
-    Known("open: timm's FrozenBatchNormAct2d (inline frozen affine, then activation children) is not "
-          "folded", kind="bn-left", pattern="FrozenBatchNormAct2d .* not a per-channel affine map"),
 ]
 
 
