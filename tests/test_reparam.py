@@ -308,3 +308,34 @@ def test_repvgg_a0_and_mobileone_s0_sized_models():
         x = torch.randn(2, 3, 96, 64)
         with torch.no_grad():
             assert _close(model(x), original(x))
+
+
+class _TimmStyleRepVggBlock(nn.Module):
+    """timm's RepVggBlock: the sum built step by step, then an ``inplace=True`` activation that
+    changes the summed tensor in place."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.identity = nn.BatchNorm2d(c)
+        self.conv_kxk = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c))
+        self.conv_1x1 = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        identity = self.identity(x)
+        x = self.conv_1x1(x) + self.conv_kxk(x)
+        x = x + identity
+        return self.act(x)
+
+
+def test_a_sum_changed_in_place_by_its_activation_is_merged():
+    model = nn.Sequential(_TimmStyleRepVggBlock(8), _TimmStyleRepVggBlock(8)).eval()
+    randomize_all(model)
+    original = copy.deepcopy(model)
+    model, report = ms.reparam(model, input_shape=(2, 8, 12, 12))
+    rp = next(p for p in report.passes if p.name == "reparam")
+    assert len(rp.applied) == 2 and not rp.skipped
+    assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 2
+    x = torch.randn(3, 8, 12, 12)
+    with torch.no_grad():
+        assert torch.allclose(model.double()(x.double()), original.double()(x.double()), rtol=1e-6, atol=1e-6)

@@ -111,8 +111,13 @@ class ForwardPlan:
         return any(w.version_of == vid for w in self.graph.values)
 
     def substitute(self, vid: int, by: int | NewValue) -> None:
-        """Readers of value ``vid`` read ``by`` instead (a recorded value or a :class:`NewValue`)."""
-        if self._versioned(vid) or self._versioned(by):
+        """Readers of value ``vid`` read ``by`` instead (a recorded value or a :class:`NewValue`).
+
+        A value changed in place later (``x = x + y; relu_(x)``, an ``inplace=True`` activation)
+        can be replaced by a new value nothing reads yet: the in-place op then changes the new
+        tensor, which no other reader sees."""
+        fresh = isinstance(by, NewValue) and not by.node.users
+        if (self._versioned(vid) and not fresh) or self._versioned(by):
             raise EditError("the value is changed in place in the forward")
         n, b = self.node(vid), self.node(by)
         if n is b:
