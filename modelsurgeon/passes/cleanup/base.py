@@ -1,4 +1,5 @@
-"""What the clean-up rewrites share: their pass class, shape facts, constant reads, bypassing."""
+"""What the clean-up rewrites share: their pass class, shape facts, constant reads, bypassing,
+a node turned into a Reshape, a BatchNormalization read as fold-bn reads it."""
 
 from __future__ import annotations
 
@@ -102,3 +103,32 @@ def bypass(ctx: OnnxContext, node: Any, src: Any, what: str) -> Applied:
 
 def extra_outputs_unused(node: Any) -> bool:
     return all(not o.uses() and not o.is_graph_output() for o in node.outputs[1:])
+
+
+def to_reshape(ctx: OnnxContext, node: Any, target: Any, what: str, base: str) -> Applied:
+    """Replace ``node`` by a Reshape of its first input to the constant shape ``target``."""
+    import numpy as np
+
+    ed = ctx.editor
+    base = node.name or base
+    shape = ed.add_initializer(np.array(target, np.int64), f"{base}_shape")
+    new = ed.add_node("Reshape", [node.inputs[0], shape], node, f"{base}_reshape")
+    ed.replace_value(node.outputs[0], new.outputs[0])
+    ed.remove_nodes([node])
+    return Applied(node_label(node), what)
+
+
+def bn_affine(ctx: OnnxContext, bn: Any, channels: Any) -> tuple[Any, Any] | None:
+    """``(scale, shift)`` (float64 numpy) of an inference BatchNormalization over ``channels``
+    with a single output, read by fold-bn's own rule (``match/onnx.py: batch_norm_affine``);
+    ``None`` when it is none."""
+    from ...match.affine import ChannelAffine
+    from ...match.onnx import batch_norm_affine
+
+    if bn.op_type != "BatchNormalization" or not default_domain(ctx, bn) or len(bn.outputs) != 1 \
+            or not isinstance(channels, int):
+        return None
+    aff = batch_norm_affine(ctx.graph, bn, channels)
+    if not isinstance(aff, ChannelAffine):
+        return None
+    return aff.scale.numpy(), aff.shift.numpy()

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 from ...capture.onnx import node_label
 from ..base import Applied, OnnxContext
-from .base import CleanupPass, NodeMatch, attr, const, default_domain, facts
+from .base import CleanupPass, NodeMatch, attr, bn_affine, const, default_domain, facts
 
 
 def _reads_as_a(ctx: OnnxContext, use: tuple) -> bool:
@@ -27,25 +27,23 @@ class FoldBnIntoGemm(CleanupPass):
     def match(self, ctx: OnnxContext) -> Iterable[NodeMatch]:
         p = facts(ctx)
         for bn in ctx.graph.nodes:
-            if bn.op_type != "BatchNormalization" or not default_domain(ctx, bn) or len(bn.outputs) != 1 \
-                    or int(attr(bn, "training_mode", 0)) or len(bn.inputs) != 5:
+            if bn.op_type != "BatchNormalization" or not bn.inputs or bn.inputs[0] is None:
                 continue
             y, shape = bn.outputs[0], p.fact(bn.inputs[0]).shape
             uses = list(y.uses())
-            params = [const(ctx, v) for v in bn.inputs[1:]]
-            if y.is_graph_output() or not uses or shape is None or len(shape) != 2 or any(a is None for a in params) \
+            if y.is_graph_output() or not uses or shape is None or len(shape) != 2 \
                     or not all(_reads_as_a(ctx, u) for u in uses):
                 continue
-            yield NodeMatch(node_label(bn), node=bn, data={"gemms": list({id(u[0]): u[0] for u in uses}.values()),
-                                                           "params": params})
+            affine = bn_affine(ctx, bn, shape[1])
+            if affine is not None:
+                yield NodeMatch(node_label(bn), node=bn, data={"gemms": list({id(u[0]): u[0] for u in uses}.values()),
+                                                               "affine": affine})
 
     def rewrite(self, ctx: OnnxContext, m: NodeMatch) -> Applied:
         import numpy as np
 
         ed, bn = ctx.editor, m.node
-        gamma, beta, mean, var = (np.asarray(a, np.float64) for a in m.data["params"])
-        scale = gamma / np.sqrt(var + float(attr(bn, "epsilon", 1e-5)))
-        shift = beta - mean * scale
+        scale, shift = m.data["affine"]
         for gemm in m.data["gemms"]:
             b = const(ctx, gemm.inputs[1])
             trans_b = int(attr(gemm, "transB", 0))

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 from ...capture.onnx import node_label
 from ..base import Applied, OnnxContext
-from .base import CleanupPass, NodeMatch, attr, const, default_domain, facts
+from .base import CleanupPass, NodeMatch, bn_affine, const, default_domain, facts
 
 
 def _sole(value: Any) -> Any:
@@ -26,8 +26,7 @@ class FoldBnThroughView(CleanupPass):
     def match(self, ctx: OnnxContext) -> Iterable[NodeMatch]:
         p = facts(ctx)
         for bn in ctx.graph.nodes:
-            if bn.op_type != "BatchNormalization" or not default_domain(ctx, bn) or len(bn.outputs) != 1 \
-                    or int(attr(bn, "training_mode", 0)) or len(bn.inputs) != 5:
+            if bn.op_type != "BatchNormalization" or not bn.inputs:
                 continue
             view = bn.inputs[0].producer() if bn.inputs[0] is not None else None
             if view is None or view.op_type not in ("Flatten", "Reshape") or _sole(bn.inputs[0]) is not bn:
@@ -36,20 +35,19 @@ class FoldBnThroughView(CleanupPass):
             if mm is None or mm.op_type != "MatMul" or not default_domain(ctx, mm) or _sole(mm.outputs[0]) is not view:
                 continue
             w = const(ctx, mm.inputs[1])
-            params = [const(ctx, v) for v in bn.inputs[1:]]
             xs, ys = p.fact(bn.inputs[0]).shape, p.fact(mm.outputs[0]).shape
-            if w is None or w.ndim != 2 or w.dtype.kind != "f" or any(a is None for a in params) or xs is None \
+            if w is None or w.ndim != 2 or w.dtype.kind != "f" or xs is None \
                     or ys is None or len(xs) != 2 or not isinstance(xs[1], int) or not xs[1] == ys[-1] == w.shape[1]:
                 continue
-            yield NodeMatch(node_label(bn), node=bn, data={"view": view, "mm": mm, "w": w, "params": params})
+            affine = bn_affine(ctx, bn, xs[1])
+            if affine is not None:
+                yield NodeMatch(node_label(bn), node=bn, data={"view": view, "mm": mm, "w": w, "affine": affine})
 
     def rewrite(self, ctx: OnnxContext, m: NodeMatch) -> Applied:
         import numpy as np
 
         ed, bn, view, mm, w = ctx.editor, m.node, m.data["view"], m.data["mm"], m.data["w"]
-        gamma, beta, mean, var = (np.asarray(a, np.float64) for a in m.data["params"])
-        scale = gamma / np.sqrt(var + float(attr(bn, "epsilon", 1e-5)))
-        shift = beta - mean * scale
+        scale, shift = m.data["affine"]
         ed.write_tensor(mm, 1, (w.astype(np.float64) * scale[None, :]).astype(w.dtype), f"{mm.name or 'matmul'}_weight_bn")
         bias = ed.add_initializer(shift.astype(w.dtype), f"{bn.name or 'bn'}_shift")
         add = ed.add_node("Add", [mm.outputs[0], bias], mm, f"{bn.name or 'bn'}_add")

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 from ...capture.onnx import node_label
 from ..base import Applied, OnnxContext
-from .base import CleanupPass, NodeMatch, attr, const, default_domain, facts
+from .base import CleanupPass, NodeMatch, attr, const, default_domain, facts, to_reshape
 from .views import target_for
 
 
@@ -38,12 +38,5 @@ class GatherToReshape(CleanupPass):
                 yield NodeMatch(node_label(node), node=node, data={"target": target})
 
     def rewrite(self, ctx: OnnxContext, m: NodeMatch) -> Applied:
-        import numpy as np
-
-        ed, node = ctx.editor, m.node
-        base = node.name or "gather"
-        shape = ed.add_initializer(np.array(m.data["target"], np.int64), f"{base}_shape")
-        new = ed.add_node("Reshape", [node.inputs[0], shape], node, f"{base}_reshape")
-        ed.replace_value(node.outputs[0], new.outputs[0])
-        ed.remove_nodes([node])
-        return Applied(m.target, f"Gather of every index in order → Reshape {m.data['target']}")
+        what = f"Gather of every index in order → Reshape {m.data['target']}"
+        return to_reshape(ctx, m.node, m.data["target"], what, "gather")
