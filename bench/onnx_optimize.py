@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from .onnx_models import MODES, ROOT, build, cases, export
+from .sections import write_section
 
 TOOLS = ("onnxsim", "onnxslim", "onnxscript", "modelsurgeon")
 TIMED = ("original", "onnxsim", "onnxslim", "modelsurgeon")
@@ -312,26 +313,6 @@ EXPLAINED = {
 }
 
 
-def existing_section(path: Path) -> str:
-    """The ONNX optimize section already in ``path`` ("" if none): the main bench keeps it."""
-    old = path.read_text() if path.exists() else ""
-    start = old.find(SECTION)
-    if start < 0:
-        return ""
-    end = old.find("\n## ", start + len(SECTION))
-    return old[start:end + 1] if end >= 0 else old[start:]
-
-
-def write_section(text: str, path: Path) -> None:
-    """Put ``text`` (a section starting with SECTION) into ``path``, replacing an earlier one."""
-    old = path.read_text() if path.exists() else "# Performance\n"
-    start = old.find(SECTION)
-    if start >= 0:
-        end = old.find("\n## ", start + len(SECTION))
-        old = old[:start] + (old[end + 1:] if end >= 0 else "")
-    path.write_text(old.rstrip("\n") + "\n\n" + text)
-
-
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -370,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
             (args.out / "onnx_results.json").write_text(json.dumps(res, indent=2))
     text = markdown(res)
     if not args.no_docs and not args.smoke:
-        write_section(text, ROOT / "docs" / "performance.md")
+        write_section(SECTION, text)
     print(text)
     return res
 

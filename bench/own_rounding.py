@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .procs import run_once
+from .sections import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## The own-rounding check (float64)"
@@ -70,26 +71,6 @@ def markdown(res: dict, ckpt: Path, shape: str, runs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def existing(path: Path) -> str:
-    """This section as ``path`` holds it ("" if none)."""
-    old = path.read_text() if path.exists() else ""
-    start = old.find(SECTION)
-    if start < 0:
-        return ""
-    end = old.find("\n## ", start + len(SECTION))
-    return old[start:end + 1] if end >= 0 else old[start:]
-
-
-def write_section(text: str, path: Path) -> None:
-    """Put ``text`` (this section) into ``path``, replacing an earlier one, other sections kept."""
-    old = path.read_text() if path.exists() else "# Performance\n"
-    start = old.find(SECTION)
-    if start >= 0:
-        end = old.find("\n## ", start + len(SECTION))
-        old = old[:start] + (old[end + 1:] if end >= 0 else "")
-    path.write_text(old.rstrip("\n") + "\n\n" + text)
-
-
 def main(argv: list[str] | None = None) -> dict:
     from .run import build_checkpoint
 
@@ -106,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         text = markdown(res, ckpt, args.shape, args.runs)
     print(text)
     if not args.no_docs:
-        write_section(text, ROOT / "docs" / "performance.md")
+        write_section(SECTION, text)
     return res
 
 

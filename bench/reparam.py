@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .sections import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## reparam: latency before and after"
@@ -131,14 +132,6 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_docs(text: str) -> None:
-    path = ROOT / "docs" / "performance.md"
-    doc = path.read_text()
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
-    doc = pattern.sub(lambda _: text.rstrip("\n"), doc) if SECTION in doc else doc.rstrip("\n") + "\n\n" + text
-    path.write_text(doc if doc.endswith("\n") else doc + "\n")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.reparam", description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="small models, short timing")
@@ -156,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render(rows)
     print(text)
     if not a.no_docs and not a.smoke:
-        write_docs(text)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -431,12 +431,12 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / "results.json").write_text(json.dumps(res, indent=2))
     if not args.no_docs and not args.smoke:
         res["plot"] = plot(res, ROOT / "docs" / "performance.png")
-        from .onnx_optimize import existing_section
+        from . import onnx_optimize, own_rounding, reparam
+        from .sections import section
 
         doc = ROOT / "docs" / "performance.md"
-        from .own_rounding import existing
-
-        kept = existing_section(doc) + existing(doc)  # written by python -m bench.onnx_optimize / .own_rounding
+        # the sections the other benches write (python -m bench.onnx_optimize / .own_rounding / .reparam)
+        kept = "".join(section(m.SECTION, doc) for m in (onnx_optimize, own_rounding, reparam))
         doc.write_text(markdown(res) + ("\n" + kept if kept else ""))
     print(markdown(res))
     return res
